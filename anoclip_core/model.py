@@ -1,0 +1,299 @@
+"""``AnoCLIP``: the front door of the core (factory, encoders, prompts, prediction)."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import transform
+from .encoder import DualPathEncoder
+from .errors import InputError, ModelError
+from .prompts import PromptCache, StateEmbeddings, default_cache_dir, encode_sentences, state_sentences
+from .scores import anomaly_map, image_views, state_probs
+from .tta import TTAConfig, adapt_tokens
+
+log = logging.getLogger("anoclip")
+
+RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (--pretrained none): outputs are NOT meaningful anomaly scores"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+TEXT_BATCH = 128
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from: ``source`` is a tag, a file path or ``"none"``."""
+
+    source: str
+    kind: str
+    sha256: str | None
+    random_weights: bool
+
+    @property
+    def cache_id(self) -> str:
+        if self.kind == "file":
+            return f"file:{self.sha256}"
+        if self.kind == "tag":
+            return f"tag:{self.source}"
+        import open_clip
+
+        return f"random:seed0:torch{torch.__version__}:open_clip{open_clip.__version__}"
+
+
+def _check_backbone(backbone: str) -> None:
+    import open_clip
+
+    models = open_clip.list_models()
+    if backbone not in models:
+        close = difflib.get_close_matches(backbone, models, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelError(f"unknown backbone {backbone!r}{hint}; see open_clip.list_models()")
+
+
+def resolve_weights(backbone: str, pretrained: str | os.PathLike | None) -> WeightsInfo:
+    """Classify ``pretrained`` as none / local file / open_clip tag, with clear errors."""
+    import open_clip
+
+    if pretrained is None or str(pretrained).lower() in ("", "none", "random"):
+        return WeightsInfo("none", "none", None, True)
+    text = os.fspath(pretrained)
+    if os.path.isfile(text):
+        return WeightsInfo(os.path.abspath(text), "file", sha256_file(text), False)
+    if os.sep in text or text.endswith(WEIGHT_SUFFIXES):
+        raise ModelError(f"weights file not found: {text}")
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    if text not in tags:
+        listed = ", ".join(tags) if tags else "none published"
+        raise ModelError(
+            f"unknown pretrained tag {text!r} for {backbone} (known tags: {listed}); "
+            "or pass a local weights file, or 'none' for random weights"
+        )
+    return WeightsInfo(text, "tag", None, False)
+
+
+def _offline_message(backbone: str, tag: str, err: Exception) -> str:
+    return (
+        f"cannot load pretrained weights {backbone}/{tag}: not in the local cache and the download failed "
+        f"({type(err).__name__}). Offline? Download once where there is network (it is cached), or pass a "
+        f"local weights file with --pretrained /path/to/weights, or use --pretrained none (random weights)"
+    )
+
+
+def create_clip(backbone: str, weights: WeightsInfo, image_size: int | None, cache_dir: str | None = None):
+    """Build the open_clip model; random weights are seeded (0) so runs are reproducible."""
+    import open_clip
+
+    kwargs = {"force_image_size": image_size} if image_size else {}
+    if weights.kind == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return open_clip.create_model(backbone, pretrained=None, **kwargs)
+    if weights.kind == "file":
+        try:
+            return open_clip.create_model(backbone, pretrained=weights.source, **kwargs)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0][:200]
+            raise ModelError(f"weights file {weights.source} does not match backbone {backbone}: {first}") from None
+        except Exception as err:  # noqa: BLE001 - unpickling/format errors from torch/safetensors
+            raise ModelError(f"cannot read weights file {weights.source}: {type(err).__name__}: {err}") from None
+    try:
+        return open_clip.create_model(backbone, pretrained=weights.source, cache_dir=cache_dir, **kwargs)
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - network/hub errors vary by library version
+        raise ModelError(_offline_message(backbone, weights.source, err)) from None
+
+
+class AnoCLIP(torch.nn.Module):
+    """Zero-shot anomaly localization with a dual-path CLIP ViT and state prompts."""
+
+    def __init__(
+        self,
+        clip_model: torch.nn.Module,
+        backbone: str,
+        weights: WeightsInfo,
+        dual_blocks: int | None = None,
+        temperature: float = 1.0,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ModelError(f"temperature must be > 0, got {temperature}")
+        self.clip = clip_model.eval()
+        self.encoder = DualPathEncoder(clip_model.visual, dual_blocks)
+        self.backbone = backbone
+        self.weights = weights
+        self.temperature = float(temperature)
+        self.prompt_cache = PromptCache(cache_dir)
+        self._states: dict[tuple[str, str], StateEmbeddings] = {}
+        import open_clip
+
+        self._tokenizer = open_clip.get_tokenizer(backbone)
+        pcfg = open_clip.get_model_preprocess_cfg(clip_model)
+        mean = tuple(float(v) for v in pcfg.get("mean", transform.OPENAI_MEAN))
+        std = tuple(float(v) for v in pcfg.get("std", transform.OPENAI_STD))
+        self.preprocess_config = transform.PreprocessConfig(self.image_size, mean, std)
+        if weights.random_weights:
+            log.warning(RANDOM_WEIGHTS_WARNING)
+
+    @classmethod
+    def create(
+        cls,
+        backbone: str,
+        pretrained: str | os.PathLike | None = None,
+        image_size: int | None = None,
+        device: str | torch.device = "cpu",
+        dual_blocks: int | None = None,
+        temperature: float = 1.0,
+        cache_dir: str | os.PathLike | None = "default",
+        weights_cache_dir: str | None = None,
+    ) -> "AnoCLIP":
+        """Build from an open_clip backbone name and a pretrained tag, a local file, or None.
+
+        ``cache_dir`` holds encoded text prompts (``"default"``: $ANOCLIP_CACHE or
+        ~/.cache/anoclip/text; None disables it); ``weights_cache_dir`` is open_clip's.
+        """
+        _check_backbone(backbone)
+        if image_size is not None and int(image_size) < 1:
+            raise ModelError(f"image_size must be positive, got {image_size}")
+        weights = resolve_weights(backbone, pretrained)
+        clip_model = create_clip(backbone, weights, image_size, weights_cache_dir)
+        text_cache = default_cache_dir() if cache_dir == "default" else cache_dir
+        model = cls(clip_model, backbone, weights, dual_blocks, temperature, text_cache)
+        return model.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.visual.proj.device
+
+    @property
+    def image_size(self) -> int:
+        return self.encoder.image_size[0]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.encoder.grid_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights.random_weights
+
+    # images -------------------------------------------------------------------------------
+    def load_images(self, images: Sequence[transform.ImageLike], channel_order: str = "RGB") -> torch.Tensor:
+        """Paths or arrays -> normalised pixels [B, 3, S, S] on the model's device."""
+        batch = transform.preprocess_batch(list(images), self.preprocess_config, channel_order)
+        return torch.from_numpy(batch).to(self.device)
+
+    @torch.no_grad()
+    def encode_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected (unnormalised) global [B, D] and local [B, h, w, D] tokens."""
+        return self.encoder.forward_tokens(pixels.to(self.device))
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised global [B, D] and local [B, h, w, D] embeddings."""
+        return self.encoder(pixels.to(self.device))
+
+    # text ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_text(self, sentences: Sequence[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(sentences), TEXT_BATCH):
+            tokens = self._tokenizer(list(sentences[i : i + TEXT_BATCH])).to(self.device)
+            out.append(self.clip.encode_text(tokens).float())
+        return torch.cat(out)
+
+    def state_embeddings(self, class_name: str, domain: str | None = None) -> StateEmbeddings:
+        """Prototypes and per-sentence embeddings of a class, from memory, disk cache or the text tower."""
+        sents = state_sentences(class_name, domain)
+        key = (class_name, sents.domain)
+        if key in self._states:
+            return self._states[key]
+        cache_key = PromptCache.key(self.backbone, self.weights.cache_id, class_name, sents.domain)
+        emb = self.prompt_cache.load(cache_key)
+        if emb is None:
+            emb = encode_sentences(self._encode_text, sents)
+            self.prompt_cache.save(cache_key, emb)
+        emb = StateEmbeddings(emb.prototypes.to(self.device), emb.sentences.to(self.device), emb.domain)
+        self._states[key] = emb
+        return emb
+
+    def encode_states(self, class_name: str, domain: str | None = None) -> torch.Tensor:
+        """State prototypes [2, D] (normal, abnormal), L2-normalised."""
+        return self.state_embeddings(class_name, domain).prototypes
+
+    # prediction ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(
+        self,
+        pixels: torch.Tensor,
+        class_name: str,
+        tta: bool | TTAConfig = False,
+        views: bool = False,
+        domain: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels [B, 3, S, S] -> anomaly maps [B, S, S] and image scores [B].
+
+        ``tta`` runs AnoCLIP+ (True for the default settings, or a ``TTAConfig``); ``views``
+        averages the image score over the reference's 22 views.
+        """
+        states = self.state_embeddings(class_name, domain)
+        pixels = pixels.to(self.device)
+        glob, local = self.encoder.forward_tokens(pixels)
+        if tta:
+            cfg = tta if isinstance(tta, TTAConfig) else TTAConfig(temperature=self.temperature)
+            local = adapt_tokens(local, states.sentences, states.prototypes, cfg)
+        local = F.normalize(local.float(), dim=-1)
+        size = (self.image_size, self.image_size)
+        maps = anomaly_map(local, states.prototypes, size, self.temperature)
+        if views:
+            scores = self.view_scores(pixels, states.prototypes)
+        else:
+            scores = state_probs(F.normalize(glob.float(), dim=-1), states.prototypes, self.temperature)
+        return maps, scores
+
+    @torch.no_grad()
+    def view_scores(self, pixels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Image scores [B] averaged over the 22 reference views (one batched forward)."""
+        v = image_views(pixels)
+        n, b = v.shape[:2]
+        glob, _ = self.encoder(v.reshape(n * b, *v.shape[2:]))
+        probs = state_probs(glob.float(), prototypes, self.temperature).reshape(n, b)
+        return probs.mean(0)
+
+    def predict_images(
+        self, images: Sequence[transform.ImageLike], class_name: str, tta: bool | TTAConfig = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Convenience: paths/arrays -> (maps [B, S, S], scores [B]) as numpy."""
+        maps, scores = self.predict(self.load_images(images), class_name, tta=tta)
+        return maps.cpu().numpy(), scores.cpu().numpy()
+
+
+def register_model_configs(path: str | os.PathLike) -> None:
+    """Register extra open_clip model configs (a JSON file or a folder of them)."""
+    import open_clip
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model config path not found: {p}")
+    open_clip.add_model_config(p)
