@@ -204,15 +204,28 @@ class AnoCLIP(torch.nn.Module):
         batch = transform.preprocess_batch(list(images), self.preprocess_config, channel_order)
         return torch.from_numpy(batch).to(self.device)
 
+    def check_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Validate a pixel batch (type, shape [B, 3, S, S], float dtype, finite) -> on the model's device.
+
+        Raises ``InputError`` with a one-line message. (The NaN check lives here, not in the
+        encoder, so that the encoder stays free of data-dependent branches for ONNX export.)
+        """
+        self.encoder._check_pixels(pixels)
+        if pixels.shape[0] == 0:
+            raise InputError("pixels: empty batch (B = 0)")
+        if not bool(torch.isfinite(pixels).all()):
+            raise InputError("pixels contain NaN or infinite values")
+        return pixels.to(self.device)
+
     @torch.no_grad()
     def encode_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected (unnormalised) global [B, D] and local [B, h, w, D] tokens."""
-        return self.encoder.forward_tokens(pixels.to(self.device))
+        return self.encoder.forward_tokens(self.check_pixels(pixels))
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised global [B, D] and local [B, h, w, D] embeddings."""
-        return self.encoder(pixels.to(self.device))
+        return self.encoder(self.check_pixels(pixels))
 
     # text ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,29 +269,35 @@ class AnoCLIP(torch.nn.Module):
 
         ``tta`` runs AnoCLIP+ (True for the default settings, or a ``TTAConfig``); ``views``
         averages the image score over the reference's 22 views.
+
+        Under ``torch.autocast`` only the encoder runs in reduced precision; TTA and the scores
+        run in float32, and the outputs are always float32.
         """
+        pixels = self.check_pixels(pixels)  # before the (possibly slow) text encoding
         states = self.state_embeddings(class_name, domain)
-        pixels = pixels.to(self.device)
         glob, local = self.encoder.forward_tokens(pixels)
-        if tta:
-            cfg = tta if isinstance(tta, TTAConfig) else TTAConfig(temperature=self.temperature)
-            local = adapt_tokens(local, states.sentences, states.prototypes, cfg)
-        local = F.normalize(local.float(), dim=-1)
-        size = (self.image_size, self.image_size)
-        maps = anomaly_map(local, states.prototypes, size, self.temperature)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            if tta:
+                cfg = tta if isinstance(tta, TTAConfig) else TTAConfig(temperature=self.temperature)
+                local = adapt_tokens(local.float(), states.sentences, states.prototypes, cfg)
+            local = F.normalize(local.float(), dim=-1)
+            size = (self.image_size, self.image_size)
+            maps = anomaly_map(local, states.prototypes.float(), size, self.temperature)
+            if not views:
+                scores = state_probs(F.normalize(glob.float(), dim=-1), states.prototypes.float(), self.temperature)
         if views:
             scores = self.view_scores(pixels, states.prototypes)
-        else:
-            scores = state_probs(F.normalize(glob.float(), dim=-1), states.prototypes, self.temperature)
         return maps, scores
 
     @torch.no_grad()
     def view_scores(self, pixels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """Image scores [B] averaged over the 22 reference views (one batched forward)."""
-        v = image_views(pixels)
+        v = image_views(self.check_pixels(pixels))
         n, b = v.shape[:2]
         glob, _ = self.encoder(v.reshape(n * b, *v.shape[2:]))
-        probs = state_probs(glob.float(), prototypes, self.temperature).reshape(n, b)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            glob = F.normalize(glob.float(), dim=-1)
+            probs = state_probs(glob, prototypes.float(), self.temperature).reshape(n, b)
         return probs.mean(0)
 
     def predict_images(

@@ -49,7 +49,9 @@ def _article(word: str) -> str:
 
 
 def templates(domain: str) -> list[str]:
-    """The 66 templates of a domain, in reference order (pattern-major, then medium word)."""
+    """The 66 templates of a domain, in reference order: medium-word-major (the 22 patterns with
+    the first word, then with the second, then the third), as the reference's
+    ``inds_temp + img_temp + mnf_temp`` / ``inds_temp + text_temp + surf_temp``."""
     if domain not in DOMAIN_WORDS:
         raise AnoCLIPError(f"unknown prompt domain {domain!r} (expected one of {sorted(DOMAIN_WORDS)})")
     out: list[str] = []
@@ -68,8 +70,9 @@ def default_domain(class_name: str) -> str:
 
 
 def prompt_name(class_name: str) -> str:
-    """The class name as written in the prompts (reference maps macaroni1/2 to 'macaroni')."""
-    return CLASS_ALIASES.get(class_name, class_name).replace("_", " ")
+    """The class name as written in the prompts: as given (the reference formats the folder name,
+    underscores included, e.g. 'metal_nut'), except macaroni1/2 -> 'macaroni'."""
+    return CLASS_ALIASES.get(class_name, class_name)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 
 def state_probs(emb: torch.Tensor, prototypes: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax([cos(e, t_n), cos(e, t_a)] / T)[abnormal] for normalised ``emb`` [..., D]."""
@@ -61,8 +63,20 @@ def image_views(x: torch.Tensor) -> torch.Tensor:
 
 
 def two_crop_boxes(height: int, width: int) -> list[tuple[int, int, int, int]]:
-    """VisA protocol: two overlapping squares (top, left, size, size) along the long side."""
+    """VisA protocol: two overlapping squares (top, left, size, size) along the long side.
+
+    The squares cover the image only while the long side is at most twice the short one; beyond
+    that the middle would get no map at all, so such sizes are refused with ``InputError``.
+    """
+    height, width = int(height), int(width)
     side = min(height, width)
+    if side < 1:
+        raise InputError(f"two_crop_boxes: image size must be positive, got {height} x {width} (H x W)")
+    if max(height, width) > 2 * side:
+        raise InputError(
+            f"two_crop_boxes: two {side} x {side} squares cannot cover a {height} x {width} (H x W) image "
+            "(aspect ratio above 2)"
+        )
     if height >= width:
         return [(0, 0, side, side), (height - side, 0, side, side)]
     return [(0, 0, side, side), (0, width - side, side, side)]

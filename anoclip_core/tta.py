@@ -71,6 +71,84 @@ def tta_loss(clean: torch.Tensor, noisy: torch.Tensor, prototypes: torch.Tensor,
     return entropy + 0.5 * hard
 
 
+@dataclass(frozen=True)
+class FittedAdapters:
+    """B adapters after fitting: ``weight`` [B, O, D], ``bias`` [B, O], the text matrix (None for
+    the linear variant) and the per-step losses [steps, B] (before each optimiser step)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    text: torch.Tensor | None
+    losses: torch.Tensor
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Apply the adapters to tokens [B, N, D] or [B, h, w, D] (same B)."""
+        shape = tokens.shape
+        x = tokens.reshape(shape[0], -1, shape[-1]).float()
+        return adapter_forward(x, self.weight, self.bias, self.text).reshape(shape)
+
+
+def _check_shapes(tokens: torch.Tensor, sentences: torch.Tensor, prototypes: torch.Tensor) -> None:
+    if tokens.ndim != 4:
+        raise AnoCLIPError(f"TTA expects local tokens [B, h, w, D], got shape {list(tokens.shape)}")
+    d = tokens.shape[-1]
+    if sentences.ndim != 2 or sentences.shape[1] != d or tuple(prototypes.shape) != (2, d):
+        raise AnoCLIPError(
+            f"TTA text shapes do not match tokens of dim {d}: sentences {list(sentences.shape)}, "
+            f"prototypes {list(prototypes.shape)}"
+        )
+
+
+def fit_adapters(
+    tokens: torch.Tensor,
+    sentences: torch.Tensor,
+    prototypes: torch.Tensor,
+    cfg: TTAConfig = TTAConfig(),
+    start_index: int = 0,
+) -> FittedAdapters:
+    """Initialise and fit one adapter per image of local tokens [B, h, w, D] (see ``adapt_tokens``).
+
+    Runs in float32 with autocast disabled: the adaptation is a small optimisation problem whose
+    lr-1e-3 updates reduced precision would round away. ``steps=0`` gives the adapters at init.
+    """
+    return _fit(tokens, sentences, prototypes, cfg, start_index)[0]
+
+
+def _fit(
+    tokens: torch.Tensor,
+    sentences: torch.Tensor,
+    prototypes: torch.Tensor,
+    cfg: TTAConfig,
+    start_index: int,
+) -> tuple[FittedAdapters, list[torch.Generator]]:
+    _check_shapes(tokens, sentences, prototypes)
+    b, gh, gw, d = tokens.shape
+    device = tokens.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        x = tokens.detach().float().reshape(b, gh * gw, d)
+        text = sentences.detach().float().to(device) if cfg.variant == "text" else None
+        protos = prototypes.detach().float().to(device)
+        out_dim = text.shape[0] if text is not None else d
+        gens = [_generator(cfg.seed, start_index + i) for i in range(b)]
+        inits = [_linear_init(out_dim, d, g) for g in gens]
+        weight = torch.stack([w for w, _ in inits]).to(device).requires_grad_(True)
+        bias = torch.stack([bb for _, bb in inits]).to(device).requires_grad_(True)
+        opt = torch.optim.AdamW([weight, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        losses = []
+        with torch.enable_grad():
+            for _ in range(cfg.steps):
+                noise = torch.stack([torch.randn(gh * gw, d, generator=g) for g in gens]).to(device) * cfg.noise_std
+                clean = adapter_forward(x, weight, bias, text)
+                noisy = adapter_forward(x + noise, weight, bias, text)
+                per_image = tta_loss(clean, noisy, protos, cfg.temperature)
+                losses.append(per_image.detach())
+                opt.zero_grad(set_to_none=True)
+                per_image.sum().backward()
+                opt.step()
+    loss_table = torch.stack(losses) if losses else torch.zeros(0, b, device=device)
+    return FittedAdapters(weight.detach(), bias.detach(), text, loss_table), gens
+
+
 def adapt_tokens(
     tokens: torch.Tensor,
     sentences: torch.Tensor,
@@ -86,41 +164,17 @@ def adapt_tokens(
     so one-by-one and batched calls agree. With ``return_losses`` also returns the per-step
     losses [steps + 1, B] (the last entry evaluated after the final step).
     """
-    if tokens.ndim != 4:
-        raise AnoCLIPError(f"TTA expects local tokens [B, h, w, D], got shape {list(tokens.shape)}")
+    fitted, gens = _fit(tokens, sentences, prototypes, cfg, start_index)
     b, gh, gw, d = tokens.shape
-    if sentences.ndim != 2 or sentences.shape[1] != d or prototypes.shape != (2, d):
-        raise AnoCLIPError(
-            f"TTA text shapes do not match tokens of dim {d}: sentences {list(sentences.shape)}, "
-            f"prototypes {list(prototypes.shape)}"
-        )
     device = tokens.device
-    x = tokens.detach().float().reshape(b, gh * gw, d)
-    text = sentences.detach().float().to(device) if cfg.variant == "text" else None
-    protos = prototypes.detach().float().to(device)
-    out_dim = text.shape[0] if text is not None else d
-    gens = [_generator(cfg.seed, start_index + i) for i in range(b)]
-    inits = [_linear_init(out_dim, d, g) for g in gens]
-    weight = torch.stack([w for w, _ in inits]).to(device).requires_grad_(True)
-    bias = torch.stack([bb for _, bb in inits]).to(device).requires_grad_(True)
-    opt = torch.optim.AdamW([weight, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    losses = []
-    with torch.enable_grad():
-        for _ in range(cfg.steps):
-            noise = torch.stack([torch.randn(gh * gw, d, generator=g) for g in gens]).to(device) * cfg.noise_std
-            clean = adapter_forward(x, weight, bias, text)
-            noisy = adapter_forward(x + noise, weight, bias, text)
-            per_image = tta_loss(clean, noisy, protos, cfg.temperature)
-            losses.append(per_image.detach())
-            opt.zero_grad(set_to_none=True)
-            per_image.sum().backward()
-            opt.step()
-    with torch.no_grad():
-        out = adapter_forward(x, weight, bias, text)
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        x = tokens.detach().float().reshape(b, gh * gw, d)
+        out = fitted(x)
         if return_losses:
             noise = torch.stack([torch.randn(gh * gw, d, generator=g) for g in gens]).to(device) * cfg.noise_std
-            losses.append(tta_loss(out, adapter_forward(x + noise, weight, bias, text), protos, cfg.temperature))
+            protos = prototypes.detach().float().to(device)
+            final = tta_loss(out, fitted(x + noise), protos, cfg.temperature)
     out = out.reshape(b, gh, gw, d).to(tokens.dtype)
     if return_losses:
-        return out, torch.stack(losses)
+        return out, torch.cat([fitted.losses, final.unsqueeze(0)])
     return out

@@ -1,0 +1,92 @@
+"""Backend registry: ``create_backend("auto" | "ort-cpu" | "ort-cuda" | "ort-trt" | "trt", ...)``.
+
+``auto`` tries the fastest first (trt > ort-trt > ort-cuda > ort-cpu) and returns the first that
+starts, with the reasons the others were skipped (``BackendChoice.skipped``), so the caller can
+say which one it picked and why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from anoclip_core.errors import ArtifactError, BackendUnavailable
+
+from .base import ALL_OUTPUTS, DEFAULT_OUTPUTS, Backend, ParityReport, parity_check
+
+log = logging.getLogger("anoclip.runtime")
+
+BACKENDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")
+CHOICES = ("auto",) + BACKENDS
+
+__all__ = ["ALL_OUTPUTS", "DEFAULT_OUTPUTS", "BACKENDS", "CHOICES", "Backend", "BackendChoice", "ParityReport",
+           "create_backend", "parity_check"]
+
+
+@dataclass
+class BackendChoice:
+    backend: Any
+    name: str
+    requested: str
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.requested != "auto":
+            return f"backend {self.name}"
+        why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+        return f"backend auto -> {self.name}" + (f" (skipped {why})" if why else "")
+
+
+def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision: str | None,
+           opts: Mapping[str, Any]) -> Any:
+    from ..manifest import model_entry
+
+    if name == "trt":
+        from .trt import TrtBackend
+
+        trt_entry = manifest.get("tensorrt")
+        if not trt_entry:
+            raise BackendUnavailable("the artifact has no TensorRT engine (export it with --tensorrt on a GPU machine)")
+        return TrtBackend(artifact_dir / trt_entry["file"], trt=opts.get("trt_module"),
+                          cudart=opts.get("cudart_module"), device_id=opts.get("device_id", 0))
+    from .ort import OrtBackend
+
+    model = artifact_dir / model_entry(manifest, precision)["file"]
+    kind = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "trt"}[name]
+    cache_root = opts.get("cache_dir")
+    return OrtBackend(
+        model, kind,
+        intra_threads=opts.get("threads"),
+        optimized_cache_dir=opts.get("optimized_cache_dir") or (os.path.join(cache_root, "ort-opt") if cache_root else None),
+        trt_cache_dir=opts.get("trt_cache_dir") or os.path.join(cache_root or str(artifact_dir / ".trt-cache"), "ort-trt")
+        if kind == "trt" else None,
+        trt_fp16=(precision or manifest.get("default_model")) == "fp16",
+        device_id=opts.get("device_id", 0),
+        available=opts.get("available_providers"),
+        session_factory=opts.get("session_factory"),
+    )
+
+
+def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping[str, Any],
+                   precision: str | None = None, **opts: Any) -> BackendChoice:
+    """Start backend ``name`` for a (validated) artifact; ``auto`` picks the fastest available."""
+    if name not in CHOICES:
+        raise BackendUnavailable(f"unknown backend {name!r} (expected one of {', '.join(CHOICES)})")
+    root = Path(artifact_dir)
+    if name != "auto":
+        return BackendChoice(_start(name, root, manifest, precision, opts), name, name)
+    skipped: dict[str, str] = {}
+    for cand in BACKENDS:
+        try:
+            backend = _start(cand, root, manifest, precision, opts)
+        except (BackendUnavailable, ArtifactError) as err:
+            if cand == "ort-cpu":
+                raise
+            skipped[cand] = str(err).split(";")[0]
+            continue
+        choice = BackendChoice(backend, cand, "auto", skipped)
+        log.info(choice.describe())
+        return choice
+    raise BackendUnavailable("no backend available")  # pragma: no cover - ort-cpu always starts or raises

@@ -1,0 +1,79 @@
+"""``anoclip-eval``: zero-shot evaluation from the command line (see :mod:`anoclip_core.evaluate`)."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+
+from .errors import AnoCLIPError
+
+
+def _split_classes(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    if text is None:
+        return None
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not names:
+        raise AnoCLIPError(f"--classes {text!r} names no class (expected a comma-separated list, e.g. bottle,cable)")
+    return names
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--dataset", required=True, type=click.Choice(["mvtec", "visa", "folder"], case_sensitive=False),
+              help="Dataset layout.")
+@click.option("--root", required=True, help="Dataset root folder (VisA: the folder holding split_csv/, or the csv).")
+@click.option("--backbone", default="ViT-B-16-plus-240", show_default=True, help="open_clip model name.")
+@click.option("--pretrained", default="laion400m_e32", show_default=True,
+              help="open_clip pretrained tag, a local weights file, or 'none' for random weights.")
+@click.option("--image-size", type=int, default=None, help="Input size S (default: the backbone's).")
+@click.option("--tta", is_flag=True, help="AnoCLIP+ test-time adaptation.")
+@click.option("--views/--no-views", default=None,
+              help="Average image scores over the 22 reference views [default: on for mvtec, off otherwise].")
+@click.option("--classes", default=None, help="Comma-separated class names (default: all).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--out", default=None, help="Folder for results.json, results.md and overlays/.")
+@click.option("--overlays", type=int, default=3, show_default=True, help="Overlay PNGs per class (with --out).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--model-config", default=None,
+              help="Extra open_clip model config (a JSON file or a folder of them) to register.")
+@click.option("--text-cache", default="default", show_default=True,
+              help="Prompt-embedding cache folder ('default': $ANOCLIP_CACHE or ~/.cache/anoclip/text).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def main(
+    dataset: str,
+    root: str,
+    backbone: str,
+    pretrained: str,
+    image_size: Optional[int],
+    tta: bool,
+    views: Optional[bool],
+    classes: Optional[str],
+    batch_size: int,
+    out: Optional[str],
+    overlays: int,
+    device: str,
+    model_config: Optional[str],
+    text_cache: str,
+    progress: bool,
+) -> None:
+    """Evaluate AnoCLIP zero-shot on MVTec AD, VisA or a folder dataset (per-class and mean metrics)."""
+    try:
+        from .evaluate import EvalConfig, evaluate, markdown_table
+
+        cfg = EvalConfig(
+            dataset=dataset, root=root, backbone=backbone, pretrained=pretrained, image_size=image_size,
+            tta=tta, views=views, classes=_split_classes(classes), batch_size=batch_size, out=out,
+            overlays=overlays, device=device, model_config=model_config, progress=progress,
+            text_cache=None if text_cache.lower() == "none" else text_cache,
+        )
+        results = evaluate(cfg)
+    except AnoCLIPError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    click.echo(markdown_table(results), nl=False)
+    if out:
+        click.echo(f"results written to {out}/results.json and {out}/results.md")
+
+
+if __name__ == "__main__":
+    main()

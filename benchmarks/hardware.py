@@ -1,0 +1,200 @@
+"""The machine: CPU/GPU model, library versions, a measured GEMM peak, and memory sampling."""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_count() -> dict:
+    logical = os.cpu_count()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = logical
+    physical = None
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except Exception:  # noqa: BLE001 - psutil is optional here
+        pass
+    return {"logical": logical, "usable": affinity, "physical": physical}
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def total_memory_gb() -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def gpu_info() -> dict | None:
+    """Name, memory and capability of CUDA device 0 through torch, or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "memory_gb": round(props.total_memory / 2**30, 1),
+        "capability": f"{props.major}.{props.minor}",
+        "count": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+    }
+
+
+VERSION_PACKAGES = (
+    "anoclip", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+    "numpy", "opencv-python-headless", "opencv-python", "psutil", "matplotlib",
+)
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that matter (absent ones left out) and Python."""
+    out = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine_summary() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": cpu_count(),
+        "memory_gb": total_memory_gb(),
+        "platform": platform.platform(),
+        "gpu": gpu_info(),
+        "load_average_start": load_average(),
+    }
+
+
+@dataclass(frozen=True)
+class GemmPeak:
+    """Best measured GEMM rate on a device: ``2 n³`` FLOPs per ``n x n`` matmul."""
+
+    device: str
+    dtype: str
+    n: int
+    calls: int
+    best_s: float
+    gflops: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_gemm_peak(device: str = "cpu", dtype: str = "float32", n: int = 2048, repeats: int = 5) -> GemmPeak:
+    """Measure the matrix-multiply peak (GFLOP/s) of ``device`` with torch, best of ``repeats``.
+
+    Uses the same torch threading settings as the contenders, so it is the ceiling they can reach.
+    """
+    import torch
+
+    dt = getattr(torch, dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dt)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dt)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    torch.mm(a, b)  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return GemmPeak(device, dtype, n, repeats, best, 2.0 * n**3 / best / 1e9)
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the ``with`` block runs (psutil sampling thread).
+
+    Also resets and reads ``torch.cuda.max_memory_allocated`` when ``cuda`` is True. Reports the
+    process RSS at entry, the peak and the delta, in MiB.
+    """
+
+    def __init__(self, interval_s: float = 0.01, cuda: bool = False) -> None:
+        self.interval_s = interval_s
+        self.cuda = cuda
+        self.start_mb: float | None = None
+        self.peak_mb: float | None = None
+        self.gpu_peak_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _rss(self) -> float:
+        return self._proc.memory_info().rss / 2**20
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb or 0.0, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start_mb = self._rss()
+        self.peak_mb = self.start_mb
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_mb = max(self.peak_mb or 0.0, self._rss())
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+    def to_dict(self) -> dict:
+        out = {
+            "rss_start_mb": round(self.start_mb, 1) if self.start_mb is not None else None,
+            "rss_peak_mb": round(self.peak_mb, 1) if self.peak_mb is not None else None,
+            "rss_delta_mb": round(self.peak_mb - self.start_mb, 1)
+            if self.peak_mb is not None and self.start_mb is not None
+            else None,
+        }
+        if self.cuda:
+            out["gpu_peak_mb"] = round(self.gpu_peak_mb, 1) if self.gpu_peak_mb is not None else None
+        return out

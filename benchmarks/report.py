@@ -1,0 +1,329 @@
+"""Write a run's results as ``results.json``, ``report.md`` and ``latency_vs_batch.png``."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+JSON_NAME = "results.json"
+MD_NAME = "report.md"
+PNG_NAME = "latency_vs_batch.png"
+
+NOISE_NOTE = (
+    "This machine is shared and noisy (other jobs run on the same cores). Absolute times are not "
+    "comparable between runs; the claims below are ratios of figures measured in this one run, "
+    "with contenders measured one after another."
+)
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables ('-' for missing)."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v == 0:
+            return "0"
+        a = abs(v)
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 1:
+            return f"{v:.{max(0, digits - 1)}f}"
+        if a >= 1e-3:
+            return f"{v:.{digits}f}"
+        return f"{v:.2e}"
+    return str(v)
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return out
+
+
+def _device_name(results: dict, device: str) -> str:
+    m = results.get("machine", {})
+    if device.startswith("cuda"):
+        g = m.get("gpu") or {}
+        return f"GPU: {g.get('name', '?')}"
+    cc = m.get("cpu_count", {})
+    return f"CPU: {m.get('cpu', '?')} ({cc.get('usable', '?')} usable cores)"
+
+
+def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
+    cfg = results.get("config", {})
+    model = results.get("model", {})
+    lines: list[str] = []
+    title = f"# AnoCLIP benchmark: {model.get('backbone', cfg.get('backbone'))} @ {model.get('image_size', '?')} px"
+    lines += [title, ""]
+    if model.get("random_weights"):
+        lines += [
+            "> **RANDOM WEIGHTS (`--pretrained none`).** The model is randomly initialised: its anomaly maps and "
+            "scores are NOT meaningful. Speed figures hold for the architecture; fidelity figures only compare "
+            "implementations of the same random model.",
+            "",
+        ]
+    lines += [f"> **Shared machine.** {NOISE_NOTE}", ""]
+    hl = results.get("hardware_limit", {})
+    if hl.get("spread") is not None:
+        lines += [f"GEMM peak measured at the start and at the end of the run differs by {_pct(hl['spread'])}; "
+                  f"load average {results['machine'].get('load_average_start')} at the start, "
+                  f"{results['machine'].get('load_average_end')} at the end.", ""]
+    lines += ["## Command", "", "```", results.get("command") or "(library call)", "```", ""]
+    lines += [f"Started {results.get('started')}, finished {results.get('finished')} "
+              f"({_f(results.get('wall_s'))} s). Effort: {'quick' if cfg.get('quick') else 'full'} "
+              f"(warm-up {cfg.get('effort', {}).get('warmup')} call(s), then repeated timed calls within a time "
+              f"budget; see `config.effort` in {JSON_NAME}).", ""]
+
+    # machine and versions
+    m = results.get("machine", {})
+    lines += ["## Machine and versions", ""]
+    lines += [f"- CPU: {m.get('cpu')} - cores {m.get('cpu_count')} - memory {m.get('memory_gb')} GiB",
+              f"- GPU: {(m.get('gpu') or {}).get('name', 'none (torch sees no CUDA device)')}",
+              f"- Platform: {m.get('platform')}",
+              f"- Threads: {results.get('threads')}",
+              f"- Hardware limit: {hl.get('what')}: **{_f(hl.get('gflops'))} GFLOP/s**"]
+    if results.get("gemm_fp16"):
+        lines.append(f"- fp16 GEMM on the GPU: {_f(results['gemm_fp16']['gflops'])} GFLOP/s")
+    lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))
+    lines += [f"- Model: {model.get('backbone')} ({_f(model.get('parameters_m'))} M visual parameters), "
+              f"pretrained `{model.get('pretrained')}`, grid {model.get('patch_grid')}, D = {model.get('embed_dim')}, "
+              f"{model.get('dual_blocks')} dual blocks of {model.get('depth')}; load {_f(model.get('load_s'))} s; "
+              f"text prototypes for '{model.get('class_name')}' {_f(model.get('text_s'))} s "
+              f"({'disk cache' if model.get('text_from_cache') else 'encoded now, 924 sentences'})", ""]
+
+    # per-device tables
+    entries = results.get("contenders", [])
+    avail = [e for e in entries if e.get("available") and e.get("latency")]
+    batches = [str(b) for b in cfg.get("batch_sizes", [])]
+    devices = []
+    for e in avail:
+        if e["device"] not in devices:
+            devices.append(e["device"])
+    for dev in devices:
+        rows_a, rows_b = [], []
+        for e in (x for x in avail if x["device"] == dev):
+            lat, r = e["latency"], e.get("ratios", {})
+            tp = e.get("throughput", {})
+            tps = []
+            for b in batches:
+                t = tp.get(b, {})
+                tps.append(_f(t.get("img_s")) if "img_s" in t else ("skip" if "skipped" in t else "-"))
+            rows_a.append([f"`{e['name']}`", e["precision"], _f(lat["p50_ms"]), _f(lat["p90_ms"]), _f(lat["p99_ms"]),
+                           str(lat["n"]), *tps, _x(r.get("latency_p50_vs_open_clip")),
+                           _x(r.get("best_throughput_vs_open_clip"))])
+            mem = e.get("memory", {})
+            mem_s = f"{_f(mem.get('rss_peak_mb'))} (+{_f(mem.get('rss_delta_mb'))})"
+            if mem.get("gpu_peak_mb") is not None:
+                mem_s += f" / GPU {_f(mem.get('gpu_peak_mb'))}"
+            rows_b.append([f"`{e['name']}`", _f(e["gflops_per_image"]), _f(r.get("achieved_gflops_b1")),
+                           _pct(r.get("peak_fraction_b1")), _f(r.get("achieved_gflops_best")),
+                           _pct(r.get("peak_fraction_best")), _f(e.get("load_s")), _f(e.get("first_call_s")), mem_s])
+        lines += [f"## {_device_name(results, dev)}", ""]
+        lines += ["Latency per call at batch 1 (ms) and throughput (img/s) per batch size; ratios to `open_clip` "
+                  "(c): latency p50 (lower is faster) and best throughput (higher is faster).", ""]
+        lines += _table(["contender", "prec", "p50", "p90", "p99", "n", *[f"img/s b{b}" for b in batches],
+                         "p50 / (c)", "best img/s / (c)"], rows_a)
+        lines += ["", "Efficiency and resources: GFLOPs per image (analytical), achieved GFLOP/s and its fraction of "
+                  "the measured fp32 GEMM peak (at batch 1 and at the best batch), model load and first-call time "
+                  "(s), peak process RSS in MiB (+ growth during the contender).", ""]
+        lines += _table(["contender", "GFLOPs/img", "GFLOP/s b1", "of peak b1", "GFLOP/s best", "of peak best",
+                         "load s", "first call s", "peak RSS MiB"], rows_b)
+        lines.append("")
+    lines += ["Contenders:", ""]
+    for e in entries:
+        lines.append(f"- `{e['name']}`: {e.get('label')}"
+                     + ("" if e.get("available") else f" - **unavailable: {e.get('reason')}**"))
+    skipped = [(e["name"], b, t["skipped"]) for e in avail for b, t in e.get("throughput", {}).items() if "skipped" in t]
+    if skipped:
+        lines += ["", "Skipped throughput points: " + "; ".join(f"`{n}` b{b}: {why}" for n, b, why in skipped)]
+    lines.append("")
+    if png_name:
+        lines += [f"![latency and throughput vs batch size]({png_name})", ""]
+
+    # flops
+    fl = results.get("flops", {})
+    if fl:
+        lines += ["## FLOP accounting", ""]
+        lines += [f"Analytical count from the ViT config {fl['spec']}: dual path (AnoCLIP) **{_f(fl['dual_gflops'])} "
+                  f"GFLOPs**/image, plain open_clip **{_f(fl['plain_gflops'])} GFLOPs**/image "
+                  f"(V-V overhead {_pct(fl['dual_gflops'] / fl['plain_gflops'] - 1)}). The reference-style pipeline "
+                  f"runs 23 dual forwards per image."]
+        cnt = fl.get("counter", {})
+        if "dual" in cnt:
+            lines.append(f"Cross-check with {cnt['tool']} on this model: dual {_f(cnt['dual'] / 1e9)} GFLOPs "
+                         f"(rel. diff {cnt['dual_rel_diff']:+.2e}), plain {_f(cnt['plain'] / 1e9)} GFLOPs "
+                         f"(rel. diff {cnt['plain_rel_diff']:+.2e}).")
+        elif cnt:
+            lines.append(f"FLOP counter cross-check failed: {cnt.get('error')}")
+        lines.append("")
+
+    # fidelity
+    fd = results.get("fidelity")
+    lines += ["## Fidelity vs the fp32 core", ""]
+    if fd:
+        lines += [f"Reference: {fd['reference']}; {fd['images']} image(s). Pearson and top-1% IoU: mean over images "
+                  "(worst image).", ""]
+        rows = []
+        for name, f in fd["by_contender"].items():
+            rows.append([f"`{name}`", _f(f["map_max_abs"]), _f(f["map_mean_abs"]), _f(f["score_max_abs"]),
+                         f"{f['pearson']['mean']:.6f} ({f['pearson']['worst']:.6f})",
+                         f"{f['top_iou']['mean']:.3f} ({f['top_iou']['worst']:.3f})",
+                         _f(f.get("prototype_max_abs"))])
+        lines += _table(["contender", "map max abs", "map mean abs", "score max abs", "map Pearson",
+                         "top-1% pixel IoU", "text prototypes max abs"], rows)
+        lines += ["", "The runtime uses the artifact's own text prototypes (last column: their difference from the "
+                  "core's), so these errors cover the whole exported path.", ""]
+    else:
+        lines.append("Not measured (no runtime contender ran, or the section was off).")
+    lines.append("")
+
+    # line-scan
+    ls = results.get("linescan")
+    lines += ["## Line-scan strip", ""]
+    if ls and "error" not in ls:
+        lines += [f"One {ls['strip']['width']} x {ls['strip']['height']} strip through `{ls['call']}` (the runtime "
+                  f"tiler) on `{ls['backend']}`: {ls['tiles_per_strip']} tiles of {ls['tile']} px (overlap "
+                  f"{ls['overlap']}), batches of {ls['tile_batch']}: **{ls['strips_per_s']:.4f} strips/s** "
+                  f"({_f(ls['seconds_per_strip']['p50_ms'] / 1000)} s per strip, {_f(ls['tiles_per_s'])} tiles/s, "
+                  f"{_f(ls['megapixels_per_s'])} MPix/s, n = {ls['repeats']}).", ""]
+    else:
+        lines += [f"Not measured: {(ls or {}).get('error', 'section off')}", ""]
+
+    # tta
+    tta = results.get("tta")
+    lines += ["## AnoCLIP+ (test-time adaptation) cost", ""]
+    if tta:
+        lines += [f"Batch 1, {tta['steps']} AdamW steps, predict(tta=True) vs predict(tta=False) interleaved "
+                  f"(n = {tta['predict_ms']['n']} each): p50 {_f(tta['predict_tta_ms']['p50_ms'])} ms vs "
+                  f"{_f(tta['predict_ms']['p50_ms'])} ms: **{_f(tta['overhead_ms_p50'])} ms per image "
+                  f"({_x(tta['overhead_ratio_p50'])})**. The adaptation alone (adapt_tokens on the same tokens): "
+                  f"p50 {_f(tta['adapt_only_ms']['p50_ms'])} ms = {_pct(tta['adapt_fraction_of_predict'])} of a "
+                  "predict call.", ""]
+    else:
+        lines += ["Not measured (section off).", ""]
+
+    # notes / method
+    lines += ["## How it was measured", "",
+              "- Same backbone, image size and inputs (seeded synthetic RGB images, pre-processed once by "
+              "`anoclip_core.transform`) for every contender; each call includes its own host-to-device copy.",
+              "- The first call of each contender is timed separately (`first call s`: lazy initialisation, "
+              "engine build) and counts as warm-up; then warm-up calls, then timed calls "
+              "(`time.perf_counter`, CUDA synchronised where torch uses the GPU) until the repeat count or the "
+              "time budget is reached. p50/p90/p99 use linear interpolation; with few samples p99 is close to "
+              "the maximum. Throughput is batch size / median call time.",
+              "- (a) `reference`: `predict(views=True)`: one dual forward for the map plus the 22 views in one "
+              "batched dual forward; (b) `core`: `predict()`; (c) `open_clip`: `model.clip.encode_image` (no "
+              "scores); (d) runtime: `backend.run(pixels, prototypes)` plus the runtime's map post-processing "
+              "at S x S, same text prototypes as the core.",
+              "- Hardware limit: best fp32 GEMM GFLOP/s measured with torch on the same device and threads in "
+              "the same run; reduced precisions (int8/fp16) have other ceilings, so their 'of peak' "
+              "is relative to fp32.",
+              "- Peak memory: process RSS sampled every 10 ms (psutil) from the first call to the last; "
+              "torch.cuda peak allocation where CUDA is used.", ""]
+    for note in results.get("notes", []):
+        lines.append(f"- Note: {note}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Latency per call and throughput vs batch size, one line per contender (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in results.get("contenders", []) if e.get("available") and e.get("throughput")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), dpi=110)
+    markers = "os^vD<>pPX*h"
+    for i, e in enumerate(entries):
+        pts = sorted((int(b), t) for b, t in e["throughput"].items() if "img_s" in t)
+        if not pts:
+            continue
+        bs = [b for b, _ in pts]
+        lat = [b / t["img_s"] * 1000 for b, t in pts]  # median call time, ms
+        tp = [t["img_s"] for _, t in pts]
+        style = "--" if e["group"] == "torch" else "-"
+        kw = dict(marker=markers[i % len(markers)], linestyle=style, label=f"{e['name']} ({e['device']})")
+        ax1.plot(bs, lat, **kw)
+        ax2.plot(bs, tp, **kw)
+    limit = results.get("hardware_limit", {}).get("gflops")
+    fl = results.get("flops", {})
+    if limit and fl.get("dual_gflops"):
+        ax2.axhline(limit / fl["dual_gflops"], color="gray", linestyle=":", linewidth=1.2,
+                    label=f"dual-path ceiling at fp32 GEMM peak ({limit:.0f} GFLOP/s)")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.grid(True, which="both", alpha=0.3)
+        bsz = sorted({int(b) for e in entries for b, t in e["throughput"].items() if "img_s" in t})
+        if bsz:
+            ax.set_xticks(bsz)
+            ax.set_xticklabels([str(b) for b in bsz])
+    ax1.set_ylabel("median latency per call (ms, log)")
+    ax1.set_title("latency per batch call")
+    ax2.set_ylabel("throughput (images/s, log)")
+    ax2.set_title("throughput")
+    handles, labels = ax2.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
+    model = results.get("model", {})
+    dev = results.get("device", "?")
+    title = f"AnoCLIP bench - {model.get('backbone')} @ {model.get('image_size')} px - {_device_name(results, dev)}"
+    sub = "shared/noisy machine: compare ratios within this run"
+    if model.get("random_weights"):
+        sub = "RANDOM WEIGHTS - " + sub
+    fig.suptitle(f"{title}\n{sub}", fontsize=10)
+    rows = max(1, math.ceil(len(labels) / 4))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 0.93))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write JSON, PNG and Markdown into ``out_dir`` (created) -> their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / JSON_NAME, "png": out / PNG_NAME, "markdown": out / MD_NAME}
+    paths["json"].write_text(json.dumps(results, indent=2, default=_json_default, allow_nan=True) + "\n")
+    try:
+        plot(results, paths["png"])
+        png = PNG_NAME
+    except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
+        results.setdefault("notes", []).append(f"plot failed: {type(err).__name__}: {err}")
+        paths.pop("png")
+        png = None
+    paths["markdown"].write_text(markdown(results, png))
+    return paths

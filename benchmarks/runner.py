@@ -1,0 +1,598 @@
+"""The benchmark run: contenders, measurements, derived ratios -> one results dict (JSON-ready).
+
+Order of a run: machine + GEMM peak, model load and text prototypes, the analytical FLOP count
+(cross-checked with torch's FLOP counter), the PyTorch contenders, AnoCLIP+ (TTA) cost, the
+artifact (built with ``export.api`` or reused), the runtime contenders, fidelity against the
+fp32 core, the line-scan strip, and a second GEMM peak at the end (the spread of the two says
+how noisy the machine was). Every performance claim in the report is a ratio of figures taken
+in this one run.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import fidelity as fid
+from . import flops as fl
+from .config import BASELINE, BenchConfig
+from .contenders import Contender, runtime_contender, torch_contenders
+from .hardware import PeakMemory, machine_summary, measure_gemm_peak, versions, load_average
+from .stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
+
+log = logging.getLogger("anoclip.bench")
+
+RESULTS_FORMAT = 1
+
+
+def _bar(total: int | None, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def synthetic_images(n: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` deterministic RGB uint8 images: a smooth textured surface with a few bright/dark blobs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for _ in range(n):
+        fy, fx = rng.uniform(0.01, 0.06, size=2)
+        base = 0.5 + 0.2 * np.sin(fy * yy + rng.uniform(0, 6.3)) * np.cos(fx * xx + rng.uniform(0, 6.3))
+        img = np.repeat(base[..., None], 3, axis=2) * rng.uniform(0.7, 1.0, size=3)[None, None, :]
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            r = rng.uniform(0.02, 0.08) * min(height, width)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            img += rng.choice([-0.4, 0.4]) * blob[..., None]
+        img += rng.normal(0, 0.02, size=img.shape)
+        out.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    return out
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: torch sees no CUDA device")
+    return device
+
+
+# measurement ----------------------------------------------------------------------------------
+def measure_contender(
+    c: Contender, px: np.ndarray, pt: Any, cfg: BenchConfig, progress: bool = True, cuda_memory: bool = False
+) -> dict:
+    """Latency at batch 1 (p50/p90/p99), throughput at each batch size, peak memory."""
+    plan = cfg.plan
+    res: dict[str, Any] = {"latency": None, "throughput": {}, "first_call_s": None}
+    sync = c.sync
+    with PeakMemory(cuda=cuda_memory) as mem:
+        x1, t1 = px[:1], pt[:1]
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        c.call(x1, t1)  # first call: lazy init / engine build; counts as the first warm-up
+        if sync:
+            sync()
+        first = time.perf_counter() - t0
+        res["first_call_s"] = first
+        warm_left = max(0, plan.warmup - 1)
+        if "latency" in cfg.sections or "throughput" in cfg.sections:
+            n = plan_repeats(first, plan.latency_repeats, plan.latency_budget_s, plan.latency_min_repeats)
+            bar = _bar(n + warm_left, f"{c.name} latency b1", progress)
+            samples = time_calls(lambda: c.call(x1, t1), repeats=plan.latency_repeats, warmup=warm_left,
+                                 budget_s=plan.latency_budget_s, min_repeats=plan.latency_min_repeats,
+                                 sync=sync, on_call=lambda: bar.update(1))
+            bar.close()
+            lat = summarize(samples)
+            res["latency"] = lat.to_dict()
+            res["latency"]["samples_ms"] = [round(s * 1000, 3) for s in samples]
+            res["throughput"]["1"] = {"img_s": throughput(1, samples), "calls": len(samples), "p50_ms": lat.p50_ms,
+                                      "note": "from the batch-1 latency samples"}
+        if "throughput" in cfg.sections and res["latency"] is not None:
+            per_image_s = res["latency"]["p50_ms"] / 1000.0
+            for b in cfg.batch_sizes:
+                if b == 1:
+                    continue
+                key = str(b)
+                if b > px.shape[0]:
+                    res["throughput"][key] = {"skipped": f"only {px.shape[0]} input images"}
+                    continue
+                est = b * per_image_s
+                if est > plan.max_call_s:
+                    res["throughput"][key] = {
+                        "skipped": f"estimated {est:.0f} s per call > {plan.max_call_s:g} s limit of this effort"
+                    }
+                    continue
+                xb, tb = px[:b], pt[:b]
+                n = plan_repeats(est, plan.throughput_repeats, plan.throughput_budget_s, plan.throughput_min_repeats)
+                bar = _bar(n + 1, f"{c.name} batch {b}", progress)
+                try:
+                    samples = time_calls(lambda: c.call(xb, tb), repeats=plan.throughput_repeats, warmup=1,
+                                         budget_s=plan.throughput_budget_s,
+                                         min_repeats=plan.throughput_min_repeats, sync=sync,
+                                         on_call=lambda: bar.update(1))
+                except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large batch
+                    res["throughput"][key] = {"skipped": f"failed: {type(err).__name__}: {str(err)[:200]}"}
+                    bar.close()
+                    break
+                bar.close()
+                res["throughput"][key] = {
+                    "img_s": throughput(b, samples),
+                    "calls": len(samples),
+                    "p50_ms": percentile([s * 1000 for s in samples], 50),
+                    "samples_ms": [round(s * 1000, 3) for s in samples],
+                }
+    res["memory"] = mem.to_dict()
+    return res
+
+
+def best_throughput(entry: dict) -> tuple[float | None, str | None]:
+    best, at = None, None
+    for b, t in (entry.get("throughput") or {}).items():
+        v = t.get("img_s")
+        if v is not None and (best is None or v > best):
+            best, at = v, b
+    return best, at
+
+
+def derive_ratios(results: dict) -> None:
+    """Add per-contender ratios to the baseline (c) and to the measured GEMM peak, in place."""
+    entries = {e["name"]: e for e in results["contenders"]}
+    base = entries.get(BASELINE)
+    peak = results["hardware_limit"]["gflops"]
+    base_p50 = (base or {}).get("latency", {}) or {}
+    base_p50 = base_p50.get("p50_ms") if base and base.get("latency") else None
+    base_tp = (base or {}).get("throughput", {}) if base else {}
+    for e in results["contenders"]:
+        if not e.get("available") or not e.get("latency"):
+            continue
+        p50 = e["latency"]["p50_ms"]
+        gf = e["gflops_per_image"]
+        best, at = best_throughput(e)
+        r = {
+            "latency_p50_vs_open_clip": ratio(p50, base_p50),
+            "achieved_gflops_b1": gf / (p50 / 1000.0),
+            "peak_fraction_b1": ratio(gf / (p50 / 1000.0), peak),
+            "best_img_s": best,
+            "best_batch": int(at) if at else None,
+            "achieved_gflops_best": gf * best if best else None,
+            "peak_fraction_best": ratio(gf * best, peak) if best else None,
+            "throughput_vs_open_clip": {},
+        }
+        for b, t in (e.get("throughput") or {}).items():
+            bt = (base_tp or {}).get(b, {})
+            if t.get("img_s") and bt.get("img_s"):
+                r["throughput_vs_open_clip"][b] = t["img_s"] / bt["img_s"]
+        base_best, _ = best_throughput(base) if base else (None, None)
+        r["best_throughput_vs_open_clip"] = ratio(best, base_best)
+        e["ratios"] = r
+
+
+# artifact -------------------------------------------------------------------------------------
+def artifact_precisions(contenders: tuple[str, ...]) -> list[str]:
+    """Graphs the runtime contenders need: fp32 always; int8 / fp16 / bf16 when asked for."""
+    wanted = {n.rpartition("-")[2] for n in contenders}
+    return ["fp32"] + [p for p in ("int8", "fp16", "bf16") if p in wanted]
+
+
+def build_artifact(cfg: BenchConfig, out_dir: Path, contenders: tuple[str, ...], progress: bool,
+                   say: Callable[[str], None] = lambda m: None) -> tuple[Path, dict]:
+    """Export an artifact with ``export.api.export_artifact`` -> (folder, info).
+
+    Precisions the exporter refuses here (bf16 without ONNX Runtime bf16 kernels) are left out
+    with the reason; a TensorRT engine is built only when a ``trt-*`` contender is asked for and
+    TensorRT + a GPU are present (else left out with the reason).
+    """
+    from export import api, quantize
+    from export import trt as trt_mod
+
+    skipped: dict[str, str] = {}
+    precisions = artifact_precisions(contenders)
+    if "bf16" in precisions:
+        ok, why = quantize.bf16_support()
+        if not ok:
+            precisions.remove("bf16")
+            skipped["bf16"] = why
+    want_trt = any(n.startswith("trt-") for n in contenders)
+    if want_trt:
+        try:
+            trt_mod.require_tensorrt()
+        except Exception as err:  # noqa: BLE001 - BackendUnavailable with a clear reason
+            want_trt = False
+            skipped["tensorrt"] = str(err)
+    ecfg = api.ExportConfig(
+        backbone=cfg.backbone,
+        classes=(cfg.class_name,),
+        pretrained=cfg.pretrained,
+        image_size=cfg.image_size,
+        precisions=tuple(precisions),
+        out=out_dir,
+        force=True,
+        model_config=cfg.model_config,
+        trt=want_trt,
+        text_cache=cfg.text_cache,
+        progress=progress,
+    )
+    t0 = time.perf_counter()
+    try:
+        path = Path(api.export_artifact(ecfg))
+    except Exception as err:  # noqa: BLE001 - retry without the optional extras, keep the reason
+        if not (want_trt or len(precisions) > 1):
+            raise
+        say(f"export with {precisions} (TensorRT: {want_trt}) failed ({type(err).__name__}: {err}); retrying fp32 only")
+        for p in precisions[1:]:
+            skipped[p] = f"export failed: {type(err).__name__}: {str(err)[:200]}"
+        if want_trt:
+            skipped["tensorrt"] = f"export failed: {type(err).__name__}: {str(err)[:200]}"
+        ecfg.precisions, ecfg.trt = ("fp32",), False
+        path = Path(api.export_artifact(ecfg))
+    info = {"built_in_run": True, "export_s": time.perf_counter() - t0, "precisions": list(ecfg.precisions),
+            "tensorrt_requested": bool(ecfg.trt), "skipped": skipped}
+    return path, info
+
+
+def load_artifact(path: Path) -> dict:
+    from runtime.manifest import read_manifest
+
+    return read_manifest(path)
+
+
+def check_artifact_matches(manifest: dict, cfg: BenchConfig, image_size: int, random_weights: bool) -> None:
+    """Refuse an artifact of another backbone / image size / weights: fidelity would be meaningless."""
+    problems = []
+    if manifest.get("backbone") != cfg.backbone:
+        problems.append(f"backbone {manifest.get('backbone')} != {cfg.backbone}")
+    if int(manifest.get("image_size", -1)) != image_size:
+        problems.append(f"image size {manifest.get('image_size')} != {image_size}")
+    pre = manifest.get("pretrained") or {}
+    if bool(pre.get("random_weights", False)) != bool(random_weights):
+        problems.append(f"artifact random_weights={pre.get('random_weights')} but the bench model has "
+                        f"random_weights={random_weights}")
+    if problems:
+        raise RuntimeError("--artifact does not match this benchmark: " + "; ".join(problems))
+
+
+# sections -------------------------------------------------------------------------------------
+def measure_tta(model, px_t, class_name: str, repeats: int, progress: bool, sync=None) -> dict:
+    """AnoCLIP+ per-image cost: predict(tta=True) vs predict(tta=False), interleaved, batch 1.
+
+    Also times the adaptation alone (``adapt_tokens`` on the tokens of the same image), which is
+    the overhead without the shared forward's noise.
+    """
+    import torch
+
+    from anoclip_core.tta import TTAConfig, adapt_tokens
+
+    x = px_t[:1]
+    model.predict(x, class_name, tta=True)  # warm-up both paths
+    model.predict(x, class_name)
+    off, on = [], []
+    bar = _bar(2 * repeats, "AnoCLIP+ (TTA) cost", progress)
+    for _ in range(repeats):
+        for flag, dst in ((False, off), (True, on)):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            model.predict(x, class_name, tta=flag)
+            if sync:
+                sync()
+            dst.append(time.perf_counter() - t0)
+            bar.update(1)
+    bar.close()
+    states = model.state_embeddings(class_name)
+    _, local = model.encode_tokens(x)
+    cfg = TTAConfig(temperature=model.temperature)
+    adapt = time_calls(lambda: adapt_tokens(local, states.sentences, states.prototypes, cfg), repeats=max(3, repeats),
+                       warmup=1, sync=sync)
+    s_off, s_on, s_ad = summarize(off), summarize(on), summarize(adapt)
+    return {
+        "batch": 1,
+        "steps": cfg.steps,
+        "predict_ms": s_off.to_dict(),
+        "predict_tta_ms": s_on.to_dict(),
+        "adapt_only_ms": s_ad.to_dict(),
+        "overhead_ms_p50": s_on.p50_ms - s_off.p50_ms,
+        "overhead_ratio_p50": ratio(s_on.p50_ms, s_off.p50_ms),
+        "adapt_fraction_of_predict": ratio(s_ad.p50_ms, s_off.p50_ms),
+        "torch_grad_enabled_after": torch.is_grad_enabled(),
+    }
+
+
+def measure_fidelity(ref: tuple[np.ndarray, np.ndarray], c: Contender, px: np.ndarray, pt: Any) -> dict:
+    maps, scores = c.predict(px, pt)
+    return fid.compare(maps, scores, ref[0], ref[1])
+
+
+def measure_linescan(c: Contender, class_name: str, size: tuple[int, int], repeats: int, seed: int,
+                     batch: int, progress: bool) -> dict:
+    """Strips per second for one ``height x width`` strip: ``Detector.predict(strip, tile=True)``
+    (the runtime tiler: tiles of the strip height, blended, plus defect regions)."""
+    from runtime import tiler
+
+    det = c.detector
+    height, width = size
+    strip = synthetic_images(1, height, width, seed + 7)[0]
+    t, o = tiler.resolve_tile(height, width, None, None)
+    tiles = len(tiler.axis_layout(height, t, o)) * len(tiler.axis_layout(width, t, o))
+    bar = _bar(repeats, f"line-scan {width}x{height} ({c.name}, {tiles} tiles)", progress)
+    samples, timing = [], {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = det.predict(strip, class_name, tile=True, batch=batch)
+        samples.append(time.perf_counter() - t0)
+        timing = dict(res.timing)
+        bar.update(1)
+    bar.close()
+    med = percentile(samples, 50)
+    return {
+        "backend": c.name,
+        "call": "Detector.predict(strip, tile=True)",
+        "strip": {"height": height, "width": width},
+        "tile": t,
+        "overlap": o,
+        "tiles_per_strip": int(res.tiles),
+        "tiles_expected": tiles,
+        "tile_batch": batch,
+        "repeats": len(samples),
+        "seconds_per_strip": summarize(samples).to_dict(),
+        "strips_per_s": 1.0 / med,
+        "megapixels_per_s": height * width / med / 1e6,
+        "tiles_per_s": res.tiles / med,
+        "last_strip_timing_ms": timing,
+        "map_shape": list(res.anomaly_map.shape),
+    }
+
+
+# the run --------------------------------------------------------------------------------------
+def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None) -> dict:
+    """Run everything ``cfg`` asks for; returns the results dict (see ``report.write_report``)."""
+    import torch
+
+    say = log_fn or (lambda m: log.info(m))
+    plan = cfg.plan
+    started = datetime.now(timezone.utc)
+    t_run = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    device = resolve_device(cfg.device)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else None
+    if cfg.model_config:
+        from anoclip_core import register_model_configs
+
+        register_model_configs(cfg.model_config)
+
+    results: dict[str, Any] = {
+        "format": "anoclip-bench",
+        "format_version": RESULTS_FORMAT,
+        "started": started.isoformat(timespec="seconds"),
+        "command": cfg.command,
+        "config": cfg.to_dict(),
+        "machine": machine_summary(),
+        "versions": versions(),
+        "threads": {"torch": threads, "onnxruntime_intra_op": cfg.threads or threads},
+        "device": device,
+        "notes": [],
+    }
+    say(f"GEMM peak ({device}, fp32, n={plan.gemm_size})")
+    g0 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)
+    results["gemm_start"] = g0.to_dict()
+
+    # model and text ------------------------------------------------------------------------
+    from anoclip_core import AnoCLIP
+    from anoclip_core.prompts import PromptCache, state_sentences
+
+    say(f"loading {cfg.backbone} (pretrained={cfg.pretrained}) on {device}")
+    t0 = time.perf_counter()
+    model = AnoCLIP.create(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size, device=device,
+                           cache_dir=cfg.text_cache)
+    load_s = time.perf_counter() - t0
+    size = model.image_size
+    domain = state_sentences(cfg.class_name).domain
+    key = PromptCache.key(model.backbone, model.weights.cache_id, cfg.class_name, domain)
+    text_cached = model.prompt_cache.load(key) is not None
+    say("text prototypes" + (" (from cache)" if text_cached else " (encoding 924 sentences once; cached afterwards)"))
+    t0 = time.perf_counter()
+    states = model.state_embeddings(cfg.class_name)
+    text_s = time.perf_counter() - t0
+    prototypes = states.prototypes.float().cpu().numpy()
+    results["model"] = {
+        "backbone": cfg.backbone,
+        "pretrained": model.weights.source,
+        "random_weights": model.random_weights,
+        "image_size": size,
+        "patch_grid": list(model.grid_size),
+        "embed_dim": model.embed_dim,
+        "dual_blocks": model.encoder.dual_blocks,
+        "depth": model.encoder.depth,
+        "class_name": cfg.class_name,
+        "load_s": load_s,
+        "text_s": text_s,
+        "text_from_cache": text_cached,
+        "parameters_m": sum(p.numel() for p in model.clip.visual.parameters()) / 1e6,
+    }
+    if model.random_weights:
+        results["notes"].append("RANDOM WEIGHTS: outputs are not meaningful anomaly scores; speed figures hold, "
+                                "fidelity figures compare implementations only")
+
+    # FLOPs ---------------------------------------------------------------------------------
+    spec = fl.ViTSpec.from_encoder(model.encoder)
+    dual_f, plain_f = fl.vit_flops(spec, True), fl.vit_flops(spec, False)
+    flops_info: dict[str, Any] = {
+        "spec": spec.to_dict(),
+        "dual_gflops": dual_f / 1e9,
+        "plain_gflops": plain_f / 1e9,
+        "dual_breakdown": fl.flop_breakdown(spec, True),
+        "plain_breakdown": fl.flop_breakdown(spec, False),
+    }
+    try:
+        xc = torch.zeros(1, 3, size, size, device=device)
+        counted_dual, _ = fl.torch_flops(lambda: model.encoder.forward_tokens(xc))
+        counted_plain, _ = fl.torch_flops(lambda: model.clip.encode_image(xc))
+        flops_info["counter"] = {
+            "tool": "torch.utils.flop_counter.FlopCounterMode",
+            "dual": counted_dual,
+            "plain": counted_plain,
+            "dual_rel_diff": (counted_dual - dual_f) / dual_f,
+            "plain_rel_diff": (counted_plain - plain_f) / plain_f,
+        }
+    except Exception as err:  # noqa: BLE001 - the cross-check must not end a run
+        flops_info["counter"] = {"error": f"{type(err).__name__}: {err}"}
+    results["flops"] = flops_info
+
+    # inputs --------------------------------------------------------------------------------
+    n_inputs = max(max(cfg.batch_sizes), plan.fidelity_images)
+    from anoclip_core.transform import preprocess_batch
+
+    images = synthetic_images(n_inputs, size, size, cfg.seed)
+    px = np.ascontiguousarray(preprocess_batch(images, model.preprocess_config), dtype=np.float32)
+    pt = torch.from_numpy(px)
+    results["inputs"] = {"images": n_inputs, "kind": "synthetic textured RGB uint8, seeded", "seed": cfg.seed,
+                         "shape": list(px.shape)}
+
+    entries: list[dict] = []
+
+    def record(c: Contender, measured: dict | None) -> None:
+        forwards = c.forwards_per_image
+        gf = (dual_f if c.dual_path else plain_f) * forwards / 1e9
+        e = {"name": c.name, "label": c.label, "group": c.group, "device": c.device, "precision": c.precision,
+             "available": c.available, "reason": c.reason, "load_s": c.load_s, "load_note": c.load_note,
+             "forwards_per_image": forwards, "gflops_per_image": gf, "info": c.info}
+        if measured:
+            e.update(measured)
+        entries.append(e)
+
+    # torch contenders ----------------------------------------------------------------------
+    order = [n for n in ("open_clip", "core", "reference") if n in cfg.torch_contenders]
+    tcs = torch_contenders(model, cfg.class_name, tuple(order), load_s)
+    core_ref = None
+    for c in tcs:
+        say(f"measuring {c.name}: {c.label}")
+        record(c, measure_contender(c, px, pt, cfg, cfg.progress, cuda))
+
+    # TTA -------------------------------------------------------------------------------------
+    if "tta" in cfg.sections:
+        say("AnoCLIP+ (TTA) cost")
+        results["tta"] = measure_tta(model, pt, cfg.class_name, plan.tta_repeats, cfg.progress, sync)
+
+    # fidelity reference: the fp32 core on the fidelity images ---------------------------------
+    fid_px, fid_pt = px[: plan.fidelity_images], pt[: plan.fidelity_images]
+    want_runtime = bool(cfg.runtime_contenders)
+    if want_runtime and "fidelity" in cfg.sections:
+        with torch.no_grad():
+            maps, scores = model.predict(fid_pt, cfg.class_name)
+        core_ref = (maps.float().cpu().numpy(), scores.float().cpu().numpy())
+
+    # runtime contenders ----------------------------------------------------------------------
+    tmp_artifact: str | None = None
+    fidelity: dict[str, Any] = {}
+    runtime_cs: list[Contender] = []
+    if want_runtime:
+        art_info: dict[str, Any] = {}
+        try:
+            if cfg.artifact and (Path(cfg.artifact) / "manifest.json").is_file():
+                art_dir = Path(cfg.artifact)
+                art_info = {"built_in_run": False, "path": str(art_dir)}
+                say(f"reusing artifact {art_dir}")
+            else:
+                if cfg.artifact:
+                    art_dir = Path(cfg.artifact)
+                else:
+                    tmp_artifact = tempfile.mkdtemp(prefix="anoclip-bench-artifact-")
+                    art_dir = Path(tmp_artifact) / "artifact"
+                say(f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with export.api")
+                art_dir, art_info = build_artifact(cfg, art_dir, cfg.runtime_contenders, cfg.progress, say)
+                art_info["path"] = str(art_dir) if cfg.artifact else "(temporary, deleted after the run)"
+            manifest = load_artifact(art_dir)
+            check_artifact_matches(manifest, cfg, size, model.random_weights)
+            art_info["models"] = {k: v.get("file") for k, v in (manifest.get("models") or {}).items()}
+            art_info["tensorrt"] = bool(manifest.get("tensorrt"))
+            results["artifact"] = art_info
+        except Exception as err:  # noqa: BLE001 - report every runtime contender as unavailable, with why
+            reason = f"no artifact: {type(err).__name__}: {err}"
+            log.warning(reason)
+            results["artifact"] = {"error": reason}
+            manifest = None
+            for name in cfg.runtime_contenders:
+                record(Contender.unavailable(name, reason), None)
+        if manifest is not None:
+            for name in cfg.runtime_contenders:
+                say(f"runtime {name}")
+                c = runtime_contender(name, art_dir, manifest, cfg.class_name, size, cfg.threads or threads,
+                                      cache_dir=os.path.join(tmp_artifact or str(art_dir), ".cache"),
+                                      skipped=art_info.get("skipped"))
+                if not c.available:
+                    record(c, None)
+                    continue
+                try:
+                    measured = measure_contender(c, px, pt, cfg, cfg.progress, cuda)
+                    if core_ref is not None:
+                        fidelity[name] = measure_fidelity(core_ref, c, fid_px, fid_pt)
+                        art_protos = c.detector.prototypes(cfg.class_name).reshape(2, -1)
+                        fidelity[name]["prototype_max_abs"] = float(np.abs(art_protos - prototypes).max())
+                except Exception as err:  # noqa: BLE001 - a backend failing mid-run is a result too
+                    c.available, c.reason = False, f"failed while running: {type(err).__name__}: {str(err)[:300]}"
+                    measured = None
+                record(c, measured)
+                if c.available:
+                    runtime_cs.append(c)
+    results["contenders"] = entries
+    if fidelity:
+        results["fidelity"] = {"reference": "core fp32 (predict, views=False) on the same pixels",
+                               "images": int(fid_px.shape[0]), "by_contender": fidelity}
+
+    # line-scan -------------------------------------------------------------------------------
+    if "linescan" in cfg.sections:
+        if runtime_cs:
+            def best(c: Contender) -> float:
+                e = next(x for x in entries if x["name"] == c.name)
+                return best_throughput(e)[0] or 0.0
+
+            fastest = max(runtime_cs, key=best)
+            say(f"line-scan strip {cfg.linescan_size[1]} x {cfg.linescan_size[0]} on {fastest.name}")
+            try:
+                results["linescan"] = measure_linescan(
+                    fastest, cfg.class_name, cfg.linescan_size, plan.linescan_repeats, cfg.seed,
+                    batch=max(cfg.batch_sizes), progress=cfg.progress)
+            except Exception as err:  # noqa: BLE001
+                results["linescan"] = {"error": f"{type(err).__name__}: {err}"}
+        else:
+            results["linescan"] = {"error": "no runtime contender ran (the line-scan figure uses the runtime tiler)"}
+
+    for c in runtime_cs:
+        if c.close:
+            with contextlib.suppress(Exception):
+                c.close()
+    if tmp_artifact:
+        shutil.rmtree(tmp_artifact, ignore_errors=True)
+
+    say("GEMM peak again (end of run)")
+    g1 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)
+    results["gemm_end"] = g1.to_dict()
+    peak = max(g0.gflops, g1.gflops)
+    results["hardware_limit"] = {
+        "what": f"fp32 GEMM ({plan.gemm_size}x{plan.gemm_size}) on {device}, torch, {threads} threads, best of "
+                f"{plan.gemm_repeats} at the start and {plan.gemm_repeats} at the end of the run",
+        "gflops": peak,
+        "spread": abs(g0.gflops - g1.gflops) / peak if peak else None,
+    }
+    if cuda:
+        with contextlib.suppress(Exception):
+            results["gemm_fp16"] = measure_gemm_peak(device, "float16", plan.gemm_size, plan.gemm_repeats).to_dict()
+    derive_ratios(results)
+    results["machine"]["load_average_end"] = load_average()
+    results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["wall_s"] = time.perf_counter() - t_run
+    return results

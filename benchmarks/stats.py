@@ -1,0 +1,130 @@
+"""Latency statistics: percentiles, summaries, throughput, and a wall-clock timer.
+
+Percentiles use linear interpolation between closest ranks (numpy's default, "type 7"), written
+out here so that the harness logic is tested on known samples and does not depend on a library
+default.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples``, linear interpolation between closest ranks.
+
+    For sorted x[0..n-1] the rank is ``h = (n - 1) * q / 100`` and the result
+    ``x[floor(h)] + (h - floor(h)) * (x[floor(h) + 1] - x[floor(h)])``.
+    """
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    xs = sorted(float(v) for v in samples)
+    if not xs:
+        raise ValueError("percentile of an empty sample")
+    if any(math.isnan(v) for v in xs):
+        raise ValueError("percentile of a sample containing NaN")
+    h = (len(xs) - 1) * q / 100.0
+    lo = math.floor(h)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (h - lo) * (xs[hi] - xs[lo])
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of repeated timings, in milliseconds (per call)."""
+
+    n: int
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(seconds: Sequence[float]) -> LatencyStats:
+    """Summarise per-call wall times given in seconds (sample std, 0 for a single sample)."""
+    xs = [float(s) * 1000.0 for s in seconds]
+    if not xs:
+        raise ValueError("no timings to summarise")
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in xs) / (n - 1)) if n > 1 else 0.0
+    return LatencyStats(
+        n=n,
+        mean_ms=mean,
+        std_ms=std,
+        min_ms=min(xs),
+        p50_ms=percentile(xs, 50),
+        p90_ms=percentile(xs, 90),
+        p99_ms=percentile(xs, 99),
+        max_ms=max(xs),
+    )
+
+
+def throughput(batch_size: int, seconds_per_call: Sequence[float]) -> float:
+    """Images per second from the median call time of a batch (robust to one slow outlier)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    med = percentile(seconds_per_call, 50)
+    if med <= 0:
+        raise ValueError("non-positive call time")
+    return batch_size / med
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference`` or None when either is missing or the reference is 0."""
+    if value is None or reference is None or reference == 0:
+        return None
+    return float(value) / float(reference)
+
+
+def time_calls(
+    fn: Callable[[], object],
+    repeats: int,
+    warmup: int = 1,
+    budget_s: float | None = None,
+    min_repeats: int = 1,
+    sync: Callable[[], None] | None = None,
+    on_call: Callable[[], None] | None = None,
+) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then up to ``repeats`` timed calls (seconds each).
+
+    With ``budget_s`` the timed loop stops early once the budget is spent, but never before
+    ``min_repeats`` calls. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(max(0, warmup)):
+        fn()
+        if sync is not None:
+            sync()
+    out: list[float] = []
+    start = time.perf_counter()
+    for i in range(repeats):
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        out.append(time.perf_counter() - t0)
+        if on_call is not None:
+            on_call()
+        if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start >= budget_s:
+            break
+    return out
+
+
+def plan_repeats(estimate_s: float, repeats: int, budget_s: float | None, min_repeats: int) -> int:
+    """How many timed calls fit a budget given one call's estimated time (at least ``min_repeats``)."""
+    if budget_s is None or estimate_s <= 0:
+        return repeats
+    fit = int(budget_s // estimate_s)
+    return max(min_repeats, min(repeats, fit))

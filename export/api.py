@@ -1,0 +1,519 @@
+"""Export entry points: ``ExportConfig`` + ``export_artifact(cfg) -> Path`` and ``add_class``.
+
+Order of work in ``export_artifact`` (cheap refusals first, nothing half-written ever):
+
+1. validate the config; ``--precision bf16`` probes ONNX Runtime's bf16 support and ``--trt``
+   probes TensorRT + CUDA: both fail at once, before any weights are loaded;
+2. refuse an existing non-empty ``--out`` unless ``force``;
+3. build everything in ``<out parent>/.<out name>.tmp-XXXX`` (same filesystem): weights, text
+   embeddings, fp32 graph, reduced-precision graphs, ORT-vs-PyTorch verification of every graph,
+   TensorRT engine, Triton repository, manifest (sha256 of every file);
+4. only then rename the temp folder to ``--out`` (with ``force``, the old artifact is moved
+   aside first and deleted after the swap). Any failure deletes the temp folder.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from anoclip_core.errors import AnoCLIPError, ArtifactError
+from runtime import manifest as mf
+
+from . import quantize, text, trt as trt_mod, triton as triton_mod
+from .onnx_export import EXPORTERS, TWO_GB, export_onnx, onnx_opset
+from .verify import BATCH_SIZES, Verifier
+from .wrapper import INPUT_NAMES, OUTPUT_NAMES, AnoCLIPExportWrapper
+
+PAPER_DEFAULT_TAGS = {"ViT-B-16-plus-240": "laion400m_e32"}
+MIN_OPSET, MAX_OPSET = 17, 23
+
+RANDOM_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!!  RANDOM WEIGHTS (--pretrained none): this artifact's scores and maps are NOT meaningful.\n"
+    "!!  Use it for plumbing, latency and size tests only. The manifest records\n"
+    "!!  pretrained.random_weights = true and every runtime will warn about it.\n"
+    + "!" * 78 + "\n"
+)
+
+
+@dataclass
+class ExportConfig:
+    """Everything one export needs. ``classes`` in any order (the artifact sorts them)."""
+
+    backbone: str
+    classes: Sequence[str] = ()
+    pretrained: str | os.PathLike | None = "auto"
+    image_size: int | None = None
+    domains: Mapping[str, str] = field(default_factory=dict)
+    precisions: Sequence[str] = ("fp32",)
+    out: str | os.PathLike = "artifact"
+    force: bool = False
+    opset: int = 18
+    exporter: str = "dynamo"
+    temperature: float = 1.0
+    dual_blocks: int | None = None
+    model_config: str | os.PathLike | None = None
+    trt: bool = False
+    trt_profile: tuple[int, int, int] = trt_mod.DEFAULT_PROFILE
+    trt_timing_cache: str | os.PathLike | None = None
+    triton: str | os.PathLike | None = None
+    triton_model_name: str = triton_mod.DEFAULT_MODEL_NAME
+    triton_max_batch: int = 32
+    external_data_threshold: int = TWO_GB
+    text_cache: str | os.PathLike | None = "default"
+    weights_cache_dir: str | None = None
+    verify_batch_sizes: Sequence[int] = BATCH_SIZES
+    progress: bool = True
+
+
+def _say(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _bar(total: int, desc: str, progress: bool, unit: str = "step"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=True)
+
+
+def resolve_pretrained(backbone: str, pretrained: str | os.PathLike | None) -> str | None:
+    """``"auto"``: the paper's tag for its backbone, else ``openai`` when published, else the first tag."""
+    if pretrained is None:
+        return None
+    if str(pretrained) != "auto":
+        return os.fspath(pretrained)
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    if backbone in PAPER_DEFAULT_TAGS and PAPER_DEFAULT_TAGS[backbone] in tags:
+        return PAPER_DEFAULT_TAGS[backbone]
+    if "openai" in tags:
+        return "openai"
+    if tags:
+        return tags[0]
+    raise AnoCLIPError(f"{backbone} has no published pretrained weights: pass --pretrained PATH or --pretrained none")
+
+
+def cached_tag_file(backbone: str, tag: str, cache_dir: str | None = None) -> str | None:
+    """open_clip's cached weights file for a tag (HF hub cache or URL cache), if present."""
+    try:
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(backbone, tag) or {}
+    except Exception:  # noqa: BLE001
+        return None
+    if cfg.get("file") and os.path.isfile(cfg["file"]):
+        return cfg["file"]
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        model_id, filename = os.path.split(hub.rstrip("/") if not hub.endswith("/") else hub[:-1] + "/")
+        model_id, filename = (hub[:-1], "") if hub.endswith("/") else (model_id, filename)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for name in names:
+                path = try_to_load_from_cache(model_id, name, cache_dir=cache_dir)
+                if isinstance(path, str) and os.path.isfile(path):
+                    return path
+        except Exception:  # noqa: BLE001
+            pass
+    url = cfg.get("url", "")
+    if url:
+        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def state_fingerprint(module) -> str:
+    """sha256 over the model's parameters/buffers (names, shapes, bytes): proves add-class uses the same weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def tool_versions(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import open_clip
+    import torch
+
+    import anoclip_core
+
+    out = {
+        "anoclip": anoclip_core.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import onnxscript
+
+        out["onnxscript"] = onnxscript.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    out.update(extra or {})
+    return out
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AnoCLIPError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise AnoCLIPError(f"--out {out} already exists and is not empty; pass --force to replace it (atomically)")
+
+
+def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
+    from anoclip_core.prompts import default_domain
+
+    classes = sorted(text.parse_classes(cfg.classes))
+    if not classes:
+        raise AnoCLIPError("no classes given: pass --classes bottle,carpet or --classes-file FILE")
+    precisions = quantize.check_precisions(cfg.precisions)
+    if cfg.exporter not in EXPORTERS:
+        raise AnoCLIPError(f"unknown exporter {cfg.exporter!r} (expected one of {EXPORTERS})")
+    if not MIN_OPSET <= int(cfg.opset) <= MAX_OPSET:
+        raise AnoCLIPError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17), got {cfg.opset}")
+    if cfg.temperature <= 0:
+        raise AnoCLIPError(f"temperature must be > 0, got {cfg.temperature}")
+    unknown = sorted(set(cfg.domains) - set(classes))
+    if unknown:
+        raise AnoCLIPError(f"domain given for class(es) not exported: {', '.join(unknown)}")
+    domains = {}
+    for name in classes:
+        dom = cfg.domains.get(name) or default_domain(name)
+        if dom not in ("object", "texture"):
+            raise AnoCLIPError(f"unknown prompt domain {dom!r} for class {name!r} (expected object or texture)")
+        domains[name] = dom
+    return classes, precisions, domains
+
+
+def _create_model(backbone: str, pretrained, image_size, dual_blocks, temperature, text_cache, weights_cache_dir, progress):
+    from anoclip_core import AnoCLIP
+
+    bar = _bar(1, "weights", progress)
+    bar.set_postfix_str(f"{backbone} / {pretrained if pretrained is not None else 'none'}")
+    model = AnoCLIP.create(
+        backbone,
+        pretrained=pretrained,
+        image_size=image_size,
+        dual_blocks=dual_blocks,
+        temperature=temperature,
+        cache_dir=text_cache,
+        weights_cache_dir=weights_cache_dir,
+    ).eval()
+    bar.update(1)
+    bar.close()
+    return model
+
+
+def _pretrained_entry(model, backbone: str, weights_cache_dir: str | None) -> dict[str, Any]:
+    w = model.weights
+    sha = w.sha256
+    entry: dict[str, Any] = {"source": w.source, "kind": w.kind, "sha256": sha, "random_weights": bool(w.random_weights)}
+    if w.kind == "tag":
+        path = cached_tag_file(backbone, w.source, weights_cache_dir)
+        entry["sha256"] = mf.sha256_file(path) if path else None
+        entry["cached_file"] = path
+    if w.kind == "none":
+        entry["seed"] = 0
+    entry["state_sha256"] = state_fingerprint(model.clip)
+    return entry
+
+
+def export_artifact(cfg: ExportConfig) -> Path:
+    """Write a verified artifact folder at ``cfg.out`` and return its path."""
+    t0 = time.time()
+    classes, precisions, domains = _validate(cfg)
+    if "bf16" in precisions:
+        quantize.require_bf16()
+    trt_api = gpu = trt_precision = None
+    if cfg.trt:
+        trt_precision = trt_mod.choose_trt_precision(precisions)
+        trt_api, gpu = trt_mod.require_tensorrt()
+    out = Path(cfg.out).expanduser().absolute()
+    _check_out(out, cfg.force)
+    if cfg.triton is not None:
+        tdir = Path(cfg.triton) / cfg.triton_model_name
+        if tdir.exists() and not cfg.force:
+            raise AnoCLIPError(f"Triton model {tdir} already exists; pass --force to replace it")
+    if cfg.model_config:
+        from anoclip_core.model import register_model_configs
+
+        register_model_configs(cfg.model_config)
+    pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is shared like any folder
+    triton_written: Path | None = None
+    try:
+        model = _create_model(cfg.backbone, pretrained, cfg.image_size, cfg.dual_blocks, cfg.temperature,
+                              cfg.text_cache, cfg.weights_cache_dir, cfg.progress)
+        if model.random_weights:
+            _say(RANDOM_BANNER)
+        pretrained_entry = _pretrained_entry(model, cfg.backbone, cfg.weights_cache_dir)
+
+        # text ---------------------------------------------------------------------------
+        encoded = text.encode_classes(model, domains, cfg.progress)
+        text.write_npz(tmp / text.TEXT_FILE, encoded)
+        protos = text.prototypes_array(encoded, classes)
+
+        # graphs + verification ------------------------------------------------------------
+        wrapper = AnoCLIPExportWrapper(model.encoder, model.temperature).eval()
+        graph_files: dict[str, str] = {}
+        model_entries: dict[str, dict[str, Any]] = {}
+        verifier = Verifier(model, classes, domains, protos, batch_sizes=cfg.verify_batch_sizes)
+        nb = len(verifier.batch_sizes)
+        ebar = _bar(len(precisions), "export", cfg.progress, unit="graph")
+        vbar = _bar(len(precisions) * nb, "verification", cfg.progress, unit="run")
+        for precision in precisions:
+            name = quantize.graph_file(precision)
+            ebar.set_postfix_str(precision)
+            if precision == "fp32":
+                written = export_onnx(wrapper, tmp / name, model.image_size, model.embed_dim, cfg.opset,
+                                      cfg.exporter, cfg.external_data_threshold)
+            else:
+                written = quantize.CONVERTERS[precision](tmp / graph_files["fp32"], tmp / name,
+                                                         cfg.external_data_threshold)
+            ebar.update(1)
+            vbar.set_postfix_str(precision)
+            result = verifier.verify(tmp / name, precision, progress=vbar)
+            graph_files[precision] = name
+            entry: dict[str, Any] = {"file": name, "precision": precision, "verification": result}
+            if len(written) > 1:
+                entry["external_data"] = [f for f in written if f != name]
+            model_entries[precision] = entry
+        ebar.close()
+        vbar.close()
+        opset = onnx_opset(tmp / graph_files["fp32"])
+        del verifier
+
+        # TensorRT --------------------------------------------------------------------------
+        trt_entry = None
+        extra_versions: dict[str, str] = {}
+        if cfg.trt:
+            bbar = _bar(1, "engine build", cfg.progress)
+            bbar.set_postfix_str(f"TensorRT {getattr(trt_api, '__version__', '?')} {trt_precision}")
+            src = trt_mod.engine_source(trt_api, trt_precision, graph_files)
+            trt_entry = trt_mod.build_engine(
+                trt_api, tmp / src, tmp / trt_mod.plan_file(trt_precision), trt_precision,
+                model.image_size, model.embed_dim, len(classes), gpu, tuple(cfg.trt_profile), cfg.trt_timing_cache,
+            )
+            bbar.update(1)
+            bbar.close()
+            extra_versions["tensorrt"] = str(trt_api.__version__)
+
+        # Triton ---------------------------------------------------------------------------
+        triton_entry = None
+        if cfg.triton is not None:
+            build_plan: Callable | None = None
+            tsrc = graph_files["fp32"]
+            if cfg.trt:
+                tsrc = trt_mod.engine_source(trt_api, trt_precision, graph_files)
+
+                def build_plan(onnx_path: Path, plan_path: Path) -> None:
+                    trt_mod.build_engine(trt_api, onnx_path, plan_path, trt_precision, model.image_size,
+                                         model.embed_dim, len(classes), gpu, tuple(cfg.trt_profile), cfg.trt_timing_cache)
+            triton_entry = triton_mod.write_repository(
+                cfg.triton, cfg.triton_model_name, tmp / tsrc, protos, classes, model.image_size,
+                model.grid_size, model.embed_dim, cfg.triton_max_batch, build_plan, force=cfg.force,
+            )
+            triton_written = Path(cfg.triton) / cfg.triton_model_name
+
+        # manifest -------------------------------------------------------------------------
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)
+        manifest: dict[str, Any] = {
+            "format": mf.FORMAT,
+            "format_version": mf.FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            "backbone": cfg.backbone,
+            "pretrained": pretrained_entry,
+            "image_size": int(model.image_size),
+            "preprocess": model.preprocess_config.to_dict(),
+            "patch_grid": [int(v) for v in model.grid_size],
+            "patch_size": [int(v) for v in model.encoder.patch_size],
+            "embed_dim": int(model.embed_dim),
+            "depth": int(model.encoder.depth),
+            "dual_blocks": int(model.encoder.dual_blocks),
+            "temperature": float(model.temperature),
+            "opset": int(opset),
+            "exporter": cfg.exporter,
+            "precisions": list(precisions),
+            "models": model_entries,
+            "default_model": "fp32",
+            "io": {
+                "inputs": list(INPUT_NAMES),
+                "outputs": list(OUTPUT_NAMES),
+                "shapes": {
+                    "pixels": ["B", 3, int(model.image_size), int(model.image_size)],
+                    "text_prototypes": ["C", 2, int(model.embed_dim)],
+                    "global_embedding": ["B", int(model.embed_dim)],
+                    "local_embeddings": ["B", *model.grid_size, int(model.embed_dim)],
+                    "local_tokens": ["B", *model.grid_size, int(model.embed_dim)],
+                    "patch_probs": ["B", "C", *model.grid_size],
+                    "image_scores": ["B", "C"],
+                },
+            },
+            "text": {
+                "file": text.TEXT_FILE,
+                "classes": {name: domains[name] for name in classes},
+                "prompt_set": _prompt_set(),
+                "sentences_per_state": text.SENTENCES_PER_STATE,
+            },
+            "tensorrt": trt_entry,
+            "triton": triton_entry,
+            "versions": tool_versions(extra_versions),
+            "export_seconds": None,
+            "files": mf.file_hashes(tmp, files),
+        }
+        manifest["export_seconds"] = round(time.time() - t0, 1)
+        mf.write_manifest(tmp, manifest)
+        mf.read_manifest(tmp, check_files=True)  # what the runtime will see
+
+        # commit ----------------------------------------------------------------------------
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if triton_written is not None:
+            shutil.rmtree(triton_written, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _prompt_set() -> str:
+    from anoclip_core.prompts import PROMPT_SET
+
+    return PROMPT_SET
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Atomic swap: ``tmp`` becomes ``out``; a previous ``out`` is moved aside, then deleted."""
+    old = None
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
+            os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# add-class ------------------------------------------------------------------------------------
+def model_from_manifest(data: Mapping[str, Any], text_cache: str | os.PathLike | None = "default",
+                        weights_cache_dir: str | None = None, progress: bool = True):
+    """Re-create the exact core model an artifact was exported from (refuses different weights)."""
+    pre = data["pretrained"]
+    kind = pre.get("kind") or ("none" if pre["random_weights"] else ("file" if os.path.isabs(pre["source"]) else "tag"))
+    source = None if kind == "none" else pre["source"]
+    if kind == "file" and not os.path.isfile(source):
+        raise ArtifactError(f"the artifact's weights file {source} is not there any more; cannot encode new classes")
+    model = _create_model(data["backbone"], source, data["image_size"], data["dual_blocks"], data["temperature"],
+                          text_cache, weights_cache_dir, progress)
+    if kind == "file" and pre.get("sha256") and model.weights.sha256 != pre["sha256"]:
+        raise ArtifactError(f"weights file {source} changed since export (sha256 differs from manifest pretrained.sha256)")
+    expected = pre.get("state_sha256")
+    if expected and state_fingerprint(model.clip) != expected:
+        hint = ""
+        if kind == "none":
+            vers = data.get("versions", {})
+            hint = (f" (random weights are seeded, but torch {vers.get('torch')} / open_clip {vers.get('open_clip')} "
+                    "at export time may initialise differently from this installation)")
+        raise ArtifactError(
+            f"re-created {data['backbone']} weights do not match the artifact (pretrained.state_sha256){hint}; "
+            "re-export the artifact with all classes instead"
+        )
+    return model
+
+
+def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | None = None, *,
+              text_cache: str | os.PathLike | None = "default", weights_cache_dir: str | None = None,
+              model_config: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Encode ``class_name`` with the artifact's own backbone/weights and add it to the npz.
+
+    Rewrites only ``text_embeddings.npz`` and ``manifest.json`` (each by temp file + rename; the
+    manifest last, so a crash in between leaves a sha256 mismatch the runtime refuses, never a
+    silently inconsistent artifact). The ONNX graphs and engines are not touched.
+    """
+    from anoclip_core.prompts import default_domain
+
+    root = Path(artifact_dir)
+    data = mf.read_manifest(root, check_files=True)
+    name = text.check_class_name(class_name)
+    if name in data["text"]["classes"]:
+        raise AnoCLIPError(f"class {name!r} is already in {root} (domain {data['text']['classes'][name]})")
+    dom = domain or default_domain(name)
+    if dom not in ("object", "texture"):
+        raise AnoCLIPError(f"unknown prompt domain {dom!r} (expected object or texture)")
+    if model_config:
+        from anoclip_core.model import register_model_configs
+
+        register_model_configs(model_config)
+    if data["text"].get("prompt_set") != _prompt_set():
+        raise ArtifactError(
+            f"artifact prompt_set {data['text'].get('prompt_set')!r} differs from this anoclip's {_prompt_set()!r}"
+        )
+    model = model_from_manifest(data, text_cache, weights_cache_dir, progress)
+    new = text.encode_classes(model, {name: dom}, progress)[name]
+
+    text_file = data["text"]["file"]
+    existing = text.read_npz(root / text_file)
+    merged = {k: (v[0], v[1], data["text"]["classes"].get(k, "object")) for k, v in existing.items()}
+    merged[name] = new
+    fd, tmp_npz = tempfile.mkstemp(prefix=f".{text_file}.", suffix=".tmp", dir=root)
+    os.close(fd)
+    os.chmod(tmp_npz, 0o666 & ~_umask())
+    try:
+        text.write_npz(tmp_npz, merged)
+        digest = mf.sha256_file(tmp_npz)
+        os.replace(tmp_npz, root / text_file)
+    except BaseException:
+        if os.path.exists(tmp_npz):
+            os.unlink(tmp_npz)
+        raise
+    classes = dict(data["text"]["classes"])
+    classes[name] = dom
+    data["text"]["classes"] = {k: classes[k] for k in sorted(classes)}
+    data["files"][text_file] = digest
+    data["modified"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    if data.get("triton"):
+        data["triton"]["stale"] = True  # its folded prototypes predate this class
+    mf.write_manifest(root, data)
+    return root

@@ -1,0 +1,201 @@
+"""Reduced-precision graphs from the verified fp32 ONNX graph.
+
+* ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` (the maintained copy of
+  onnxconverter-common's pass that ships inside onnxruntime: no extra dependency) with
+  ``keep_io_types=True`` so the graph's inputs and outputs stay float32 (same runtime code for
+  every precision). ``LayerNormalization`` stays fp32 (its mean/variance over 640-1024 channels
+  is where fp16 loses most, and TensorRT warns about fp16 LayerNorm overflow); everything else
+  (MatMul, Softmax, GELU, ...) is fp16. ONNX Runtime's CPU provider runs fp16 nodes it has no
+  kernel for by inserting casts, so the fp16 graph verifies on CPU; it is meant for GPUs.
+* ``bf16``: the same pass followed by a FLOAT16 -> BFLOAT16 retyping (weights rounded from the
+  fp32 originals, not via fp16). **ONNX Runtime 1.x's CPU provider has no bf16 MatMul/Add/Mul/
+  Sigmoid kernels** (checked by ``bf16_support()`` at run time: NOT_IMPLEMENTED for MatMul(13)
+  with onnxruntime 1.32), so a bf16 graph cannot be verified here and ``--precision bf16``
+  fails at once with that message instead of shipping an unverified graph.
+* ``int8``: ``onnxruntime.quantization.quantize_dynamic``: int8 weights (per-tensor) for every
+  MatMul whose B is a constant (``MatMulConstBOnly``: the Linear layers); activations quantised
+  dynamically per call. Attention score/value matmuls (both inputs activations), Softmax,
+  LayerNorm, the patch-embedding Conv and the text-prototype head stay fp32. Dynamic
+  quantisation needs no calibration set (a static QDQ graph calibrated on random images would
+  be meaningless for real data). The result uses ``MatMulInteger``/``DynamicQuantizeLinear``:
+  an ONNX Runtime (CPU) graph; TensorRT needs explicit static QDQ and is refused for int8.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from anoclip_core.errors import AnoCLIPError
+
+from .onnx_export import TWO_GB, ExportError, save_onnx
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+FP16_KEEP_FP32_OPS = ("LayerNormalization",)
+
+
+def check_precisions(values) -> list[str]:
+    """Normalise ``--precision`` values (repeatable, comma lists) -> ordered list, fp32 first."""
+    out = ["fp32"]
+    for v in values or ():
+        for item in str(v).split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            if item not in PRECISIONS:
+                raise AnoCLIPError(f"unknown precision {item!r} (expected one of {', '.join(PRECISIONS)})")
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def bf16_support() -> tuple[bool, str]:
+    """Can ONNX Runtime's CPU provider run a bf16 MatMul/Add graph? (ok, reason)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 4])
+    w = helper.make_tensor("w", TensorProto.BFLOAT16, [4, 4], [0] * 16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "x"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "bf16probe", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).split(":")[-1].strip() or type(err).__name__
+        return False, f"onnxruntime {ort.__version__} CPU has no bf16 kernels ({msg})"
+    return True, ""
+
+
+def require_bf16() -> None:
+    ok, reason = bf16_support()
+    if not ok:
+        raise AnoCLIPError(
+            f"--precision bf16 is not available: {reason}, so a bf16 graph could not be verified. "
+            "Use --precision fp16 (same memory, verified on CPU) or build a bf16 TensorRT engine from the fp32 graph "
+            "on a GPU machine"
+        )
+
+
+def _load(src: str | os.PathLike):
+    import onnx
+
+    return onnx.load(str(src), load_external_data=True)
+
+
+def _size(model) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data_threshold: int = TWO_GB) -> list[str]:
+    """fp32 graph -> fp16 graph with fp32 inputs/outputs (and fp32 LayerNorm)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = _load(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model16 = convert_float_to_float16(
+                model,
+                keep_io_types=True,
+                op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
+                disable_shape_infer=_size(model) > TWO_GB - (64 << 20),
+            )
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"fp16 conversion failed: {type(err).__name__}: {err}") from err
+    return save_onnx(model16, dst, external=_size(model16) > external_data_threshold)
+
+
+def _fp32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even fp32 -> bf16 bit patterns (uint16)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def convert_bf16(src: str | os.PathLike, dst: str | os.PathLike, external_data_threshold: int = TWO_GB) -> list[str]:
+    """fp32 graph -> bf16 graph (fp32 inputs/outputs): the fp16 pass, retyped to BFLOAT16."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = _load(src)
+    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model16 = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS)
+        )
+
+    def retype_tensor(t, source=None) -> None:
+        if t.data_type != TensorProto.FLOAT16:
+            return
+        arr = source if source is not None else numpy_helper.to_array(t).astype(np.float32)
+        bits = _fp32_to_bf16_bits(arr)
+        dims = list(t.dims)
+        t.Clear()
+        t.CopyFrom(onnx.helper.make_tensor(t.name or "", TensorProto.BFLOAT16, dims, bits.tobytes(), raw=True))
+
+    for init in model16.graph.initializer:
+        name = init.name
+        retype_tensor(init, originals.get(name))
+        init.name = name
+    for node in model16.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT16:
+                attr.i = TensorProto.BFLOAT16
+            if attr.type == onnx.AttributeProto.TENSOR:
+                retype_tensor(attr.t)
+    for vi in list(model16.graph.value_info) + list(model16.graph.input) + list(model16.graph.output):
+        tt = vi.type.tensor_type
+        if tt.elem_type == TensorProto.FLOAT16:
+            tt.elem_type = TensorProto.BFLOAT16
+    return save_onnx(model16, dst, external=_size(model16) > external_data_threshold)
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data_threshold: int = TWO_GB) -> list[str]:
+    """Dynamic int8 (weights int8 per tensor, activations dynamic uint8) of the Linear MatMuls."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    external = (src.parent / (src.name + ".data")).exists()
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+                per_channel=False,
+                use_external_data_format=external,
+                extra_options={"MatMulConstBOnly": True},
+            )
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"int8 quantisation failed: {type(err).__name__}: {err}") from err
+    finally:
+        quiet.setLevel(level)
+    model = _load(dst)
+    return save_onnx(model, dst, external=_size(model) > external_data_threshold)
+
+
+CONVERTERS = {"fp16": convert_fp16, "bf16": convert_bf16, "int8": quantize_int8}
+
+
+def graph_file(precision: str) -> str:
+    """``encoder.onnx`` for fp32, ``encoder.<precision>.onnx`` otherwise."""
+    return "encoder.onnx" if precision == "fp32" else f"encoder.{precision}.onnx"

@@ -1,0 +1,97 @@
+"""Text side of an artifact: ``text_embeddings.npz`` with every class's state embeddings.
+
+Layout (ARCHITECTURE.md): ``"<class>/prototypes"`` float32 [2, D] (normal, abnormal; L2-normalised)
+and ``"<class>/sentences"`` float32 [924, D] (per-sentence, L2-normalised, normal first). The
+class -> prompt-domain map lives in the manifest (``text.classes``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from anoclip_core.errors import AnoCLIPError
+
+TEXT_FILE = "text_embeddings.npz"
+SENTENCES_PER_STATE = 462
+
+
+def check_class_name(name: str) -> str:
+    name = (name or "").strip()
+    if not name:
+        raise AnoCLIPError("class name must be a non-empty string")
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise AnoCLIPError(f"class name {name!r} may not contain '/' or '\\\\' or start with '.'")
+    return name
+
+
+def parse_classes(text: str | Iterable[str]) -> list[str]:
+    """``"bottle, carpet"`` or an iterable -> unique class names in order."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        item = item.strip()
+        if item and item not in out:
+            out.append(check_class_name(item))
+    return out
+
+
+def read_classes_file(path: str | os.PathLike) -> list[str]:
+    """One class per line (or comma separated); ``#`` starts a comment."""
+    p = Path(path)
+    if not p.is_file():
+        raise AnoCLIPError(f"classes file not found: {p}")
+    names: list[str] = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0]
+        names += parse_classes(line)
+    return parse_classes(names)
+
+
+def encode_class(model, class_name: str, domain: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(prototypes [2, D], sentences [924, D], domain) as float32 numpy, via the core."""
+    emb = model.state_embeddings(class_name, domain)
+    return (
+        emb.prototypes.detach().float().cpu().numpy(),
+        emb.sentences.detach().float().cpu().numpy(),
+        emb.domain,
+    )
+
+
+def encode_classes(model, classes: Mapping[str, str | None], progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """Encode every class with a tqdm bar (924 sentences each through the text tower)."""
+    from tqdm import tqdm
+
+    out = {}
+    bar = tqdm(list(classes.items()), desc="text encoding", unit="class", disable=not progress)
+    for name, domain in bar:
+        bar.set_postfix_str(name)
+        out[name] = encode_class(model, name, domain)
+    return out
+
+
+def write_npz(path: str | os.PathLike, classes: Mapping[str, tuple[np.ndarray, np.ndarray, str]]) -> None:
+    arrays = {}
+    for name in sorted(classes):
+        protos, sents, _ = classes[name]
+        arrays[f"{name}/prototypes"] = np.ascontiguousarray(protos, dtype=np.float32)
+        arrays[f"{name}/sentences"] = np.ascontiguousarray(sents, dtype=np.float32)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{class: (prototypes, sentences)}`` from an artifact's npz."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with np.load(path) as data:
+        names = sorted({k.rsplit("/", 1)[0] for k in data.files})
+        for name in names:
+            out[name] = (data[f"{name}/prototypes"].copy(), data[f"{name}/sentences"].copy())
+    return out
+
+
+def prototypes_array(classes: Mapping[str, tuple[np.ndarray, ...]], order: Iterable[str]) -> np.ndarray:
+    """Stack prototypes of ``order`` into the graph's ``text_prototypes`` input [C, 2, D]."""
+    return np.stack([classes[name][0] for name in order]).astype(np.float32)

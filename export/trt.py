@@ -1,0 +1,201 @@
+"""TensorRT engine builder (``--trt``): a serialised plan next to the ONNX graph.
+
+* ``require_tensorrt()`` runs FIRST in an export with ``--trt`` (before weights are loaded):
+  no importable ``tensorrt`` or no CUDA GPU -> ``BackendUnavailable`` with a clear message.
+* One optimisation profile: ``pixels`` batch min/opt/max (default 1/8/32) and
+  ``text_prototypes`` classes 1/<#classes>/max(64, 2 x #classes), fixed S and D.
+* Timing cache: loaded from and saved back to a file (default
+  ``~/.cache/anoclip/trt/timing-<trt version>-<gpu>.cache``) so rebuilds are fast; it is a
+  machine-local cache, not part of the artifact.
+* Precision, by TensorRT major version:
+
+  - TensorRT >= 11 removed ``BuilderFlag.FP16``/``BF16``/``INT8`` ("weakly typed" networks):
+    the network is created STRONGLY_TYPED from the graph that already carries the reduced
+    precision (``encoder.fp16.onnx``, ``encoder.bf16.onnx``); types are the ONNX graph's.
+  - TensorRT 10: the fp32 graph is parsed into a weakly typed network and ``BuilderFlag.FP16``
+    (or ``BF16``) lets the builder choose reduced-precision kernels per layer (the classic path
+    with the widest kernel choice); fp32 engines get no flag.
+  - int8 (dynamic ``MatMulInteger``) graphs are ONNX Runtime graphs; TensorRT would need static
+    QDQ, so ``--trt`` with int8 only is refused.
+
+* Manifest entry: file, precision, trt_version, gpu, profile, strongly_typed, timing cache path.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from anoclip_core.errors import AnoCLIPError, BackendUnavailable
+
+from .onnx_export import ExportError
+
+DEFAULT_PROFILE = (1, 8, 32)
+WORKSPACE_BYTES = 4 << 30
+TRT_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def require_tensorrt() -> tuple[Any, str]:
+    """(tensorrt module, GPU name) or ``BackendUnavailable`` at once; no heavy work done."""
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+    except Exception as err:  # noqa: BLE001 - ImportError, or a broken CUDA library load
+        raise BackendUnavailable(
+            f"--trt needs TensorRT, which is not importable here ({type(err).__name__}: {err}); "
+            "install it on a CUDA machine (pip install 'anoclip[trt]') or export without --trt "
+            "and build the engine later on the target GPU"
+        ) from None
+    gpu = cuda_gpu_name()
+    if gpu is None:
+        raise BackendUnavailable(
+            f"--trt needs a CUDA GPU, none is visible (TensorRT {getattr(trt, '__version__', '?')} is installed); "
+            "an engine is specific to the GPU it is built on: build it on the target machine"
+        )
+    return trt, gpu
+
+
+def cuda_gpu_name() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def trt_major(trt) -> int:
+    match = re.match(r"(\d+)", str(getattr(trt, "__version__", "0")))
+    return int(match.group(1)) if match else 0
+
+
+def choose_trt_precision(precisions: list[str]) -> str:
+    """The engine's precision: the most reduced float precision requested (fp16 > bf16 > fp32)."""
+    for p in ("fp16", "bf16"):
+        if p in precisions:
+            return p
+    if "int8" in precisions and len(precisions) == 2:
+        raise AnoCLIPError(
+            "--trt with --precision int8: the int8 graph is ONNX Runtime dynamic quantisation (MatMulInteger), which "
+            "TensorRT cannot build; add --precision fp16 (or export fp32 only) for the engine"
+        )
+    return "fp32"
+
+
+def default_timing_cache(trt, gpu: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu).strip("_") or "gpu"
+    root = Path(os.environ.get("ANOCLIP_TRT_CACHE", Path.home() / ".cache" / "anoclip" / "trt"))
+    return root / f"timing-{getattr(trt, '__version__', 'unknown')}-{safe}.cache"
+
+
+def profile_shapes(image_size: int, embed_dim: int, num_classes: int,
+                   batch: tuple[int, int, int] = DEFAULT_PROFILE) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """min/opt/max shapes per input for the optimisation profile."""
+    bmin, bopt, bmax = batch
+    if not 1 <= bmin <= bopt <= bmax:
+        raise AnoCLIPError(f"TensorRT batch profile must satisfy 1 <= min <= opt <= max, got {batch}")
+    s, d = int(image_size), int(embed_dim)
+    c = max(1, int(num_classes))
+    cmax = max(64, 2 * c)
+    return {
+        "pixels": ((bmin, 3, s, s), (bopt, 3, s, s), (bmax, 3, s, s)),
+        "text_prototypes": ((1, 2, d), (c, 2, d), (cmax, 2, d)),
+    }
+
+
+def build_engine(
+    trt,
+    onnx_path: str | os.PathLike,
+    plan_path: str | os.PathLike,
+    precision: str,
+    image_size: int,
+    embed_dim: int,
+    num_classes: int,
+    gpu: str,
+    batch_profile: tuple[int, int, int] = DEFAULT_PROFILE,
+    timing_cache: str | os.PathLike | None = None,
+    workspace: int = WORKSPACE_BYTES,
+) -> dict[str, Any]:
+    """Parse ``onnx_path``, build, write ``plan_path``; returns the manifest ``tensorrt`` entry.
+
+    ``onnx_path`` is the graph of ``precision`` for TensorRT >= 11 (strongly typed) and the fp32
+    graph for TensorRT 10 (precision by builder flag) -- see ``engine_source``.
+    """
+    if precision not in TRT_PRECISIONS:
+        raise AnoCLIPError(f"TensorRT engine precision must be one of {TRT_PRECISIONS}, got {precision!r}")
+    major = trt_major(trt)
+    strongly_typed = major >= 11
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if strongly_typed:
+        st = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if st is not None:
+            flags |= 1 << int(st)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "unknown error"
+        raise ExportError(f"TensorRT {trt.__version__} could not parse {Path(onnx_path).name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+    if not strongly_typed and precision != "fp32":
+        flag = {"fp16": "FP16", "bf16": "BF16"}[precision]
+        if not hasattr(trt.BuilderFlag, flag):
+            raise AnoCLIPError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag}")
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    shapes = profile_shapes(image_size, embed_dim, num_classes, batch_profile)
+    profile = builder.create_optimization_profile()
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    for name in inputs:  # a Triton graph has text_prototypes folded in: pixels only
+        if name not in shapes:
+            raise ExportError(f"{Path(onnx_path).name} has an unexpected input {name!r} for TensorRT")
+        lo, opt, hi = shapes[name]
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(trt, gpu)
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {Path(onnx_path).name} (see its log above)")
+    plan_path = Path(plan_path)
+    with open(plan_path, "wb") as f:
+        f.write(bytes(plan))
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(cache_path.suffix + f".tmp{os.getpid()}")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass  # a cache we cannot write only costs build time next time
+    return {
+        "file": plan_path.name,
+        "precision": precision,
+        "source_onnx": Path(onnx_path).name,
+        "trt_version": str(trt.__version__),
+        "gpu": gpu,
+        "strongly_typed": strongly_typed,
+        "profile": {"min": batch_profile[0], "opt": batch_profile[1], "max": batch_profile[2]},
+        "classes_profile": ({"min": shapes["text_prototypes"][0][0], "opt": shapes["text_prototypes"][1][0],
+                             "max": shapes["text_prototypes"][2][0]} if "text_prototypes" in inputs else None),
+        "timing_cache": str(cache_path),
+    }
+
+
+def engine_source(trt, precision: str, graph_files: dict[str, str]) -> str:
+    """Which ONNX file the engine is built from: the precision's own graph on TRT >= 11, fp32 on TRT 10."""
+    if trt_major(trt) >= 11 and precision != "fp32":
+        if precision not in graph_files:
+            raise AnoCLIPError(f"TensorRT {trt.__version__} builds strongly typed engines: export --precision {precision} too")
+        return graph_files[precision]
+    return graph_files["fp32"]
+
+
+def plan_file(precision: str) -> str:
+    return f"encoder.{precision}.plan"

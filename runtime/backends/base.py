@@ -1,0 +1,136 @@
+"""The one small interface every inference backend implements, and the parity checker.
+
+Polygraphy-style: a backend is anything with ``name``, ``run(pixels, prototypes, outputs)`` and
+``close()``. ``pixels`` is float32 ``[B, 3, S, S]`` (normalised), ``prototypes`` float32
+``[C, 2, D]`` (L2-normalised normal/abnormal per class); ``run`` returns the requested graph
+outputs (names from docs/ARCHITECTURE.md) as host numpy arrays. ``parity_check`` runs any two
+backends on the same inputs and reports per-output errors: the first-class tool to trust a new
+backend (or precision) against the fp32 ONNX Runtime CPU reference.
+
+Torch-free: numpy only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from anoclip_core.errors import InputError
+
+INPUT_NAMES = ("pixels", "text_prototypes")
+ALL_OUTPUTS = ("global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores")
+DEFAULT_OUTPUTS = ("patch_probs", "image_scores")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An inference engine for the exported graph (see module docstring)."""
+
+    name: str
+
+    def run(
+        self, pixels: np.ndarray, prototypes: np.ndarray, outputs: Sequence[str] = DEFAULT_OUTPUTS
+    ) -> dict[str, np.ndarray]:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
+    """Validate requested output names (clear error naming the unknown one)."""
+    outs = tuple(outputs)
+    if not outs:
+        raise InputError("no graph outputs requested")
+    for name in outs:
+        if name not in ALL_OUTPUTS:
+            raise InputError(f"unknown graph output {name!r} (known: {', '.join(ALL_OUTPUTS)})")
+    return outs
+
+
+def check_inputs(pixels: Any, prototypes: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Shapes/dtypes of the two graph inputs -> contiguous float32 arrays."""
+    px = np.ascontiguousarray(pixels, dtype=np.float32)
+    pr = np.ascontiguousarray(prototypes, dtype=np.float32)
+    if px.ndim != 4 or px.shape[1] != 3 or px.shape[2] != px.shape[3] or px.shape[0] < 1:
+        raise InputError(f"pixels must be [B, 3, S, S] with B >= 1, got {list(px.shape)}")
+    if pr.ndim != 3 or pr.shape[1] != 2 or pr.shape[0] < 1:
+        raise InputError(f"text_prototypes must be [C, 2, D] with C >= 1, got {list(pr.shape)}")
+    return px, pr
+
+
+@dataclass
+class OutputDiff:
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    """Per-output differences between two backends on the same inputs."""
+
+    a: str
+    b: str
+    batch: int
+    outputs: dict[str, OutputDiff] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(d.passed for d in self.outputs.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "batch": self.batch, "passed": self.passed,
+                "outputs": {k: asdict(v) for k, v in self.outputs.items()}}
+
+    def __str__(self) -> str:
+        lines = [f"parity {self.a} vs {self.b} (batch {self.batch}): {'PASSED' if self.passed else 'FAILED'}"]
+        for k, d in self.outputs.items():
+            lines.append(f"  {k:17s} max_abs={d.max_abs:.3g} mean_abs={d.mean_abs:.3g} tol={d.tolerance:g} "
+                         f"{'ok' if d.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+
+DEFAULT_TOLERANCE = {"patch_probs": 1e-4, "image_scores": 1e-5, "global_embedding": 1e-4,
+                     "local_embeddings": 1e-4, "local_tokens": 1e-3}
+
+
+def parity_check(
+    a: Backend,
+    b: Backend,
+    pixels: np.ndarray,
+    prototypes: np.ndarray,
+    outputs: Sequence[str] = ALL_OUTPUTS,
+    tolerance: float | Mapping[str, float] | None = None,
+) -> ParityReport:
+    """Run both backends on the same inputs; compare every requested output.
+
+    ``tolerance``: one max-abs bound for all outputs, or per output name (defaults in
+    ``DEFAULT_TOLERANCE``). A shape mismatch or a non-finite value fails that output.
+    """
+    outs = check_outputs(outputs)
+    px, pr = check_inputs(pixels, prototypes)
+    ra = a.run(px, pr, outs)
+    rb = b.run(px, pr, outs)
+    report = ParityReport(getattr(a, "name", type(a).__name__), getattr(b, "name", type(b).__name__), px.shape[0])
+    for name in outs:
+        if isinstance(tolerance, Mapping):
+            tol = float(tolerance.get(name, DEFAULT_TOLERANCE[name]))
+        elif tolerance is not None:
+            tol = float(tolerance)
+        else:
+            tol = DEFAULT_TOLERANCE[name]
+        xa = np.asarray(ra[name], dtype=np.float64)
+        xb = np.asarray(rb[name], dtype=np.float64)
+        if xa.shape != xb.shape:
+            report.outputs[name] = OutputDiff([*xa.shape], float("inf"), float("inf"), tol, False)
+            continue
+        diff = np.abs(xa - xb)
+        finite = bool(np.isfinite(diff).all())
+        mx = float(diff.max()) if diff.size and finite else (0.0 if finite else float("inf"))
+        mean = float(diff.mean()) if diff.size and finite else (0.0 if finite else float("inf"))
+        report.outputs[name] = OutputDiff(list(xa.shape), mx, mean, tol, finite and mx <= tol)
+    return report

@@ -1,0 +1,94 @@
+"""Per-class thresholds from a folder of good images, stored as ``calibration.json`` beside the manifest.
+
+The file lives in the artifact folder but is NOT part of the manifest's sha256 set (the graph and
+the manifest are never modified); instead it records the sha256 of the ``manifest.json`` it was
+computed for, and ``Detector`` ignores it (with a warning) when the artifact was re-exported.
+Format::
+
+    {"format": "anoclip-calibration", "format_version": 1, "manifest_sha256": "...",
+     "classes": {"bottle": {"image_threshold": 0.61, "pixel_threshold": 0.58, "quantile": 0.99,
+                            "images": 209, "pixels": 1234567, "backend": "ort-cpu",
+                            "created": "2026-...Z", "tile": false}}}
+
+Thresholds are quantiles of the good images' own scores (image score; anomaly-map values at the
+original image size, subsampled to at most ``MAX_PIXELS_PER_IMAGE`` per image), i.e. in the
+scores' units. Other classes already in the file are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from anoclip_core.errors import AnoCLIPError, InputError
+
+from . import manifest as mf
+from .detector import CALIBRATION_NAME, Detector, InferConfig, load_calibration
+from .inputs import collect_inputs
+
+MAX_PIXELS_PER_IMAGE = 1 << 16
+
+
+def _subsample(amap: np.ndarray, limit: int = MAX_PIXELS_PER_IMAGE) -> np.ndarray:
+    if amap.size <= limit:
+        return amap.ravel()
+    step = int(np.ceil(np.sqrt(amap.size / limit)))
+    return amap[::step, ::step].ravel()
+
+
+def calibrate(detector: Detector, good: Iterable[str | os.PathLike], class_name: str, quantile: float = 0.99,
+              config: InferConfig | None = None, write: bool = True, progress=None) -> dict[str, Any]:
+    """Compute (and by default store) the class's thresholds; returns the class entry."""
+    if not 0.0 < quantile <= 1.0:
+        raise InputError(f"quantile must be in (0, 1], got {quantile}")
+    if detector.artifact_dir is None and write:
+        raise InputError("cannot store a calibration for a detector without an artifact folder")
+    files = collect_inputs(good)
+    if not files:
+        raise InputError("no good images given for calibration")
+    cfg = (config or InferConfig(class_name=class_name)).replace(class_name=class_name, threshold=None,
+                                                                   pixel_threshold=None)
+    scores: list[float] = []
+    pixels: list[np.ndarray] = []
+    errors: list[str] = []
+    for res in detector.iter_predict(files, class_name, cfg):
+        if progress is not None:
+            progress(res)
+        if not res.ok:
+            errors.append(f"{res.path}: {res.error}")
+            continue
+        scores.append(float(res.score))
+        pixels.append(_subsample(res.anomaly_map))
+    if not scores:
+        raise InputError(f"calibration failed: none of the {len(files)} good images could be processed "
+                         f"({errors[0] if errors else 'no images'})")
+    allpix = np.concatenate(pixels)
+    entry = {
+        "image_threshold": float(np.quantile(np.asarray(scores, np.float64), quantile)),
+        "pixel_threshold": float(np.quantile(allpix.astype(np.float64), quantile)),
+        "quantile": float(quantile),
+        "images": len(scores),
+        "failed": len(errors),
+        "pixels": int(allpix.size),
+        "backend": detector.backend_name,
+        "tile": bool(cfg.tile),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if write:
+        root = Path(detector.artifact_dir)
+        manifest_sha = mf.sha256_file(root / mf.MANIFEST_NAME)
+        try:
+            data = load_calibration(root, manifest_sha)
+        except AnoCLIPError:
+            data = {}
+        data = {"format": "anoclip-calibration", "format_version": 1, "manifest_sha256": manifest_sha,
+                "classes": dict(data.get("classes", {}))}
+        data["classes"][class_name] = entry
+        mf.atomic_write_text(root / CALIBRATION_NAME, json.dumps(data, indent=2) + "\n")
+        detector.calibration = data
+    entry["errors"] = errors
+    return entry

@@ -1,0 +1,262 @@
+"""Command line: ``anoclip-infer`` and the ``anoclip`` group (``infer``, ``calibrate``, ``parity``).
+
+Torch-free unless ``--tta`` is given. User errors (bad artifact, unknown class, ...) print one
+line and exit 2; images that fail in a batch get an ``error`` JSON line, the rest still run, and
+the exit status is 1 when any image failed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+
+from anoclip_core.errors import AnoCLIPError
+
+from .backends import CHOICES
+from .detector import RANDOM_WEIGHTS_WARNING, Detector, InferConfig, Result
+from .inputs import collect_inputs
+
+log = logging.getLogger("anoclip.runtime")
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(2)
+
+
+def _warn_random(det: Detector) -> None:
+    if det.random_weights:
+        bar = "!" * 78
+        click.echo(f"{bar}\n!!! WARNING: {RANDOM_WEIGHTS_WARNING}\n{bar}", err=True)
+
+
+def _visualize():
+    try:
+        from anoclip_core.visualize import heatmap_overlay, save_png
+
+        return heatmap_overlay, save_png
+    except ImportError:  # fallback while anoclip_core.visualize is not installed
+        import cv2
+
+        def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+            heat = cv2.applyColorMap((np.clip(amap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+            base = (np.clip(rgb, 0, 1) * 255).astype(np.float32) if rgb.dtype != np.uint8 else rgb.astype(np.float32)
+            return (base * (1 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
+
+        def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+            arr = rgb[:, :, ::-1] if rgb.ndim == 3 else rgb
+            if not cv2.imwrite(os.fspath(path), np.ascontiguousarray(arr)):
+                raise OSError(f"cannot write {path}")
+
+        return heatmap_overlay, save_png
+
+
+class _Writer:
+    """JSON lines to stdout or ``out/results.jsonl``; overlays and masks as PNG in ``out``."""
+
+    def __init__(self, cfg: InferConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir) if cfg.out_dir else None
+        self._names: set[str] = set()
+        self._fh = None
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.out / "results.jsonl", "w", encoding="utf-8")
+            if cfg.overlays or cfg.masks:
+                self._overlay, self._save = _visualize()
+
+    def _stem(self, res: Result, i: int) -> str:
+        stem = Path(res.path).stem if res.path else f"image{i:05d}"
+        name, k = stem, 1
+        while name in self._names:
+            k += 1
+            name = f"{stem}_{k}"
+        self._names.add(name)
+        return name
+
+    def write(self, res: Result, i: int) -> None:
+        d = res.to_json()
+        if self.out and res.ok and (self.cfg.overlays or self.cfg.masks):
+            stem = self._stem(res, i)
+            if self.cfg.overlays and res.path:
+                from anoclip_core.transform import load_rgb
+
+                rgb = load_rgb(res.path)
+                self._save(self.out / f"{stem}_overlay.png", self._overlay(rgb, res.anomaly_map, self.cfg.alpha))
+                d["overlay"] = f"{stem}_overlay.png"
+            if self.cfg.masks:
+                import cv2
+
+                cv2.imwrite(str(self.out / f"{stem}_mask.png"), res.mask())
+                d["mask"] = f"{stem}_mask.png"
+        line = json.dumps(d)
+        if self._fh:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+        else:
+            click.echo(line)
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+
+
+def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: bool = True) -> dict[str, Any]:
+    """Library entry of the CLI: returns the summary dict (also printed to stderr)."""
+    from tqdm import tqdm
+
+    files = collect_inputs(inputs)
+    det = Detector.load(artifact, backend=cfg.backend, precision=cfg.precision, verify=cfg.verify,
+                        threads=cfg.threads)
+    click.echo(f"anoclip: {det.backend_note}; {len(files)} image(s); class {cfg.class_name}", err=True)
+    _warn_random(det)
+    det.prototypes(cfg.class_name)
+    writer = _Writer(cfg)
+    n = anomalies = errors = 0
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress or None)
+        for i, res in enumerate(det.iter_predict(files, cfg.class_name, cfg)):
+            n += 1
+            if res.ok:
+                anomalies += int(res.is_anomaly)
+                latencies.append(res.timing.get("total_ms", 0.0))
+            else:
+                errors += 1
+            writer.write(res, i)
+            bar.update(1)
+        bar.close()
+    finally:
+        writer.close()
+        det.close()
+    summary = {
+        "summary": True, "count": n, "ok": n - errors, "errors": errors, "anomalies": anomalies,
+        "mean_latency_ms": round(float(np.mean(latencies)), 3) if latencies else None,
+        "wall_s": round(time.perf_counter() - t0, 3), "backend": det.backend_name, "class": cfg.class_name,
+        "random_weights": det.random_weights,
+    }
+    if cfg.out_dir:
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    click.echo(
+        f"anoclip: {n} image(s), {anomalies} anomal{'y' if anomalies == 1 else 'ies'}, {errors} error(s), "
+        f"mean latency {summary['mean_latency_ms']} ms/image, backend {det.backend_name}"
+        + (" [RANDOM WEIGHTS]" if det.random_weights else ""), err=True)
+    return summary
+
+
+def _infer_options(f):
+    opts = [
+        click.argument("artifact", type=click.Path(file_okay=False)),
+        click.argument("inputs", nargs=-1, required=True),
+        click.option("--class", "class_name", required=True, help="class name (must be in the artifact)"),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+                     help="folder for results.jsonl, summary.json, overlays and masks (default: JSON lines on stdout)"),
+        click.option("--batch", type=int, default=8, show_default=True, help="images per backend call"),
+        click.option("--tile/--no-tile", default=False, help="tile wide images (line-scan strips)"),
+        click.option("--tile-size", type=int, default=None, help="tile side in pixels (default: short side)"),
+        click.option("--overlap", type=int, default=None, help="tile overlap in pixels (default: tile // 4)"),
+        click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True),
+        click.option("--precision", default=None, help="graph precision (default: the manifest's default_model)"),
+        click.option("--threshold", type=float, default=None,
+                     help="image-score threshold (score units; default: calibration, else 0.5)"),
+        click.option("--pixel-threshold", type=float, default=None,
+                     help="anomaly-map threshold for regions/masks (default: calibration, else 0.5)"),
+        click.option("--min-area", type=int, default=1, show_default=True, help="smallest region, in pixels"),
+        click.option("--tta/--no-tta", default=False, help="AnoCLIP+ test-time adaptation (needs torch)"),
+        click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True,
+                     help="channel order of array inputs (files are decoded as stored)"),
+        click.option("--no-overlays", is_flag=True, default=False, help="do not write heat-map overlays"),
+        click.option("--no-masks", is_flag=True, default=False, help="do not write binary masks"),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
+        click.option("--no-verify", is_flag=True, default=False, help="skip the sha256 check of artifact files"),
+        click.option("--quiet", is_flag=True, default=False, help="no progress bar"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.command("infer")
+@_infer_options
+def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir: str | None, batch: int, tile: bool,
+               tile_size: int | None, overlap: int | None, backend: str, precision: str | None,
+               threshold: float | None, pixel_threshold: float | None, min_area: int, tta: bool, channel_order: str,
+               no_overlays: bool, no_masks: bool, threads: int | None, no_verify: bool, quiet: bool) -> None:
+    """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = InferConfig(class_name=class_name, backend=backend, precision=precision, batch=batch, tile=tile,
+                          tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
+                          min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
+                          overlays=not no_overlays, masks=not no_masks, threads=threads, verify=not no_verify)
+        summary = run_infer(artifact, inputs, cfg, progress=not quiet)
+    except AnoCLIPError as err:
+        _fail(err)
+    sys.exit(1 if summary["errors"] else 0)
+
+
+@click.group()
+def main() -> None:
+    """AnoCLIP torch-free runtime: inference, calibration and backend parity checks."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+main.add_command(infer_main, "infer")
+
+
+@main.command("calibrate")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--good", "good", multiple=True, required=True, help="folder/glob/file of defect-free images")
+@click.option("--class", "class_name", required=True)
+@click.option("--quantile", type=float, default=0.99, show_default=True)
+@click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--tile/--no-tile", default=False)
+@click.option("--threads", type=int, default=None)
+def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantile: float, backend: str, batch: int,
+                  tile: bool, threads: int | None) -> None:
+    """Per-class thresholds from good images -> ARTIFACT/calibration.json (not part of the graph)."""
+    from .calibration import calibrate
+
+    try:
+        det = Detector.load(artifact, backend=backend, threads=threads)
+        _warn_random(det)
+        entry = calibrate(det, good, class_name, quantile, InferConfig(class_name=class_name, batch=batch, tile=tile))
+    except AnoCLIPError as err:
+        _fail(err)
+    for e in entry.pop("errors"):
+        click.echo(f"skipped {e}", err=True)
+    click.echo(json.dumps({"class": class_name, "calibration": str(Path(artifact) / "calibration.json"), **entry}))
+
+
+@main.command("parity")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--a", "backend_a", type=click.Choice(CHOICES), default="ort-cpu", show_default=True)
+@click.option("--b", "backend_b", type=click.Choice(CHOICES), default="auto", show_default=True)
+@click.option("--class", "class_name", default=None, help="class whose prototypes to use (default: first)")
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def parity_cmd(artifact: str, backend_a: str, backend_b: str, class_name: str | None, batch: int, seed: int) -> None:
+    """Compare two backends on the same random inputs (all graph outputs)."""
+    from .backends import parity_check
+
+    try:
+        a = Detector.load(artifact, backend=backend_a)
+        b = Detector.load(artifact, backend=backend_b, verify=False)
+        cls = class_name or a.classes[0]
+        s = a.image_size
+        px = np.random.default_rng(seed).standard_normal((batch, 3, s, s)).astype(np.float32)
+        report = parity_check(a.backend, b.backend, px, a.prototypes(cls))
+    except AnoCLIPError as err:
+        _fail(err)
+    click.echo(str(report), err=True)
+    click.echo(json.dumps(report.to_dict()))
+    sys.exit(0 if report.passed else 1)

@@ -1,0 +1,453 @@
+"""``Detector``: load an artifact once, turn images into anomaly maps, scores and defect regions.
+
+Torch-free (numpy, OpenCV, ONNX Runtime / TensorRT). Pre-processing is the core's own
+``anoclip_core.transform`` (so the runtime sees exactly the tensor the PyTorch core sees);
+post-processing is ``runtime.postprocess`` (maps at the ORIGINAL image size).
+
+Thread model: one loaded ``Detector`` may serve ``predict`` / ``predict_batch`` from several
+threads at once. Everything it holds is read-only after ``load`` (manifest, prototypes,
+calibration, pre-processing config); the only lazily filled cache (per-sentence text
+embeddings for AnoCLIP+) is guarded by a lock. ONNX Runtime sessions are thread-safe for
+``run``; the native TensorRT backend serialises its single execution context with its own lock
+(see ``runtime.backends.trt``). No per-call state is kept, so a long run does not grow memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from anoclip_core.errors import AnoCLIPError, ArtifactError, InputError
+from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, read_image, to_rgb_float
+
+from . import manifest as mf
+from .backends import DEFAULT_OUTPUTS, BackendChoice, create_backend
+from .postprocess import Region, anomaly_map, find_regions
+from .tiler import StripOutput, StripStream, predict_tiled
+
+log = logging.getLogger("anoclip.runtime")
+
+RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: this artifact was exported without pretrained weights; scores are NOT meaningful"
+CALIBRATION_NAME = "calibration.json"
+DEFAULT_IMAGE_THRESHOLD = 0.5
+DEFAULT_PIXEL_THRESHOLD = 0.5
+
+
+@dataclass
+class InferConfig:
+    """Every inference setting, from the CLI (or a caller) down to ``Detector``; one typed object.
+
+    Thresholds are in the scores' own units (probabilities in [0, 1]); ``None`` means: the
+    artifact's calibration for the class when present, else 0.5.
+    """
+
+    class_name: str
+    backend: str = "auto"
+    precision: str | None = None
+    batch: int = 8
+    tile: bool = False
+    tile_size: int | None = None
+    overlap: int | None = None
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+    min_area: int = 1
+    max_regions: int | None = 100
+    tta: bool = False
+    channel_order: str = "RGB"
+    out_dir: str | None = None
+    overlays: bool = True
+    masks: bool = True
+    alpha: float = 0.5
+    threads: int | None = None
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise InputError(f"batch must be >= 1, got {self.batch}")
+        for name in ("threshold", "pixel_threshold"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 <= float(v) <= 1.0):
+                raise InputError(f"{name} must be in [0, 1] (score units), got {v}")
+        if self.min_area < 1:
+            raise InputError(f"min_area must be >= 1, got {self.min_area}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise InputError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+
+    def replace(self, **changes: Any) -> "InferConfig":
+        return replace(self, **changes)
+
+
+@dataclass
+class Result:
+    """One image's outcome; ``error`` is set (and score/map are None) when that image failed."""
+
+    path: str | None
+    class_name: str
+    score: float | None = None
+    label: str | None = None
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)
+    regions: list[Region] = field(default_factory=list)
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    threshold_source: str | None = None
+    size: tuple[int, int] | None = None
+    tiles: int = 1
+    timing: dict[str, float] = field(default_factory=dict)
+    backend: str | None = None
+    random_weights: bool = False
+    error: str | None = None
+    index: int | None = None
+    y0: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def is_anomaly(self) -> bool:
+        return self.label == "anomaly"
+
+    def mask(self) -> np.ndarray:
+        """Binary defect mask (uint8 0/255) of ``anomaly_map > pixel_threshold``."""
+        if self.anomaly_map is None:
+            raise InputError(f"no anomaly map for {self.path}: {self.error}")
+        return ((self.anomaly_map > np.float32(self.pixel_threshold)) * 255).astype(np.uint8)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "class": self.class_name}
+        if self.index is not None:
+            d["index"] = self.index
+        if self.y0 is not None:
+            d["y0"] = self.y0
+        if self.error is not None:
+            d["error"] = self.error
+        else:
+            d.update({
+                "score": round(float(self.score), 6), "label": self.label,
+                "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold,
+                "threshold_source": self.threshold_source,
+                "size": list(self.size) if self.size else None, "tiles": self.tiles,
+                "regions": [r.to_dict() for r in self.regions],
+            })
+        d["timing"] = {k: round(v, 3) for k, v in self.timing.items()}
+        d["backend"] = self.backend
+        d["random_weights"] = self.random_weights
+        if self.random_weights:
+            d["warning"] = RANDOM_WEIGHTS_WARNING
+        return d
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def load_calibration(artifact_dir: str | os.PathLike, manifest_sha: str | None = None) -> dict[str, Any]:
+    """``calibration.json`` beside the manifest ({} when absent); ignored (with a warning) when stale."""
+    path = Path(artifact_dir) / CALIBRATION_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != "anoclip-calibration" or not isinstance(
+            data.get("classes"), dict):
+        raise ArtifactError(f"{path} is not an anoclip calibration file")
+    if manifest_sha and data.get("manifest_sha256") not in (None, manifest_sha):
+        log.warning("%s was made for another export of this artifact (manifest changed); ignoring it", path)
+        return {}
+    return data
+
+
+class Detector:
+    """A loaded artifact + backend. ``Detector.load(ART).predict(image, "bottle")`` -> ``Result``."""
+
+    def __init__(
+        self,
+        backend: Any,
+        manifest: Mapping[str, Any],
+        prototypes: Mapping[str, np.ndarray],
+        artifact_dir: str | os.PathLike | None = None,
+        calibration: Mapping[str, Any] | None = None,
+        backend_note: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.backend_name = getattr(backend, "name", type(backend).__name__)
+        self.backend_note = backend_note or f"backend {self.backend_name}"
+        self.manifest = dict(manifest)
+        self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
+        self.preprocess_config = PreprocessConfig.from_dict(self.manifest["preprocess"])
+        self.temperature = float(self.manifest.get("temperature", 1.0))
+        self.random_weights = bool(self.manifest.get("pretrained", {}).get("random_weights", False))
+        self._prototypes = {k: np.ascontiguousarray(v, dtype=np.float32).reshape(1, 2, -1)
+                            for k, v in prototypes.items()}
+        self.calibration = dict(calibration or {})
+        self._sentences: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        if self.random_weights:
+            log.warning("!!! %s !!!", RANDOM_WEIGHTS_WARNING)
+
+    # construction ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, artifact: str | os.PathLike, backend: str = "auto", precision: str | None = None,
+             verify: bool = True, **backend_opts: Any) -> "Detector":
+        """Validate the artifact (manifest, sha256 of every file) and start a backend.
+
+        ``backend``: auto | ort-cpu | ort-cuda | ort-trt | trt (auto picks the fastest available
+        and ``detector.backend_note`` says which and why). ``backend_opts`` go to the backend
+        (``threads``, ``cache_dir``, ``device_id``, ...).
+        """
+        root = Path(artifact)
+        manifest = mf.read_manifest(root, check_files=verify)
+        mf.model_entry(manifest, precision)
+        text_path = root / manifest["text"]["file"]
+        try:
+            with np.load(text_path) as npz:
+                protos = {c: npz[f"{c}/prototypes"] for c in manifest["text"]["classes"] if f"{c}/prototypes" in npz}
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"cannot read text embeddings {text_path}: {err}") from None
+        manifest_sha = mf.sha256_file(root / mf.MANIFEST_NAME)
+        calibration = load_calibration(root, manifest_sha)
+        choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
+        det = cls(choice.backend, manifest, protos, root, calibration, choice.describe())
+        det.backend_name = choice.name
+        return det
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # properties ------------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.manifest["text"]["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess_config.image_size
+
+    def prototypes(self, class_name: str) -> np.ndarray:
+        """[1, 2, D] prototypes of a class; ``ArtifactError`` for a class the artifact lacks."""
+        mf.require_class(self.manifest, class_name)
+        if class_name not in self._prototypes:
+            raise ArtifactError(f"class {class_name!r} is listed in the manifest but has no prototypes in "
+                                f"{self.manifest['text']['file']}")
+        return self._prototypes[class_name]
+
+    def sentences(self, class_name: str) -> np.ndarray:
+        """[924, D] per-sentence text embeddings (for AnoCLIP+), read on first use."""
+        with self._lock:
+            if class_name not in self._sentences:
+                if self.artifact_dir is None:
+                    raise ArtifactError("this detector has no artifact folder to read sentence embeddings from")
+                key = f"{class_name}/sentences"
+                with np.load(self.artifact_dir / self.manifest["text"]["file"]) as npz:
+                    if key not in npz:
+                        raise ArtifactError(f"artifact text embeddings lack {key!r} (needed by --tta)")
+                    self._sentences[class_name] = np.asarray(npz[key], dtype=np.float32)
+            return self._sentences[class_name]
+
+    def thresholds(self, class_name: str, threshold: float | None = None,
+                   pixel_threshold: float | None = None) -> tuple[float, float, str]:
+        """(image threshold, pixel threshold, source): explicit > calibration > default 0.5."""
+        cal = self.calibration.get("classes", {}).get(class_name) if self.calibration else None
+        src = []
+        if threshold is not None:
+            img, s1 = float(threshold), "given"
+        elif cal:
+            img, s1 = float(cal["image_threshold"]), "calibration"
+        else:
+            img, s1 = DEFAULT_IMAGE_THRESHOLD, "default"
+        if pixel_threshold is not None:
+            px, s2 = float(pixel_threshold), "given"
+        elif cal:
+            px, s2 = float(cal["pixel_threshold"]), "calibration"
+        else:
+            px, s2 = DEFAULT_PIXEL_THRESHOLD, "default"
+        src = s1 if s1 == s2 else f"image:{s1},pixel:{s2}"
+        return img, px, src
+
+    # inference core --------------------------------------------------------------------------
+    def run_graph(self, pixels: np.ndarray, class_name: str, outputs: Sequence[str] = DEFAULT_OUTPUTS
+                  ) -> dict[str, np.ndarray]:
+        """Raw graph outputs for normalised pixels [B, 3, S, S] and one class."""
+        return self.backend.run(pixels, self.prototypes(class_name), outputs)
+
+    def infer_pixels(self, pixels: np.ndarray, class_name: str, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised pixels [B, 3, S, S] -> patch probabilities [B, h, w] and image scores [B]."""
+        if not tta:
+            out = self.run_graph(pixels, class_name, ("patch_probs", "image_scores"))
+            return out["patch_probs"][:, 0], out["image_scores"][:, 0]
+        from .tta import adapted_patch_probs  # the only path that imports torch
+
+        out = self.run_graph(pixels, class_name, ("local_tokens", "image_scores"))
+        probs = adapted_patch_probs(out["local_tokens"], self.sentences(class_name),
+                                    self.prototypes(class_name)[0], self.temperature)
+        return probs, out["image_scores"][:, 0]
+
+    def _to_rgb(self, image: ImageLike, channel_order: str) -> tuple[np.ndarray, str | None]:
+        if isinstance(image, (str, os.PathLike)):
+            p = os.fspath(image)
+            return to_rgb_float(read_image(p), "RGB", name=p), p
+        if not isinstance(image, np.ndarray):
+            raise InputError(f"expected an image path or a numpy array, got {type(image).__name__}")
+        return to_rgb_float(image, channel_order), None
+
+    def _raw(self, image: ImageLike, channel_order: str) -> tuple[np.ndarray, str, str | None]:
+        """As stored (for tiling: crops are converted tile by tile), with its channel order."""
+        if isinstance(image, (str, os.PathLike)):
+            p = os.fspath(image)
+            raw = read_image(p)
+            to_rgb_float(raw[:2, :2], "RGB", name=p)  # dtype/shape check up front
+            return raw, "RGB", p
+        if not isinstance(image, np.ndarray):
+            raise InputError(f"expected an image path or a numpy array, got {type(image).__name__}")
+        return image, channel_order, None
+
+    def tile_infer(self, class_name: str, channel_order: str = "RGB", tta: bool = False):
+        """An ``InferFn`` for the tiler: raw crops -> (patch_probs [N, h, w], image_scores [N])."""
+        cfg = self.preprocess_config
+
+        def infer(crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            px = np.stack([normalize_rgb(to_rgb_float(c, channel_order), cfg) for c in crops])
+            return self.infer_pixels(px, class_name, tta)
+
+        return infer
+
+    def _finish(self, path: str | None, class_name: str, amap: np.ndarray, score: float, cfg: InferConfig,
+                timing: dict[str, float], tiles: int = 1) -> Result:
+        t0 = time.perf_counter()
+        img_thr, px_thr, src = self.thresholds(class_name, cfg.threshold, cfg.pixel_threshold)
+        regions = find_regions(amap, px_thr, cfg.min_area, cfg.max_regions)
+        timing["regions_ms"] = _ms(t0)
+        return Result(path, class_name, float(score), "anomaly" if score > img_thr else "normal", amap, regions,
+                      img_thr, px_thr, src, (int(amap.shape[0]), int(amap.shape[1])), tiles, timing,
+                      self.backend_name, self.random_weights)
+
+    def _config(self, class_name: str, cfg: InferConfig | None, overrides: Mapping[str, Any]) -> InferConfig:
+        base = cfg or InferConfig(class_name=class_name)
+        known = {f.name for f in fields(InferConfig)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise TypeError(f"unknown inference option(s): {', '.join(bad)}")
+        return replace(base, class_name=class_name, **overrides)
+
+    # public API ------------------------------------------------------------------------------
+    def predict(self, image: ImageLike, class_name: str, config: InferConfig | None = None, **options: Any) -> Result:
+        """One image (path or array) -> ``Result`` with the map at the image's ORIGINAL size.
+
+        ``options`` override ``config`` fields (``tile=True``, ``threshold=0.7``, ``tta=True``,
+        ``channel_order="BGR"``, ...). Raises ``AnoCLIPError`` on bad input.
+        """
+        cfg = self._config(class_name, config, options)
+        self.prototypes(class_name)
+        t_start = time.perf_counter()
+        if cfg.tile:
+            t0 = time.perf_counter()
+            raw, order, path = self._raw(image, cfg.channel_order)
+            load_ms = _ms(t0)
+            t0 = time.perf_counter()
+            out = predict_tiled(raw, self.tile_infer(class_name, order, cfg.tta), cfg.tile_size, cfg.overlap,
+                                cfg.batch)
+            timing = {"load_ms": load_ms, "tiled_ms": _ms(t0)}
+            res = self._finish(path, class_name, out.anomaly_map, out.score, cfg, timing, len(out.boxes))
+        else:
+            t0 = time.perf_counter()
+            rgb, path = self._to_rgb(image, cfg.channel_order)
+            px = normalize_rgb(rgb, self.preprocess_config)[None]
+            pre_ms = _ms(t0)
+            t0 = time.perf_counter()
+            probs, scores = self.infer_pixels(px, class_name, cfg.tta)
+            inf_ms = _ms(t0)
+            t0 = time.perf_counter()
+            amap = anomaly_map(probs[0], rgb.shape[:2])
+            timing = {"preprocess_ms": pre_ms, "infer_ms": inf_ms, "map_ms": _ms(t0)}
+            res = self._finish(path, class_name, amap, float(scores[0]), cfg, timing)
+        res.timing["total_ms"] = _ms(t_start)
+        return res
+
+    def predict_batch(self, images: Iterable[ImageLike], class_name: str, config: InferConfig | None = None,
+                      **options: Any) -> list[Result]:
+        """Several images, ``batch`` at a time through the backend. A bad image yields a ``Result``
+        with ``error`` set; the others still get results. (A class the artifact lacks raises.)"""
+        return list(self.iter_predict(images, class_name, config, **options))
+
+    def iter_predict(self, images: Iterable[ImageLike], class_name: str, config: InferConfig | None = None,
+                     **options: Any):
+        """Generator form of ``predict_batch`` (bounded memory for long lists)."""
+        cfg = self._config(class_name, config, options)
+        self.prototypes(class_name)
+        chunk: list[ImageLike] = []
+        for im in images:
+            chunk.append(im)
+            if len(chunk) == cfg.batch:
+                yield from self._predict_chunk(chunk, cfg)
+                chunk = []
+        if chunk:
+            yield from self._predict_chunk(chunk, cfg)
+
+    def _error(self, image: Any, cfg: InferConfig, err: Exception, timing: dict[str, float] | None = None) -> Result:
+        path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+        return Result(path, cfg.class_name, error=f"{type(err).__name__}: {err}", timing=timing or {},
+                      backend=self.backend_name, random_weights=self.random_weights)
+
+    def _predict_chunk(self, images: Sequence[ImageLike], cfg: InferConfig) -> list[Result]:
+        if cfg.tile:
+            out = []
+            for im in images:
+                try:
+                    out.append(self.predict(im, cfg.class_name, cfg))
+                except AnoCLIPError as err:
+                    out.append(self._error(im, cfg, err))
+            return out
+        slots: list[Any] = [None] * len(images)
+        ok: list[tuple[int, np.ndarray, np.ndarray, str | None, float]] = []
+        for i, im in enumerate(images):
+            t0 = time.perf_counter()
+            try:
+                rgb, path = self._to_rgb(im, cfg.channel_order)
+                px = normalize_rgb(rgb, self.preprocess_config)
+                ok.append((i, px, np.array(rgb.shape[:2]), path, _ms(t0)))
+            except AnoCLIPError as err:
+                slots[i] = self._error(im, cfg, err, {"preprocess_ms": _ms(t0)})
+        if ok:
+            t0 = time.perf_counter()
+            probs, scores = self.infer_pixels(np.stack([o[1] for o in ok]), cfg.class_name, cfg.tta)
+            inf_ms = _ms(t0) / len(ok)
+            for (i, _, hw, path, pre_ms), p, s in zip(ok, probs, scores):
+                t1 = time.perf_counter()
+                amap = anomaly_map(p, (int(hw[0]), int(hw[1])))
+                timing = {"preprocess_ms": pre_ms, "infer_ms": inf_ms, "map_ms": _ms(t1)}
+                res = self._finish(path, cfg.class_name, amap, float(s), cfg, timing)
+                res.timing["total_ms"] = pre_ms + inf_ms + res.timing["map_ms"] + res.timing["regions_ms"]
+                res.timing["batch"] = float(len(ok))
+                slots[i] = res
+        return slots
+
+    def stream(self, class_name: str, config: InferConfig | None = None, stitch: bool = True,
+               **options: Any) -> StripStream:
+        """A ``StripStream`` for line-scan strips of one class (see ``runtime.tiler``)."""
+        cfg = self._config(class_name, config, options)
+        self.prototypes(class_name)
+
+        def finish(s: StripOutput) -> Result:
+            res = self._finish(None, class_name, s.anomaly_map, s.score, cfg, {})
+            res.index, res.y0 = s.index, s.y0
+            return res
+
+        return StripStream(self.tile_infer(class_name, cfg.channel_order, cfg.tta), cfg.tile_size, cfg.overlap,
+                           cfg.batch, stitch, finish)

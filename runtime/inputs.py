@@ -1,0 +1,41 @@
+"""Expand CLI inputs (files, folders, globs) into an ordered list of image paths."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Iterable
+
+from anoclip_core.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
+
+
+def _is_image(p: str) -> bool:
+    return p.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> list[str]:
+    """Folders -> their image files (sorted, recursive), globs -> matches (sorted), files as given.
+
+    A path that does not exist is kept (so a batch reports it as that image's error); a glob or
+    a folder with no images raises ``InputError``. Duplicates are dropped, order kept.
+    """
+    out: list[str] = []
+    for item in inputs:
+        text = os.fspath(item)
+        if os.path.isdir(text):
+            pattern = "**/*" if recursive else "*"
+            found = sorted(str(p) for p in Path(text).glob(pattern) if p.is_file() and _is_image(str(p)))
+            if not found:
+                raise InputError(f"folder {text} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
+        elif glob.has_magic(text):
+            found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise InputError(f"no files match {text}")
+            out.extend(found)
+        else:
+            out.append(text)
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]

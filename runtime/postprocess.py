@@ -1,0 +1,139 @@
+"""Post-processing (ALGORITHM.md §4) in numpy/OpenCV: maps at the ORIGINAL size, thresholds, regions.
+
+``anomaly_map(patch_probs [h, w], (H, W))``: replicate-pad 1 -> 3 x 3 mean -> bilinear upsample
+with ``align_corners=True`` straight to H x W (source coordinate ``y * (h - 1) / (H - 1)``), as
+two small dense interpolation matrices: ``Wy [H, h] @ smoothed @ Wx[W, w].T``. At H = W = S this
+is exactly the core's ``F.interpolate(..., align_corners=True)``.
+
+Defect regions are the 8-connected components of ``map > pixel_threshold``
+(``cv2.connectedComponentsWithStats``) with bounding box, area, max and mean score.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from anoclip_core.errors import InputError
+
+
+def smooth_patch_probs(probs: np.ndarray) -> np.ndarray:
+    """[..., h, w] -> [..., h, w]: replicate-pad by 1 then 3 x 3 box mean (float32)."""
+    p = np.asarray(probs, dtype=np.float32)
+    if p.ndim < 2 or p.shape[-1] < 1 or p.shape[-2] < 1:
+        raise InputError(f"patch probabilities must be [..., h, w], got shape {list(p.shape)}")
+    pad = [(0, 0)] * (p.ndim - 2) + [(1, 1), (1, 1)]
+    q = np.pad(p, pad, mode="edge")
+    h, w = p.shape[-2:]
+    acc = np.zeros(p.shape, dtype=np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            acc += q[..., dy:dy + h, dx:dx + w]
+    return acc / np.float32(9.0)
+
+
+@lru_cache(maxsize=256)
+def interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] float32 weights of 1-D linear interpolation with ``align_corners=True``."""
+    if n_in < 1 or n_out < 1:
+        raise InputError(f"cannot interpolate {n_in} -> {n_out} samples")
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    if n_out == 1 or n_in == 1:
+        m[:, 0] = 1.0  # PyTorch: scale 0 when the output has one sample; one input sample -> constant
+        one = m.astype(np.float32)
+        one.setflags(write=False)
+        return one
+    src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = src - i0
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1.0 - lam)
+    np.add.at(m, (rows, i1), lam)
+    out = m.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def upsample_align_corners(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear ``align_corners=True`` resize of [..., h, w] to [..., height, width] (float32)."""
+    g = np.asarray(grid, dtype=np.float32)
+    h, w = g.shape[-2:]
+    wy = interp_matrix(h, int(height))
+    wx = interp_matrix(w, int(width))
+    return np.ascontiguousarray(wy @ g @ wx.T, dtype=np.float32)
+
+
+def anomaly_map(patch_probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Patch-grid probabilities [..., h, w] -> anomaly map [..., H, W] at ``size = (H, W)``."""
+    height, width = int(size[0]), int(size[1])
+    if height < 1 or width < 1:
+        raise InputError(f"anomaly map size must be positive, got {size}")
+    return upsample_align_corners(smooth_patch_probs(patch_probs), height, width)
+
+
+@dataclass
+class Region:
+    """One connected defect region, in pixel coordinates of the map it was found in."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int
+    max_score: float
+    mean_score: float
+    centroid: tuple[float, float]
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        return (self.x, self.y, self.width, self.height)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["centroid"] = [round(self.centroid[0], 2), round(self.centroid[1], 2)]
+        d["max_score"] = round(self.max_score, 6)
+        d["mean_score"] = round(self.mean_score, 6)
+        return d
+
+
+def find_regions(
+    amap: np.ndarray,
+    pixel_threshold: float,
+    min_area: int = 1,
+    max_regions: int | None = None,
+    connectivity: int = 8,
+) -> list[Region]:
+    """Connected components of ``amap > pixel_threshold`` (area >= ``min_area``), highest max score first."""
+    import cv2
+
+    a = np.asarray(amap, dtype=np.float32)
+    if a.ndim != 2:
+        raise InputError(f"anomaly map must be H x W, got shape {list(a.shape)}")
+    mask = (a > np.float32(pixel_threshold)).astype(np.uint8)
+    if not mask.any():
+        return []
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=connectivity, ltype=cv2.CV_32S)
+    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, int(min_area))]
+    if not keep:
+        return []
+    idx = np.flatnonzero(mask)
+    lab = labels.ravel()[idx]
+    vals = a.ravel()[idx]
+    order = np.argsort(lab, kind="stable")
+    lab, vals = lab[order], vals[order].astype(np.float64)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(lab)) + 1])
+    maxs = np.zeros(n)
+    sums = np.zeros(n)
+    maxs[lab[starts]] = np.maximum.reduceat(vals, starts)
+    sums[lab[starts]] = np.add.reduceat(vals, starts)
+    regions = []
+    for i in keep:
+        x, y, w, h, area = (int(v) for v in stats[i, :5])
+        regions.append(Region(x, y, w, h, area, float(maxs[i]), float(sums[i] / area),
+                              (float(cents[i, 0]), float(cents[i, 1]))))
+    regions.sort(key=lambda r: (-r.max_score, -r.area))
+    if max_regions is not None:
+        regions = regions[: int(max_regions)]
+    return regions

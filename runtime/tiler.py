@@ -1,0 +1,341 @@
+"""Tiling for images far larger than the model input (line-scan strips, e.g. 16384 x 1024).
+
+Tile model
+----------
+Tiles are squares of side ``t`` (default: the image's short side, i.e. the strip height; never
+more than either side) cut from the ORIGINAL image, each pre-processed exactly like a whole image
+(resize to S x S, normalise), run through the backend in batches, and turned into a t x t map
+(§4 post-processing straight to the tile's size). Along each axis tiles start at ``k * (t - o)``
+(``o`` = overlap, ``0 <= o <= t // 2``); when the last regular tile does not reach the end, one
+more tile is aligned to the end.
+
+Blending: every tile has a separable weight ``wy ⊗ wx``. Along an axis the weight is 1, except a
+raised-cosine ramp ``r(i) = 1/2 - 1/2 cos(pi (i + 1/2) / o)`` over the first ``o`` samples of a
+tile's extent that continues a previous tile, and ``1 - r`` over its last ``o`` samples when a
+next tile follows; the two ramps of neighbouring tiles cover the same samples and sum to 1. The
+end-aligned extra tile has weight 0 before the point where a regular next tile would have started
+(so every sample is blended from at most two tiles per axis, with complementary weights). The
+result is ``sum(w * map) / sum(w)``: where only one tile covers a pixel its weight is exactly 1
+and the map is an exact copy of that tile's map; in an overlap it is a smooth cross-fade.
+
+The image score of a tiled image is the maximum of its tiles' image scores.
+
+Streaming (``StripStream``)
+---------------------------
+Strips of a continuous scan (same width, dtype and channels, any height) arrive one at a time;
+the scan is treated as ONE endless image, tiled along the scan direction with the same rule.
+A tile row is run as soon as all its rows have arrived; rows are final once no later tile row can
+touch them, and each strip's result (map of exactly its rows, score, regions) is emitted as soon
+as all its rows are final, i.e. about one tile row of latency; ``flush()`` ends the scan (the last
+tile row is aligned to the end) and emits the rest. Memory is bounded by about two tile rows: the
+stream carries only the raw rows still needed by the next tile row (the overlap context, < t +
+the newest strip), the un-finalised accumulator (< t rows) and the finished rows of the strips
+not yet emitted. With ``stitch=False`` every strip is tiled on its own (no carry, no latency).
+Regions are found per strip, in strip coordinates (``StripResult.y0`` places them in the scan);
+a defect crossing a strip boundary is reported in both strips.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from anoclip_core.errors import InputError
+
+from .postprocess import anomaly_map
+
+# infer(crops) -> (patch_probs [N, h, w] float32, image_scores [N] float32)
+InferFn = Callable[[Sequence[np.ndarray]], "tuple[np.ndarray, np.ndarray]"]
+
+
+def ramp(n: int) -> np.ndarray:
+    """Raised-cosine ramp up of ``n`` samples, strictly inside (0, 1)."""
+    i = np.arange(n, dtype=np.float64)
+    return (0.5 - 0.5 * np.cos(np.pi * (i + 0.5) / n)).astype(np.float32) if n > 0 else np.zeros(0, np.float32)
+
+
+def axis_weight(t: int, overlap: int, up_at: int | None, down: bool) -> np.ndarray:
+    """Weight profile of one tile along one axis (see module docstring).
+
+    ``up_at``: offset inside the tile where the blend with the previous tile starts (None: no
+    previous tile); samples before it get weight 0. ``down``: a next tile follows.
+    """
+    w = np.ones(t, dtype=np.float32)
+    r = ramp(overlap)
+    if up_at is not None:
+        w[:up_at] = 0.0
+        w[up_at:up_at + overlap] = r
+    if down and overlap:
+        w[t - overlap:] = np.minimum(w[t - overlap:], 1.0 - r)
+    return w
+
+
+@dataclass(frozen=True)
+class AxisTile:
+    start: int
+    weight: np.ndarray
+
+
+def axis_layout(length: int, t: int, overlap: int) -> list[AxisTile]:
+    """Tiles of side ``t`` along an axis of ``length`` samples, with their blend weights."""
+    if t < 1 or t > length:
+        raise InputError(f"tile side {t} must be between 1 and the image side {length}")
+    if overlap < 0 or overlap > t // 2:
+        raise InputError(f"tile overlap must be between 0 and half the tile side ({t // 2}), got {overlap}")
+    stride = t - overlap
+    starts = [0]
+    while starts[-1] + t < length and starts[-1] + stride + t <= length:
+        starts.append(starts[-1] + stride)
+    effective = list(starts)
+    if starts[-1] + t < length:
+        effective.append(starts[-1] + stride)
+        starts.append(length - t)
+    n = len(starts)
+    return [AxisTile(s, axis_weight(t, overlap, (e - s) if k > 0 else None, k < n - 1))
+            for k, (s, e) in enumerate(zip(starts, effective))]
+
+
+def resolve_tile(height: int, width: int, tile: int | None, overlap: int | None) -> tuple[int, int]:
+    """Tile side (default: the short side, capped by both sides) and overlap (default: side // 4)."""
+    if height < 2 or width < 2:
+        raise InputError(f"image of size {width} x {height} is too small to tile")
+    t = min(int(tile) if tile else min(height, width), height, width)
+    if t < 2:
+        raise InputError(f"tile side must be at least 2, got {tile}")
+    o = t // 4 if overlap is None else int(overlap)
+    if o < 0 or o > t // 2:
+        raise InputError(f"tile overlap must be between 0 and half the tile side ({t // 2}), got {o}")
+    return t, o
+
+
+@dataclass
+class TiledOutput:
+    anomaly_map: np.ndarray
+    score: float
+    tile_scores: np.ndarray
+    boxes: list[tuple[int, int, int]] = field(default_factory=list)  # (y, x, side)
+
+
+def _batched(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), max(1, n)):
+        yield items[i:i + max(1, n)]
+
+
+def predict_tiled(raw: np.ndarray, infer: InferFn, tile: int | None = None, overlap: int | None = None,
+                  batch: int = 8) -> TiledOutput:
+    """Tile ``raw`` (H x W[ x C], as stored), run ``infer`` on the tiles, blend back (module docstring)."""
+    if raw.ndim not in (2, 3):
+        raise InputError(f"expected an H x W or H x W x C image, got shape {list(raw.shape)}")
+    height, width = raw.shape[:2]
+    t, o = resolve_tile(height, width, tile, overlap)
+    ly, lx = axis_layout(height, t, o), axis_layout(width, t, o)
+    tiles = [(ay, ax) for ay in ly for ax in lx]
+    acc = np.zeros((height, width), dtype=np.float32)
+    scores: list[float] = []
+    for chunk in _batched(tiles, batch):
+        probs, sc = infer([raw[ay.start:ay.start + t, ax.start:ax.start + t] for ay, ax in chunk])
+        maps = anomaly_map(probs, (t, t))
+        for (ay, ax), m in zip(chunk, maps):
+            acc[ay.start:ay.start + t, ax.start:ax.start + t] += (ay.weight[:, None] * ax.weight[None, :]) * m
+        scores.extend(float(s) for s in np.asarray(sc).reshape(-1))
+    wsum_y = np.zeros(height, dtype=np.float32)
+    for ay in ly:
+        wsum_y[ay.start:ay.start + t] += ay.weight
+    wsum_x = np.zeros(width, dtype=np.float32)
+    for ax in lx:
+        wsum_x[ax.start:ax.start + t] += ax.weight
+    acc /= wsum_y[:, None] * wsum_x[None, :]
+    ts = np.asarray(scores, dtype=np.float32)
+    return TiledOutput(acc, float(ts.max()), ts, [(ay.start, ax.start, t) for ay, ax in tiles])
+
+
+def _row_map(rows: np.ndarray, infer: InferFn, t: int, lx: list[AxisTile], batch: int) -> tuple[np.ndarray, float]:
+    """One tile row (t x W raw rows) -> x-blended map [t, W] and the max tile score."""
+    width = rows.shape[1]
+    acc = np.zeros((t, width), dtype=np.float32)
+    wsum = np.zeros(width, dtype=np.float32)
+    best = -np.inf
+    for chunk in _batched(lx, batch):
+        probs, sc = infer([rows[:, ax.start:ax.start + t] for ax in chunk])
+        maps = anomaly_map(probs, (t, t))
+        for ax, m in zip(chunk, maps):
+            acc[:, ax.start:ax.start + t] += ax.weight[None, :] * m
+            wsum[ax.start:ax.start + t] += ax.weight
+        best = max(best, float(np.max(sc)))
+    return acc / wsum[None, :], best
+
+
+@dataclass
+class StripOutput:
+    """A finished strip: its index in the scan, first scan row, map [h, W] and score."""
+
+    index: int
+    y0: int
+    anomaly_map: np.ndarray
+    score: float
+
+
+class StripStream:
+    """Stream strips of a line-scan (see the module docstring for the model).
+
+    ``infer`` maps raw crops to (patch_probs, image_scores); ``finish`` turns each
+    ``StripOutput`` into the caller's result type (the Detector adds label and regions).
+    """
+
+    def __init__(self, infer: InferFn, tile: int | None = None, overlap: int | None = None, batch: int = 8,
+                 stitch: bool = True, finish: Callable[[StripOutput], Any] | None = None) -> None:
+        self._infer = infer
+        self._tile_req = tile
+        self._overlap_req = overlap
+        self.batch = int(batch)
+        self.stitch = bool(stitch)
+        self._finish = finish or (lambda s: s)
+        self._reset()
+
+    # state ---------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self.width: int | None = None
+        self._sig: tuple | None = None
+        self.t = self.o = 0
+        self._lx: list[AxisTile] = []
+        self._count = 0            # strips pushed
+        self._rows = 0             # scan rows received
+        self._raw: list[np.ndarray] = []
+        self._raw_y0 = 0           # scan row of the first buffered raw row
+        self._next_y = 0           # start of the next regular tile row
+        self._row_end = 0          # end of the last processed tile row
+        self._acc = np.zeros((0, 0), np.float32)
+        self._wsum = np.zeros(0, np.float32)
+        self._acc_y0 = 0           # first non-final row
+        self._done: list[np.ndarray] = []
+        self._done_y0 = 0          # scan row of the first finished row still held
+        self._pending: list[tuple[int, int, int]] = []  # (index, y0, h)
+        self._row_scores: list[tuple[int, int, float]] = []  # (from, to, score) of tile rows
+
+    @property
+    def carried_rows(self) -> int:
+        """Raw + accumulator + finished rows currently held (the stream's memory, in rows)."""
+        return sum(r.shape[0] for r in self._raw) + self._acc.shape[0] + sum(d.shape[0] for d in self._done)
+
+    def _check(self, strip: Any) -> np.ndarray:
+        raw = np.asarray(strip)
+        if raw.ndim not in (2, 3) or raw.shape[0] < 1 or raw.shape[1] < 2:
+            raise InputError(f"strip {self._count}: expected H x W or H x W x C, got shape {list(raw.shape)}")
+        sig = (raw.dtype.str, raw.shape[2:])
+        if self.width is None:
+            self.width, self._sig = raw.shape[1], sig
+            t = min(int(self._tile_req or raw.shape[0]), self.width)
+            if t < 2:
+                raise InputError(f"strip {self._count}: tile side {t} is too small (strips need 2 rows or a tile=)")
+            o = t // 4 if self._overlap_req is None else int(self._overlap_req)
+            if o < 0 or o > t // 2:
+                raise InputError(f"tile overlap must be between 0 and half the tile side ({t // 2}), got {o}")
+            self.t, self.o = t, o
+            self._lx = axis_layout(self.width, self.t, self.o)
+        elif raw.shape[1] != self.width or sig != self._sig:
+            raise InputError(
+                f"strip {self._count}: shape {list(raw.shape)} / {raw.dtype} does not continue the scan "
+                f"(width {self.width}, {self._sig})"
+            )
+        return raw
+
+    # processing ----------------------------------------------------------------------------
+    def _raw_rows(self, y: int, n: int) -> np.ndarray:
+        buf = np.concatenate(self._raw) if len(self._raw) > 1 else self._raw[0]
+        self._raw = [buf]
+        return buf[y - self._raw_y0: y - self._raw_y0 + n]
+
+    def _accumulate(self, y: int, eff: int, down: bool) -> None:
+        t, o = self.t, self.o
+        rmap, score = _row_map(self._raw_rows(y, t), self._infer, t, self._lx, self.batch)
+        wy = axis_weight(t, o, (eff - y) if eff > 0 else None, down)
+        need = y + t - self._acc_y0
+        if need > self._acc.shape[0]:
+            extra = need - self._acc.shape[0]
+            self._acc = np.concatenate([self._acc.reshape(-1, self.width), np.zeros((extra, self.width), np.float32)])
+            self._wsum = np.concatenate([self._wsum, np.zeros(extra, np.float32)])
+        lo = y - self._acc_y0
+        if lo < 0:  # rows already final: they get weight 0 from this tile by construction
+            wy, rmap, lo = wy[-lo:], rmap[-lo:], 0
+        self._acc[lo:lo + wy.shape[0]] += wy[:, None] * rmap
+        self._wsum[lo:lo + wy.shape[0]] += wy
+        self._row_scores.append((eff, y + t, score))
+        self._row_end = y + t
+
+    def _finalize(self, upto: int) -> None:
+        n = upto - self._acc_y0
+        if n <= 0:
+            return
+        done = self._acc[:n] / self._wsum[:n, None]
+        if not self._done:
+            self._done_y0 = self._acc_y0
+        self._done.append(done)
+        self._acc, self._wsum = self._acc[n:].copy(), self._wsum[n:].copy()
+        self._acc_y0 = upto
+
+    def _trim_raw(self) -> None:
+        keep_from = max(self._next_y - (self.t - self.o), 0) if self._row_end else 0
+        if self._raw and keep_from > self._raw_y0:
+            buf = np.concatenate(self._raw) if len(self._raw) > 1 else self._raw[0]
+            self._raw = [buf[keep_from - self._raw_y0:].copy()]
+            self._raw_y0 = keep_from
+
+    def _emit(self) -> list[Any]:
+        out = []
+        while self._pending and self._pending[0][1] + self._pending[0][2] <= self._acc_y0:
+            index, y0, h = self._pending.pop(0)
+            done = np.concatenate(self._done) if len(self._done) > 1 else self._done[0]
+            amap = done[y0 - self._done_y0: y0 - self._done_y0 + h]
+            rest = done[y0 - self._done_y0 + h:]
+            self._done = [rest] if rest.shape[0] else []
+            self._done_y0 = y0 + h
+            score = max(s for a, b, s in self._row_scores if a < y0 + h and b > y0)
+            self._row_scores = [r for r in self._row_scores if r[1] > y0 + h]
+            out.append(self._finish(StripOutput(index, y0, np.ascontiguousarray(amap), score)))
+        return out
+
+    # public --------------------------------------------------------------------------------
+    def push(self, strip: Any) -> list[Any]:
+        """Add the next strip; returns the results of every strip finished by it (maybe none)."""
+        raw = self._check(strip)
+        index, y0 = self._count, self._rows
+        self._count += 1
+        self._rows += raw.shape[0]
+        if not self.stitch:
+            res = predict_tiled(raw, self._infer, self._tile_req, self._overlap_req, self.batch)
+            return [self._finish(StripOutput(index, y0, res.anomaly_map, res.score))]
+        self._raw.append(raw)
+        self._pending.append((index, y0, raw.shape[0]))
+        stride = self.t - self.o
+        while self._next_y + self.t <= self._rows:
+            self._accumulate(self._next_y, self._next_y, down=True)
+            self._next_y += stride
+            self._finalize(self._next_y)
+        self._trim_raw()
+        return self._emit()
+
+    def flush(self) -> list[Any]:
+        """End of scan: run the end-aligned last tile row, emit every remaining strip, reset."""
+        if not self.stitch or self._rows == 0:
+            self._reset()
+            return []
+        if self._row_end == 0 and self._rows < self.t:
+            # the whole scan is shorter than one tile: tile it as one image
+            whole = self._raw_rows(0, self._rows)
+            res = predict_tiled(whole, self._infer, None, self._overlap_req, self.batch)
+            self._done, self._done_y0, self._acc_y0 = [res.anomaly_map], 0, self._rows
+            self._row_scores.append((0, self._rows, res.score))
+        else:
+            if self._rows > self._row_end:
+                self._accumulate(self._rows - self.t, self._next_y, down=False)
+            self._finalize(self._rows)
+        out = self._emit()
+        self._reset()
+        return out
+
+    def run(self, strips: Iterable[Any]) -> Iterator[Any]:
+        """Generator: push every strip, yield results as they finish, flush at the end."""
+        for s in strips:
+            yield from self.push(s)
+        yield from self.flush()

@@ -1,0 +1,34 @@
+"""Runtime test fixtures: artifacts of the tiny model built once per session with ``export.api``."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(register_tiny: str, text_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """anoclip-tiny (64 px, 8 x 8 grid, D = 32, seeded random weights), classes bottle + carpet."""
+    from export.api import ExportConfig, export_artifact
+
+    out = tmp_path_factory.mktemp("rt-art") / "tiny"
+    return Path(export_artifact(ExportConfig(backbone=register_tiny, classes=["bottle", "carpet"], pretrained="none",
+                                             out=out, text_cache=text_cache, progress=False)))
+
+
+@pytest.fixture()
+def artifact_copy(tiny_artifact: Path, tmp_path: Path) -> Path:
+    """A private copy a test may tamper with."""
+    dst = tmp_path / "art"
+    shutil.copytree(tiny_artifact, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tiny_artifact: Path):
+    from runtime import Detector
+
+    det = Detector.load(tiny_artifact, backend="ort-cpu")
+    yield det
+    det.close()

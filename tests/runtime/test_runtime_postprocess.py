@@ -1,0 +1,71 @@
+"""runtime.postprocess vs the PyTorch core's post-processing; defect regions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.postprocess import anomaly_map, find_regions, interp_matrix, smooth_patch_probs
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def torch_map(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    x = F.pad(torch.from_numpy(probs)[:, None], (1, 1, 1, 1), mode="replicate")
+    x = F.avg_pool2d(x, 3, stride=1)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)[:, 0].numpy()
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (15, 15), (16, 16), (3, 5), (1, 4)])
+@pytest.mark.parametrize("size", [(64, 64), (240, 240), (480, 640), (1000, 333), (17, 2049), (1, 7), (5, 1)])
+def test_map_matches_torch_align_corners(grid, size):
+    probs = np.random.default_rng(1).random((2, *grid)).astype(np.float32)
+    ours = anomaly_map(probs, size)
+    ref = torch_map(probs, size)
+    assert ours.shape == ref.shape == (2, *size)
+    np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=0)
+
+
+def test_core_smooth_and_upsample_identity():
+    from anoclip_core.scores import smooth_and_upsample
+
+    probs = np.random.default_rng(2).random((3, 15, 15)).astype(np.float32)
+    ref = smooth_and_upsample(torch.from_numpy(probs), (240, 240)).numpy()
+    np.testing.assert_allclose(anomaly_map(probs, (240, 240)), ref, atol=2e-6, rtol=0)
+
+
+def test_smooth_is_replicate_padded_box_mean():
+    p = np.zeros((4, 4), np.float32)
+    p[0, 0] = 9.0
+    s = smooth_patch_probs(p)
+    # corner: the replicate pad repeats p[0,0] four times inside the 3x3 window
+    assert s[0, 0] == pytest.approx(4.0)
+    assert s[1, 1] == pytest.approx(1.0)
+    assert s[3, 3] == 0.0
+
+
+def test_interp_matrix_rows_sum_to_one_and_hit_corners():
+    m = interp_matrix(15, 1024)
+    np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
+    assert m[0, 0] == 1.0 and m[-1, -1] == 1.0
+    assert not m.flags.writeable
+
+
+def test_find_regions_components_bbox_stats():
+    a = np.zeros((50, 60), np.float32)
+    a[5:10, 7:17] = 0.8       # 5 x 10 = 50 px
+    a[7, 9] = 0.95
+    a[30:32, 40:42] = 0.7     # 4 px
+    a[45, 0] = 0.9            # 1 px
+    regs = find_regions(a, 0.5, min_area=3)
+    assert len(regs) == 2
+    r = regs[0]
+    assert (r.x, r.y, r.width, r.height, r.area) == (7, 5, 10, 5, 50)
+    assert r.max_score == pytest.approx(0.95)
+    assert r.mean_score == pytest.approx((49 * 0.8 + 0.95) / 50, rel=1e-6)
+    assert (regs[1].x, regs[1].y, regs[1].area) == (40, 30, 4)
+    assert len(find_regions(a, 0.5, min_area=1)) == 3
+    assert find_regions(a, 0.99) == []
+    assert len(find_regions(a, 0.5, max_regions=1)) == 1
+    d = r.to_dict()
+    assert d["area"] == 50 and len(d["centroid"]) == 2
