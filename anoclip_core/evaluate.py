@@ -187,13 +187,18 @@ def predict_class(model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: A
 
 
 def class_metrics(outputs: ClassOutputs) -> dict[str, Any]:
-    """§6 metrics of one class; pixel metrics use only images whose pixel truth is known."""
+    """§6 metrics of one class (plus the official 200-threshold ``aupro_reference``, JSON only);
+    pixel metrics use only images whose pixel truth is known."""
     known = [i for i, m in enumerate(outputs.masks) if m is not None]
     labels = [s.label for s in outputs.samples]
-    pixel, pixel_why = pixel_metrics([outputs.maps[i] for i in known], [outputs.masks[i] for i in known])
+    pixel, pixel_why = pixel_metrics(
+        [outputs.maps[i] for i in known], [outputs.masks[i] for i in known], reference=True
+    )
     image, image_why = image_metrics(outputs.scores, labels)
     result: dict[str, Any] = {key: float({**pixel, **image}[key]) for key in METRIC_KEYS}
+    result["aupro_reference"] = float(pixel["aupro_reference"])
     result["reason"] = {**pixel_why, **image_why}
+    result["reason"].pop("aupro_reference", None)
     unknown = len(outputs.samples) - len(known)
     if unknown:
         result["reason"]["pixel_truth"] = f"{unknown} anomalous image(s) without a mask left out of pixel metrics"
@@ -211,6 +216,8 @@ def mean_metrics(per_class: dict[str, dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in per_class.values() if not math.isnan(r[key])]
         mean[key] = float(np.mean(values)) if values else math.nan
         counted[key] = len(values)
+    refs = [r["aupro_reference"] for r in per_class.values() if not math.isnan(r.get("aupro_reference", math.nan))]
+    mean["aupro_reference"] = float(np.mean(refs)) if refs else math.nan
     mean["classes_counted"] = counted
     mean["n_images"] = sum(r["n_images"] for r in per_class.values())
     return mean

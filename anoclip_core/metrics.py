@@ -311,6 +311,11 @@ def aupro_reference(
     s = sort_pixels(maps, masks, with_regions=True)
     if _undefined(s, "defective pixels", "normal pixels"):
         return math.nan
+    return _reference_from_sorted(s, steps, expect_fpr)
+
+
+def _reference_from_sorted(s: _SortedScores, steps: int = REFERENCE_STEPS, expect_fpr: float = FPR_LIMIT) -> float:
+    """:func:`aupro_reference` on already sorted, region-weighted pixels."""
     lo, hi = min(s.pos[0], s.neg[0]), max(s.pos[-1], s.neg[-1])
     if hi <= lo:
         return math.nan
@@ -333,8 +338,14 @@ PIXEL_KEYS = METRIC_KEYS[:4]
 IMAGE_KEYS = METRIC_KEYS[4:]
 
 
-def pixel_metrics(maps: ArrayList, masks: MaskList) -> tuple[dict[str, float], dict[str, str]]:
-    """Pixel AUROC, AP, F1-max and exact AUPRO; NaN (with a reason) where undefined."""
+def pixel_metrics(
+    maps: ArrayList, masks: MaskList, reference: bool = False
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Pixel AUROC, AP, F1-max and exact AUPRO; NaN (with a reason) where undefined.
+
+    With ``reference`` also ``aupro_reference`` (the official 200-threshold AUPRO) from the same sort.
+    """
+    keys = PIXEL_KEYS + (("aupro_reference",) if reference else ())
     mlist = _as_list(maps, "maps")
     why: Optional[str] = "no anomaly maps given"
     if mlist:
@@ -342,8 +353,11 @@ def pixel_metrics(maps: ArrayList, masks: MaskList) -> tuple[dict[str, float], d
         why = _undefined(px, "defective pixels", "normal pixels")
         if why is None:
             r = _sweep(px, True)
-            return {"pixel_auroc": r.auroc, "pixel_ap": r.ap, "pixel_f1_max": r.f1_max, "aupro": r.aupro}, {}
-    return {k: math.nan for k in PIXEL_KEYS}, {k: str(why) for k in PIXEL_KEYS}
+            out = {"pixel_auroc": r.auroc, "pixel_ap": r.ap, "pixel_f1_max": r.f1_max, "aupro": r.aupro}
+            if reference:
+                out["aupro_reference"] = _reference_from_sorted(px)
+            return out, {}
+    return {k: math.nan for k in keys}, {k: str(why) for k in keys}
 
 
 def image_metrics(

@@ -5,6 +5,7 @@ import difflib
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -95,6 +96,28 @@ def _offline_message(backbone: str, tag: str, err: Exception) -> str:
     )
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else "(no message)"
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def _state_dict_mismatch(text: str) -> str:
+    """One-line summary of torch's multi-line ``load_state_dict`` error."""
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        m = re.search(pattern, text)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            if keys:
+                parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]})")
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape (\S+ \S+|\S+) from checkpoint", text)
+    if sizes:
+        parts.append(f"{len(sizes)} shape mismatches (e.g. {sizes[0][0]})")
+    return "; ".join(parts) if parts else _first_line(text)
+
+
 def create_clip(backbone: str, weights: WeightsInfo, image_size: int | None, cache_dir: str | None = None):
     """Build the open_clip model; random weights are seeded (0) so runs are reproducible."""
     import open_clip
@@ -107,11 +130,16 @@ def create_clip(backbone: str, weights: WeightsInfo, image_size: int | None, cac
     if weights.kind == "file":
         try:
             return open_clip.create_model(backbone, pretrained=weights.source, **kwargs)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0][:200]
-            raise ModelError(f"weights file {weights.source} does not match backbone {backbone}: {first}") from None
         except Exception as err:  # noqa: BLE001 - unpickling/format errors from torch/safetensors
-            raise ModelError(f"cannot read weights file {weights.source}: {type(err).__name__}: {err}") from None
+            text = str(err)
+            if isinstance(err, RuntimeError) and "loading state_dict" in text:
+                raise ModelError(
+                    f"weights file {weights.source} does not match backbone {backbone}: {_state_dict_mismatch(text)}"
+                ) from None
+            raise ModelError(
+                f"cannot read weights file {weights.source} (corrupt, or not a PyTorch/safetensors checkpoint): "
+                f"{type(err).__name__}: {_first_line(text)}"
+            ) from None
     try:
         return open_clip.create_model(backbone, pretrained=weights.source, cache_dir=cache_dir, **kwargs)
     except ModelError:

@@ -1,3 +1,3 @@
 from .cli import main
 
-main(prog_name="anoclip-bench")
+main(prog="python -m benchmarks")

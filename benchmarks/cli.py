@@ -13,13 +13,12 @@ import click
 from .config import SECTIONS, BenchConfig, ConfigError, default_batch_sizes, parse_batch_sizes, parse_contenders
 
 
-def exact_command(argv: list[str] | None = None) -> str:
-    """The command line as typed: ``anoclip-bench ARGS`` (or ``python -m benchmarks ARGS``)."""
-    argv = list(sys.argv if argv is None else argv)
-    prog = os.path.basename(argv[0]) if argv else "anoclip-bench"
-    if prog in ("__main__.py", "python", "python3") or prog.endswith(".py"):
-        prog = "python -m benchmarks"
-    return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
+PROG = "anoclip-bench"
+
+
+def exact_command(args: list[str], prog: str = PROG) -> str:
+    """The command line as typed (shell-quoted): ``anoclip-bench ARGS``."""
+    return " ".join([prog] + [shlex.quote(a) for a in args])
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -33,7 +32,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(name=PROG, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--backbone", default="ViT-B-16-plus-240", help="open_clip ViT name.")
 @click.option("--pretrained", default="none",
               help="open_clip tag, local weights file, or 'none' (random weights: speed only, flagged in the report).")
@@ -58,7 +57,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 @click.option("--linescan-size", default="16384x1024", help="Line-scan strip WIDTHxHEIGHT.")
 @click.option("--seed", type=int, default=0, help="Seed of the synthetic inputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def main(backbone, pretrained, image_size, quick, batch_sizes, contenders, skip, out, model_config, artifact,
+@click.pass_context
+def bench(ctx, backbone, pretrained, image_size, quick, batch_sizes, contenders, skip, out, model_config, artifact,
          class_name, device, threads, linescan_size, seed, no_progress) -> None:
     """Benchmark AnoCLIP contenders side by side and write report.md, results.json and a PNG plot."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -86,7 +86,7 @@ def main(backbone, pretrained, image_size, quick, batch_sizes, contenders, skip,
             threads=threads,
             linescan_size=_parse_size(linescan_size),
             seed=seed,
-            command=exact_command(),
+            command=exact_command(ctx.obj["argv"], ctx.obj["prog"]),
             progress=not no_progress,
         )
     except ConfigError as err:
@@ -107,6 +107,15 @@ def main(backbone, pretrained, image_size, quick, batch_sizes, contenders, skip,
     paths = write_report(results, cfg.out)
     for kind, p in paths.items():
         click.echo(f"{kind}: {p}")
+
+
+def main(argv: list[str] | None = None, prog: str = PROG, standalone_mode: bool = True):
+    """Console entry point (``anoclip-bench``); ``argv`` defaults to ``sys.argv[1:]``.
+
+    The exact command written into the report is ``prog`` plus these arguments.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    return bench.main(args=args, prog_name=prog, standalone_mode=standalone_mode, obj={"argv": args, "prog": prog})
 
 
 if __name__ == "__main__":  # pragma: no cover

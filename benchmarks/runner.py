@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -69,71 +68,116 @@ def resolve_device(device: str) -> str:
 
 
 # measurement ----------------------------------------------------------------------------------
-def measure_contender(
-    c: Contender, px: np.ndarray, pt: Any, cfg: BenchConfig, progress: bool = True, cuda_memory: bool = False
-) -> dict:
-    """Latency at batch 1 (p50/p90/p99), throughput at each batch size, peak memory."""
+def _timed(c: Contender, x: np.ndarray, t: Any) -> float:
+    if c.sync:
+        c.sync()
+    t0 = time.perf_counter()
+    c.call(x, t)
+    if c.sync:
+        c.sync()
+    return time.perf_counter() - t0
+
+
+def prepare_contender(c: Contender, px: np.ndarray, pt: Any, cfg: BenchConfig, cuda_memory: bool = False) -> dict:
+    """Sequential per contender: first call (lazy init / engine build), warm-up at batch 1 and one
+    warm-up call at every batch size (skipped when its estimated time exceeds ``max_call_s``).
+
+    Peak memory is taken here, where the largest batch first runs. Returns the entry's
+    ``first_call_s``, ``warm_s`` ({batch: seconds of the last warm-up call}), ``skipped`` and
+    ``memory``.
+    """
     plan = cfg.plan
-    res: dict[str, Any] = {"latency": None, "throughput": {}, "first_call_s": None}
-    sync = c.sync
+    out: dict[str, Any] = {"warm_s": {}, "skipped": {}}
     with PeakMemory(cuda=cuda_memory) as mem:
-        x1, t1 = px[:1], pt[:1]
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        c.call(x1, t1)  # first call: lazy init / engine build; counts as the first warm-up
-        if sync:
-            sync()
-        first = time.perf_counter() - t0
-        res["first_call_s"] = first
-        warm_left = max(0, plan.warmup - 1)
-        if "latency" in cfg.sections or "throughput" in cfg.sections:
-            n = plan_repeats(first, plan.latency_repeats, plan.latency_budget_s, plan.latency_min_repeats)
-            bar = _bar(n + warm_left, f"{c.name} latency b1", progress)
-            samples = time_calls(lambda: c.call(x1, t1), repeats=plan.latency_repeats, warmup=warm_left,
-                                 budget_s=plan.latency_budget_s, min_repeats=plan.latency_min_repeats,
-                                 sync=sync, on_call=lambda: bar.update(1))
-            bar.close()
-            lat = summarize(samples)
-            res["latency"] = lat.to_dict()
-            res["latency"]["samples_ms"] = [round(s * 1000, 3) for s in samples]
-            res["throughput"]["1"] = {"img_s": throughput(1, samples), "calls": len(samples), "p50_ms": lat.p50_ms,
-                                      "note": "from the batch-1 latency samples"}
-        if "throughput" in cfg.sections and res["latency"] is not None:
-            per_image_s = res["latency"]["p50_ms"] / 1000.0
+        out["first_call_s"] = _timed(c, px[:1], pt[:1])
+        warm = out["first_call_s"]
+        for _ in range(max(0, plan.warmup - 1)):
+            warm = _timed(c, px[:1], pt[:1])
+        out["warm_s"]["1"] = warm
+        if "throughput" in cfg.sections:
             for b in cfg.batch_sizes:
                 if b == 1:
                     continue
-                key = str(b)
                 if b > px.shape[0]:
-                    res["throughput"][key] = {"skipped": f"only {px.shape[0]} input images"}
+                    out["skipped"][str(b)] = f"only {px.shape[0]} input images"
                     continue
-                est = b * per_image_s
+                est = b * out["warm_s"]["1"]
                 if est > plan.max_call_s:
-                    res["throughput"][key] = {
-                        "skipped": f"estimated {est:.0f} s per call > {plan.max_call_s:g} s limit of this effort"
-                    }
+                    out["skipped"][str(b)] = f"estimated {est:.0f} s per call > {plan.max_call_s:g} s limit of this effort"
                     continue
-                xb, tb = px[:b], pt[:b]
-                n = plan_repeats(est, plan.throughput_repeats, plan.throughput_budget_s, plan.throughput_min_repeats)
-                bar = _bar(n + 1, f"{c.name} batch {b}", progress)
                 try:
-                    samples = time_calls(lambda: c.call(xb, tb), repeats=plan.throughput_repeats, warmup=1,
-                                         budget_s=plan.throughput_budget_s,
-                                         min_repeats=plan.throughput_min_repeats, sync=sync,
-                                         on_call=lambda: bar.update(1))
+                    out["warm_s"][str(b)] = _timed(c, px[:b], pt[:b])
                 except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large batch
-                    res["throughput"][key] = {"skipped": f"failed: {type(err).__name__}: {str(err)[:200]}"}
-                    bar.close()
+                    out["skipped"][str(b)] = f"failed: {type(err).__name__}: {str(err)[:200]}"
                     break
-                bar.close()
-                res["throughput"][key] = {
-                    "img_s": throughput(b, samples),
-                    "calls": len(samples),
-                    "p50_ms": percentile([s * 1000 for s in samples], 50),
-                    "samples_ms": [round(s * 1000, 3) for s in samples],
-                }
-    res["memory"] = mem.to_dict()
+    out["memory"] = mem.to_dict()
+    return out
+
+
+def interleaved_samples(
+    contenders: list[Contender],
+    x: np.ndarray,
+    t: Any,
+    estimates: dict[str, float],
+    repeats: int,
+    budget_s: float,
+    min_repeats: int,
+    bar=None,
+) -> dict[str, list[float]]:
+    """Time the contenders in rounds (one call of each per round) so that a noisy neighbour
+    slows all of them alike; each stops at ``repeats`` calls or once its ``budget_s`` is spent
+    (never before ``min_repeats``). ``estimates`` (seconds per call) only size the progress bar."""
+    samples: dict[str, list[float]] = {c.name: [] for c in contenders}
+    spent: dict[str, float] = {c.name: 0.0 for c in contenders}
+    active = list(contenders)
+    if bar is not None:
+        bar.reset(total=sum(plan_repeats(estimates.get(c.name, 0.0), repeats, budget_s, min_repeats)
+                            for c in contenders))
+    while active:
+        for c in list(active):
+            dt = _timed(c, x, t)
+            samples[c.name].append(dt)
+            spent[c.name] += dt
+            if bar is not None:
+                bar.update(1)
+            n = len(samples[c.name])
+            if n >= repeats or (n >= min_repeats and spent[c.name] >= budget_s):
+                active.remove(c)
+    return samples
+
+
+def measure_all(cs: list[Contender], px: np.ndarray, pt: Any, cfg: BenchConfig, prepared: dict[str, dict]) -> dict:
+    """Latency at batch 1 and throughput at every batch size, interleaved across contenders."""
+    plan = cfg.plan
+    res: dict[str, dict] = {c.name: {"latency": None, "throughput": {}} for c in cs}
+    bar = _bar(None, "latency b1 (interleaved)", cfg.progress)
+    lat = interleaved_samples(cs, px[:1], pt[:1], {c.name: prepared[c.name]["warm_s"]["1"] for c in cs},
+                              plan.latency_repeats, plan.latency_budget_s, plan.latency_min_repeats, bar)
+    for c in cs:
+        st = summarize(lat[c.name])
+        res[c.name]["latency"] = dict(st.to_dict(), samples_ms=[round(v * 1000, 3) for v in lat[c.name]])
+        res[c.name]["throughput"]["1"] = {"img_s": throughput(1, lat[c.name]), "calls": st.n, "p50_ms": st.p50_ms,
+                                          "note": "from the batch-1 latency samples"}
+    if "throughput" in cfg.sections:
+        for b in cfg.batch_sizes:
+            if b == 1:
+                continue
+            key = str(b)
+            group = [c for c in cs if key in prepared[c.name]["warm_s"]]
+            for c in cs:
+                if c not in group:
+                    res[c.name]["throughput"][key] = {"skipped": prepared[c.name]["skipped"].get(key, "not run")}
+            if not group:
+                continue
+            bar.set_description(f"batch {b} (interleaved)")
+            tp = interleaved_samples(group, px[:b], pt[:b], {c.name: prepared[c.name]["warm_s"][key] for c in group},
+                                     plan.throughput_repeats, plan.throughput_budget_s, plan.throughput_min_repeats,
+                                     bar)
+            for c in group:
+                ms = [v * 1000 for v in tp[c.name]]
+                res[c.name]["throughput"][key] = {"img_s": throughput(b, tp[c.name]), "calls": len(ms),
+                                                  "p50_ms": percentile(ms, 50), "samples_ms": [round(v, 3) for v in ms]}
+    bar.close()
     return res
 
 
@@ -462,45 +506,15 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
     results["inputs"] = {"images": n_inputs, "kind": "synthetic textured RGB uint8, seeded", "seed": cfg.seed,
                          "shape": list(px.shape)}
 
-    entries: list[dict] = []
-
-    def record(c: Contender, measured: dict | None) -> None:
-        forwards = c.forwards_per_image
-        gf = (dual_f if c.dual_path else plain_f) * forwards / 1e9
-        e = {"name": c.name, "label": c.label, "group": c.group, "device": c.device, "precision": c.precision,
-             "available": c.available, "reason": c.reason, "load_s": c.load_s, "load_note": c.load_note,
-             "forwards_per_image": forwards, "gflops_per_image": gf, "info": c.info}
-        if measured:
-            e.update(measured)
-        entries.append(e)
-
-    # torch contenders ----------------------------------------------------------------------
+    # contenders ------------------------------------------------------------------------------
     order = [n for n in ("open_clip", "core", "reference") if n in cfg.torch_contenders]
-    tcs = torch_contenders(model, cfg.class_name, tuple(order), load_s)
-    core_ref = None
-    for c in tcs:
-        say(f"measuring {c.name}: {c.label}")
-        record(c, measure_contender(c, px, pt, cfg, cfg.progress, cuda))
+    all_cs: list[Contender] = list(torch_contenders(model, cfg.class_name, tuple(order), load_s))
 
-    # TTA -------------------------------------------------------------------------------------
-    if "tta" in cfg.sections:
-        say("AnoCLIP+ (TTA) cost")
-        results["tta"] = measure_tta(model, pt, cfg.class_name, plan.tta_repeats, cfg.progress, sync)
-
-    # fidelity reference: the fp32 core on the fidelity images ---------------------------------
-    fid_px, fid_pt = px[: plan.fidelity_images], pt[: plan.fidelity_images]
-    want_runtime = bool(cfg.runtime_contenders)
-    if want_runtime and "fidelity" in cfg.sections:
-        with torch.no_grad():
-            maps, scores = model.predict(fid_pt, cfg.class_name)
-        core_ref = (maps.float().cpu().numpy(), scores.float().cpu().numpy())
-
-    # runtime contenders ----------------------------------------------------------------------
     tmp_artifact: str | None = None
-    fidelity: dict[str, Any] = {}
     runtime_cs: list[Contender] = []
-    if want_runtime:
+    if cfg.runtime_contenders:
         art_info: dict[str, Any] = {}
+        manifest = None
         try:
             if cfg.artifact and (Path(cfg.artifact) / "manifest.json").is_file():
                 art_dir = Path(cfg.artifact)
@@ -510,7 +524,9 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
                 if cfg.artifact:
                     art_dir = Path(cfg.artifact)
                 else:
-                    tmp_artifact = tempfile.mkdtemp(prefix="anoclip-bench-artifact-")
+                    # removed at the end of the run, or at interpreter exit if the run fails
+                    tmp_obj = tempfile.TemporaryDirectory(prefix="anoclip-bench-artifact-")
+                    tmp_artifact = tmp_obj.name
                     art_dir = Path(tmp_artifact) / "artifact"
                 say(f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with export.api")
                 art_dir, art_info = build_artifact(cfg, art_dir, cfg.runtime_contenders, cfg.progress, say)
@@ -525,31 +541,70 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
             log.warning(reason)
             results["artifact"] = {"error": reason}
             manifest = None
-            for name in cfg.runtime_contenders:
-                record(Contender.unavailable(name, reason), None)
+            all_cs += [Contender.unavailable(name, reason) for name in cfg.runtime_contenders]
         if manifest is not None:
             for name in cfg.runtime_contenders:
-                say(f"runtime {name}")
+                say(f"loading runtime {name}")
                 c = runtime_contender(name, art_dir, manifest, cfg.class_name, size, cfg.threads or threads,
                                       cache_dir=os.path.join(tmp_artifact or str(art_dir), ".cache"),
                                       skipped=art_info.get("skipped"))
-                if not c.available:
-                    record(c, None)
-                    continue
-                try:
-                    measured = measure_contender(c, px, pt, cfg, cfg.progress, cuda)
-                    if core_ref is not None:
-                        fidelity[name] = measure_fidelity(core_ref, c, fid_px, fid_pt)
-                        art_protos = c.detector.prototypes(cfg.class_name).reshape(2, -1)
-                        fidelity[name]["prototype_max_abs"] = float(np.abs(art_protos - prototypes).max())
-                except Exception as err:  # noqa: BLE001 - a backend failing mid-run is a result too
-                    c.available, c.reason = False, f"failed while running: {type(err).__name__}: {str(err)[:300]}"
-                    measured = None
-                record(c, measured)
+                all_cs.append(c)
                 if c.available:
                     runtime_cs.append(c)
+
+    # per contender: first call, warm-up at every batch size, peak memory -------------------
+    prepared: dict[str, dict] = {}
+    for c in all_cs:
+        if not c.available:
+            continue
+        say(f"first call and warm-up: {c.name}")
+        try:
+            prepared[c.name] = prepare_contender(c, px, pt, cfg, cuda)
+        except Exception as err:  # noqa: BLE001 - a backend failing at run time is a result too
+            c.available, c.reason = False, f"failed while running: {type(err).__name__}: {str(err)[:300]}"
+            if c in runtime_cs:
+                runtime_cs.remove(c)
+    ready = [c for c in all_cs if c.available]
+
+    # interleaved timing ----------------------------------------------------------------------
+    measured: dict[str, dict] = {}
+    if ready and ("latency" in cfg.sections or "throughput" in cfg.sections):
+        say(f"timing {len(ready)} contenders in interleaved rounds: {', '.join(c.name for c in ready)}")
+        measured = measure_all(ready, px, pt, cfg, prepared)
+
+    entries: list[dict] = []
+    for c in all_cs:
+        gf = (dual_f if c.dual_path else plain_f) * c.forwards_per_image / 1e9
+        e = {"name": c.name, "label": c.label, "group": c.group, "device": c.device, "precision": c.precision,
+             "available": c.available, "reason": c.reason, "load_s": c.load_s, "load_note": c.load_note,
+             "forwards_per_image": c.forwards_per_image, "gflops_per_image": gf, "info": c.info}
+        if c.name in prepared:
+            p = prepared[c.name]
+            e.update(first_call_s=p["first_call_s"], warm_s=p["warm_s"], memory=p["memory"])
+        e.update(measured.get(c.name, {}))
+        entries.append(e)
     results["contenders"] = entries
-    if fidelity:
+
+    # TTA -------------------------------------------------------------------------------------
+    if "tta" in cfg.sections and "core" in cfg.torch_contenders:
+        say("AnoCLIP+ (TTA) cost")
+        results["tta"] = measure_tta(model, pt, cfg.class_name, plan.tta_repeats, cfg.progress, sync)
+
+    # fidelity: every runtime backend/precision vs the fp32 core on the same pixels ---------
+    if runtime_cs and "fidelity" in cfg.sections:
+        say("fidelity vs the fp32 core")
+        fid_px, fid_pt = px[: plan.fidelity_images], pt[: plan.fidelity_images]
+        with torch.no_grad():
+            maps, scores = model.predict(fid_pt, cfg.class_name)
+        core_ref = (maps.float().cpu().numpy(), scores.float().cpu().numpy())
+        fidelity: dict[str, Any] = {}
+        for c in runtime_cs:
+            try:
+                fidelity[c.name] = measure_fidelity(core_ref, c, fid_px, fid_pt)
+                art_protos = c.detector.prototypes(cfg.class_name).reshape(2, -1)
+                fidelity[c.name]["prototype_max_abs"] = float(np.abs(art_protos - prototypes).max())
+            except Exception as err:  # noqa: BLE001
+                fidelity[c.name] = {"error": f"{type(err).__name__}: {err}"}
         results["fidelity"] = {"reference": "core fp32 (predict, views=False) on the same pixels",
                                "images": int(fid_px.shape[0]), "by_contender": fidelity}
 
@@ -576,7 +631,7 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
             with contextlib.suppress(Exception):
                 c.close()
     if tmp_artifact:
-        shutil.rmtree(tmp_artifact, ignore_errors=True)
+        tmp_obj.cleanup()
 
     say("GEMM peak again (end of run)")
     g1 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)

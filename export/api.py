@@ -265,6 +265,9 @@ def export_artifact(cfg: ExportConfig) -> Path:
         from anoclip_core.model import register_model_configs
 
         register_model_configs(cfg.model_config)
+    from anoclip_core.model import _check_backbone
+
+    _check_backbone(cfg.backbone)  # before 'auto' tag resolution, so a typo reads as a typo
     pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained)
 
     out.parent.mkdir(parents=True, exist_ok=True)

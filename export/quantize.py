@@ -114,7 +114,50 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data_t
             )
     except Exception as err:  # noqa: BLE001
         raise ExportError(f"fp16 conversion failed: {type(err).__name__}: {err}") from err
+    topological_sort(model16)
     return save_onnx(model16, dst, external=_size(model16) > external_data_threshold)
+
+
+def topological_sort(model) -> None:
+    """Re-order ``model.graph.node`` topologically (in place).
+
+    The float16 pass appends its input Casts at the end of the node list; ONNX Runtime does not
+    care, but the ONNX checker and TensorRT's parser require sorted nodes.
+    """
+    graph = model.graph
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    producers: dict[str, int] = {}
+    for idx, node in enumerate(nodes):
+        for out in node.output:
+            producers[out] = idx
+    order: list[int] = []
+    state = [0] * len(nodes)  # 0 new, 1 visiting, 2 done
+
+    def visit(root: int) -> None:
+        stack = [(root, False)]
+        while stack:
+            idx, expanded = stack.pop()
+            if state[idx] == 2:
+                continue
+            if expanded:
+                state[idx] = 2
+                order.append(idx)
+                continue
+            state[idx] = 1
+            stack.append((idx, True))
+            for name in nodes[idx].input:
+                dep = producers.get(name)
+                if name not in available and dep is not None and state[dep] == 0:
+                    stack.append((dep, False))
+
+    for idx in range(len(nodes)):
+        if state[idx] == 0:
+            visit(idx)
+    if order != list(range(len(nodes))):
+        sorted_nodes = [nodes[i] for i in order]
+        del graph.node[:]
+        graph.node.extend(sorted_nodes)
 
 
 def _fp32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -137,6 +180,7 @@ def convert_bf16(src: str | os.PathLike, dst: str | os.PathLike, external_data_t
         model16 = convert_float_to_float16(
             model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS)
         )
+    topological_sort(model16)
 
     def retype_tensor(t, source=None) -> None:
         if t.data_type != TensorProto.FLOAT16:

@@ -16,7 +16,7 @@ from anoclip_core.cli import main
 from anoclip_core.datasets import load_samples
 from anoclip_core.errors import AnoCLIPError, InputError
 from anoclip_core.evaluate import EvalConfig, evaluate, merge_crops, predict_two_crop, short_side_size
-from anoclip_core.metrics import METRIC_KEYS, compute_metrics
+from anoclip_core.metrics import METRIC_KEYS, aupro_reference, compute_metrics
 from anoclip_core.visualize import colorize, heatmap_overlay, save_png
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -108,6 +108,9 @@ def test_evaluate_equals_direct_prediction(tiny_model, mvtec_root: Path) -> None
     expected = compute_metrics(maps.numpy(), masks, scores.numpy(), [s.label for s in samples])
     for key in METRIC_KEYS:
         assert res["classes"]["wood"][key] == pytest.approx(expected[key], abs=1e-9), key
+    ref = aupro_reference(maps.numpy(), masks)
+    assert res["classes"]["wood"]["aupro_reference"] == pytest.approx(ref, abs=1e-12)
+    assert res["mean"]["aupro_reference"] == pytest.approx(ref, abs=1e-12)
     assert res["views"] is False and list(res["classes"]) == ["wood"]
 
 

@@ -124,6 +124,19 @@ def test_aupro_regions_are_weighted_equally() -> None:
     assert M.aupro(maps, masks) == pytest.approx(brute_aupro(maps, masks), abs=1e-12)
 
 
+def test_regions_touching_at_a_corner_are_one_region() -> None:
+    masks = np.zeros((1, 8, 8), np.uint8)
+    masks[0, 0:2, 0:2] = 1
+    masks[0, 2:5, 2:5] = 1
+    maps = np.zeros((1, 8, 8), np.float32)
+    maps[0, 0:2, 0:2] = 1.0
+    # 8-connected: one 13-pixel region, 4 found at FPR 0 -> curve (0, 4/13) -> (1, 1)
+    y0 = 4 / 13
+    expected = 0.3 * (y0 + (y0 + 0.3 * (1 - y0))) / 2 / 0.3
+    assert M.aupro(maps, masks) == pytest.approx(expected, abs=1e-12)
+    assert M.aupro(maps, masks) == pytest.approx(brute_aupro(maps, masks), abs=1e-12)
+
+
 def smooth_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     masks = np.zeros((12, 64, 64), np.uint8)

@@ -27,6 +27,12 @@ def tiny_config(out, **kw):
 
 
 @pytest.fixture(scope="session")
+def make_config():
+    """``make_config(out, **overrides)`` -> an ``ExportConfig`` for the tiny model."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
 def artifact(register_tiny, tmp_path_factory) -> Path:
     """anoclip-tiny, classes bottle+carpet, precisions fp32/fp16/int8, a Triton repository."""
     from export.api import export_artifact

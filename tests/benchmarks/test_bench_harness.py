@@ -1,0 +1,149 @@
+"""Harness logic without models: config parsing, interleaving, skipping, ratios, report writing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.config import (
+    ALL_CONTENDERS, QUICK, BenchConfig, ConfigError, Effort, parse_batch_sizes, parse_contenders,
+)
+from benchmarks.contenders import Contender
+from benchmarks.report import markdown, write_report
+from benchmarks.runner import derive_ratios, interleaved_samples, prepare_contender
+
+FAST = Effort(
+    warmup=2, latency_repeats=3, latency_min_repeats=2, latency_budget_s=0.0,
+    throughput_repeats=2, throughput_min_repeats=1, throughput_budget_s=0.0, max_call_s=1e9,
+    fidelity_images=2, tta_repeats=1, linescan_repeats=1, gemm_size=64, gemm_repeats=1,
+)
+
+
+def test_parse_contenders_groups_and_order():
+    assert parse_contenders(None) == ALL_CONTENDERS
+    assert parse_contenders("core,open_clip,core") == ("core", "open_clip")
+    cpu = parse_contenders("cpu")
+    assert "ort-cpu-int8" in cpu and "reference" in cpu and not any("cuda" in c or "trt" in c for c in cpu)
+    with pytest.raises(ConfigError, match="unknown contender 'nope'"):
+        parse_contenders("core,nope")
+
+
+def test_parse_batch_sizes():
+    assert parse_batch_sizes("4,1,2,2") == (1, 2, 4)
+    for bad in ("", "0,1", "a,b"):
+        with pytest.raises(ConfigError):
+            parse_batch_sizes(bad)
+
+
+def test_bench_config_validation_and_plan():
+    cfg = BenchConfig(quick=True)
+    assert cfg.plan == QUICK
+    assert BenchConfig(effort=FAST).plan == FAST
+    with pytest.raises(ConfigError):
+        BenchConfig(sections=("latency", "nope"))
+    with pytest.raises(ConfigError):
+        BenchConfig(batch_sizes=(0,))
+    with pytest.raises(ConfigError):
+        BenchConfig(device="tpu")
+    d = BenchConfig(contenders=("core", "ort-cpu-fp32")).to_dict()
+    assert json.loads(json.dumps(d))["contenders"] == ["core", "ort-cpu-fp32"]
+
+
+def fake(name: str, log: list[str]) -> Contender:
+    def call(px, pt):
+        log.append(f"{name}:{px.shape[0]}")
+
+    return Contender(name, f"fake {name}", "torch", "cpu", "fp32", call=call)
+
+
+def test_interleaved_rounds_and_stop_rules():
+    log: list[str] = []
+    a, b = fake("a", log), fake("b", log)
+    x = np.zeros((1, 3, 4, 4), np.float32)
+    out = interleaved_samples([a, b], x, x, {}, repeats=3, budget_s=1e9, min_repeats=1)
+    assert log == ["a:1", "b:1", "a:1", "b:1", "a:1", "b:1"]  # one call of each per round
+    assert len(out["a"]) == len(out["b"]) == 3
+    log.clear()
+    out = interleaved_samples([a, b], x, x, {}, repeats=10, budget_s=0.0, min_repeats=2)
+    assert len(out["a"]) == len(out["b"]) == 2 and len(log) == 4
+
+
+def test_prepare_skips_batches_it_cannot_or_should_not_run():
+    log: list[str] = []
+    c = fake("a", log)
+    px = np.zeros((2, 3, 4, 4), np.float32)
+    cfg = BenchConfig(batch_sizes=(1, 2, 4), effort=FAST)
+    prep = prepare_contender(c, px, px, cfg)
+    assert log == ["a:1", "a:1", "a:2"]  # first call, one more warm-up, one warm-up at batch 2
+    assert set(prep["warm_s"]) == {"1", "2"}
+    assert "only 2 input images" in prep["skipped"]["4"]
+    assert prep["memory"]["rss_peak_mb"] >= prep["memory"]["rss_start_mb"] > 0
+    log.clear()
+    slow = BenchConfig(batch_sizes=(1, 2), effort=Effort(**{**FAST.__dict__, "max_call_s": 0.0}))
+    prep = prepare_contender(c, px, px, slow)
+    assert "limit of this effort" in prep["skipped"]["2"] and log == ["a:1", "a:1"]
+
+
+def _entry(name, p50_ms, img_s, gflops, group="torch"):
+    return {"name": name, "label": name, "group": group, "device": "cpu", "precision": "fp32", "available": True,
+            "gflops_per_image": gflops, "latency": {"p50_ms": p50_ms, "p90_ms": p50_ms, "p99_ms": p50_ms, "n": 3},
+            "throughput": {b: {"img_s": v} for b, v in img_s.items()}}
+
+
+def synthetic_results() -> dict:
+    return {
+        "command": "anoclip-bench --backbone X --quick",
+        "config": {"batch_sizes": [1, 2], "quick": True, "effort": {"warmup": 1}},
+        "machine": {"cpu": "Test CPU", "cpu_count": {"usable": 2}, "gpu": None,
+                    "load_average_start": [1.0, 1.0, 1.0], "load_average_end": [2.0, 1.0, 1.0]},
+        "versions": {"python": "3.x", "torch": "9.9.9-test"},
+        "model": {"backbone": "X", "image_size": 64, "random_weights": True},
+        "device": "cpu",
+        "hardware_limit": {"gflops": 100.0, "spread": 0.1, "what": "fp32 GEMM"},
+        "contenders": [
+            _entry("open_clip", 10.0, {"1": 100.0, "2": 160.0}, 1.0),
+            _entry("core", 12.0, {"1": 80.0, "2": 120.0}, 1.2),
+            _entry("ort-cpu-fp32", 5.0, {"1": 200.0, "2": 400.0}, 1.2, group="runtime"),
+            {"name": "ort-cuda-fp32", "label": "cuda", "group": "runtime", "device": "?", "precision": "fp32",
+             "available": False, "reason": "no CUDA here", "gflops_per_image": 1.2},
+        ],
+        "notes": [],
+    }
+
+
+def test_derive_ratios_by_hand():
+    res = synthetic_results()
+    derive_ratios(res)
+    r = {e["name"]: e.get("ratios") for e in res["contenders"]}
+    assert r["open_clip"]["latency_p50_vs_open_clip"] == pytest.approx(1.0)
+    assert r["core"]["latency_p50_vs_open_clip"] == pytest.approx(1.2)
+    assert r["core"]["throughput_vs_open_clip"] == {"1": pytest.approx(0.8), "2": pytest.approx(0.75)}
+    assert r["ort-cpu-fp32"]["best_throughput_vs_open_clip"] == pytest.approx(400 / 160)
+    assert r["ort-cpu-fp32"]["best_batch"] == 2
+    # 1.2 GFLOPs at 5 ms = 240 GFLOP/s at batch 1; at 400 img/s = 480 GFLOP/s; peak 100
+    assert r["ort-cpu-fp32"]["achieved_gflops_b1"] == pytest.approx(240.0)
+    assert r["ort-cpu-fp32"]["peak_fraction_best"] == pytest.approx(4.8)
+    assert r["ort-cuda-fp32"] is None
+
+
+def test_report_files_from_synthetic_results(tmp_path):
+    res = synthetic_results()
+    derive_ratios(res)
+    paths = write_report(res, tmp_path / "out")
+    md = paths["markdown"].read_text()
+    assert "anoclip-bench --backbone X --quick" in md
+    assert "torch 9.9.9-test" in md
+    assert "RANDOM WEIGHTS" in md and "Shared machine" in md
+    assert "unavailable: no CUDA here" in md
+    assert "| `core` | fp32 | 12.00 |" in md
+    assert json.loads(paths["json"].read_text())["command"] == res["command"]
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "latency_vs_batch.png" in md
+
+
+def test_markdown_without_measurements_says_so():
+    res = synthetic_results()
+    res["contenders"] = []
+    md = markdown(res, png_name=None)
+    assert "Not measured" in md and "![" not in md

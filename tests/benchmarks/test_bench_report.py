@@ -1,0 +1,146 @@
+"""End to end on the tiny model with a very quick effort: the report files and their content.
+
+No timing is asserted: only that every figure is there and well-formed, that unavailable
+contenders say why, and that the fp32 runtime agrees with the fp32 core as an exact export must.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.config import BenchConfig, Effort
+from benchmarks.report import JSON_NAME, MD_NAME, PNG_NAME, write_report
+from benchmarks.runner import run_benchmark
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+TINY_EFFORT = Effort(
+    warmup=1, latency_repeats=3, latency_min_repeats=2, latency_budget_s=0.0,
+    throughput_repeats=2, throughput_min_repeats=1, throughput_budget_s=0.0, max_call_s=60.0,
+    fidelity_images=2, tta_repeats=1, linescan_repeats=1, gemm_size=128, gemm_repeats=2,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(register_tiny, text_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-report")
+    cfg = BenchConfig(
+        backbone=register_tiny,
+        pretrained="none",
+        batch_sizes=(1, 2),
+        contenders=("reference", "core", "open_clip", "ort-cpu-fp32", "ort-cpu-bf16", "ort-cuda-fp32", "trt-fp16"),
+        out=out,
+        artifact=out / "artifact",
+        effort=TINY_EFFORT,
+        linescan_size=(64, 300),
+        command="anoclip-bench --backbone anoclip-tiny --very-quick-test",
+        progress=False,
+        text_cache=str(text_cache),
+        device="cpu",
+    )
+    results = run_benchmark(cfg)
+    paths = write_report(results, out)
+    return cfg, results, paths
+
+
+def test_report_files_exist_with_command_and_versions(tiny_run):
+    cfg, results, paths = tiny_run
+    import onnxruntime
+    import torch
+
+    assert {p.name for p in paths.values()} == {JSON_NAME, MD_NAME, PNG_NAME}
+    md = paths["markdown"].read_text()
+    assert cfg.command in md
+    assert f"torch {torch.__version__}" in md and f"onnxruntime {onnxruntime.__version__}" in md
+    assert "RANDOM WEIGHTS" in md and "Shared machine" in md
+    data = json.loads(paths["json"].read_text())
+    assert data["command"] == cfg.command
+    assert data["versions"]["torch"] == torch.__version__
+    assert data["model"]["random_weights"] is True
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(paths["png"]).shape[:2]
+    assert h > 200 and w > 400
+
+
+def test_every_contender_is_measured_or_says_why(tiny_run):
+    _, results, paths = tiny_run
+    by = {e["name"]: e for e in results["contenders"]}
+    for name in ("reference", "core", "open_clip", "ort-cpu-fp32"):
+        e = by[name]
+        assert e["available"], e.get("reason")
+        lat = e["latency"]
+        assert lat["n"] == 2 and lat["p50_ms"] > 0 and lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+        assert set(e["throughput"]) == {"1", "2"} and e["throughput"]["2"]["img_s"] > 0
+        assert e["memory"]["rss_peak_mb"] > 0 and e["first_call_s"] > 0
+        assert e["ratios"]["peak_fraction_b1"] > 0
+    assert by["open_clip"]["ratios"]["latency_p50_vs_open_clip"] == pytest.approx(1.0)
+    assert by["reference"]["forwards_per_image"] == 23
+    assert by["reference"]["gflops_per_image"] == pytest.approx(23 * by["core"]["gflops_per_image"])
+    assert by["core"]["gflops_per_image"] > by["open_clip"]["gflops_per_image"]
+    md = paths["markdown"].read_text()
+    for name in ("ort-cpu-bf16", "ort-cuda-fp32", "trt-fp16"):
+        if not by[name]["available"]:
+            assert by[name]["reason"]
+            assert f"`{name}`" in md and "unavailable:" in md
+
+
+def test_flop_cross_check_and_gemm_limit(tiny_run):
+    _, results, _ = tiny_run
+    cnt = results["flops"]["counter"]
+    assert cnt["dual_rel_diff"] == 0.0 and cnt["plain_rel_diff"] == 0.0
+    assert results["hardware_limit"]["gflops"] > 0
+
+
+def test_fp32_runtime_fidelity_vs_core(tiny_run):
+    _, results, _ = tiny_run
+    f = results["fidelity"]["by_contender"]["ort-cpu-fp32"]
+    assert f["images"] == 2
+    assert f["map_max_abs"] < 1e-4 and f["score_max_abs"] < 1e-4
+    assert f["pearson"]["worst"] > 0.999
+    assert f["top_iou"]["worst"] > 0.5
+    assert f["prototype_max_abs"] < 1e-5
+
+
+def test_linescan_and_tta_sections(tiny_run):
+    _, results, _ = tiny_run
+    ls = results["linescan"]
+    assert "error" not in ls, ls
+    assert ls["strip"] == {"height": 64, "width": 300} and ls["tiles_per_strip"] >= 5
+    assert ls["strips_per_s"] > 0 and ls["map_shape"] == [64, 300]
+    tta = results["tta"]
+    assert tta["steps"] == 5 and tta["predict_tta_ms"]["n"] == 1
+    assert math.isfinite(tta["overhead_ms_p50"])
+
+
+def test_cli_quick_torch_only(register_tiny, text_cache, tmp_path, monkeypatch):
+    """The console entry point: options -> BenchConfig -> report with the exact command."""
+    import benchmarks.config as bc
+
+    monkeypatch.setattr(bc, "QUICK", TINY_EFFORT)
+    monkeypatch.setenv("ANOCLIP_CACHE", str(text_cache))
+    out = tmp_path / "cli"
+    args = ["--backbone", register_tiny, "--pretrained", "none", "--quick", "--batch-sizes", "1,2",
+            "--contenders", "core,open_clip", "--skip", "linescan,tta,fidelity", "--model-config", str(CONFIGS),
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    main(args, standalone_mode=False)
+    md = (out / MD_NAME).read_text()
+    assert "anoclip-bench --backbone anoclip-tiny --pretrained none --quick --batch-sizes 1,2" in md
+    data = json.loads((out / JSON_NAME).read_text())
+    assert data["config"]["quick"] is True and data["config"]["contenders"] == ["core", "open_clip"]
+    assert (out / PNG_NAME).is_file()
+
+
+def test_cli_rejects_bad_options(tmp_path):
+    import click
+
+    with pytest.raises(click.UsageError, match="unknown contender"):
+        main(["--contenders", "core,warp-drive", "--out", str(tmp_path)], standalone_mode=False)
+    with pytest.raises(click.UsageError, match="unknown section"):
+        main(["--skip", "everything", "--out", str(tmp_path)], standalone_mode=False)

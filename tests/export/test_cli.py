@@ -1,0 +1,100 @@
+"""``anoclip-export`` through click's CliRunner: default command, explicit export, add-class, errors."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from runtime import manifest as mf
+
+CONFIGS = None
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def configs():
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def _error_line(result) -> str:
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_default_command_export_then_add_class(runner, configs, tmp_path, artifact):
+    from export.cli import main
+
+    out = tmp_path / "art"
+    args = ["--backbone", "anoclip-tiny", "--pretrained", "none", "--classes", "bottle", "--model-config", configs,
+            "--out", str(out), "--text-cache", "none", "--quiet", "--exporter", "legacy"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "RANDOM WEIGHTS" in result.output
+    assert f"artifact: {out}" in result.output and "verify fp32" in result.output
+    data = mf.read_manifest(out)
+    assert data["pretrained"]["random_weights"] is True and data["exporter"] == "legacy"
+
+    result = runner.invoke(main, ["add-class", str(out), "carpet", "--domain", "texture", "--text-cache", "none", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "added 'carpet'" in result.output
+    assert mf.read_manifest(out)["text"]["classes"] == {"bottle": "object", "carpet": "texture"}
+
+    # refusing to overwrite: one-line error, exit 2
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2
+    assert "already exists" in _error_line(result)
+
+
+def test_explicit_export_command_form(runner, configs, tmp_path, monkeypatch):
+    """`anoclip-export export ...` parses the same options (stopped before any heavy work)."""
+    from export.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    result = runner.invoke(main, ["export", "--backbone", "anoclip-tiny", "--classes", "a,b", "--trt",
+                                  "--model-config", configs, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "--trt needs TensorRT" in _error_line(result)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_precision_and_classes_errors(runner, configs, tmp_path):
+    from export.cli import main
+
+    base = ["--backbone", "anoclip-tiny", "--model-config", configs, "--out", str(tmp_path / "x")]
+    result = runner.invoke(main, base + ["--classes", "a", "--precision", "fp8"])
+    assert result.exit_code == 2 and "unknown precision 'fp8'" in _error_line(result)
+    result = runner.invoke(main, base + ["--classes", "a", "--precision", "fp16,bf16"])
+    assert result.exit_code == 2 and "bf16 is not available" in _error_line(result)
+    result = runner.invoke(main, base)
+    assert result.exit_code == 2 and "no classes given" in _error_line(result)
+    result = runner.invoke(main, ["--backbone", "ViT-Nope", "--classes", "a", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "unknown backbone" in _error_line(result)
+    result = runner.invoke(main, ["add-class", str(tmp_path / "missing"), "carpet"])
+    assert result.exit_code == 2 and "artifact folder not found" in _error_line(result)
+
+
+def test_classes_file(tmp_path):
+    from export.text import read_classes_file
+
+    f = tmp_path / "c.txt"
+    f.write_text("bottle\n# comment\ncarpet, grid\n\nbottle\n")
+    assert read_classes_file(f) == ["bottle", "carpet", "grid"]
+
+
+def test_help_lists_both_commands(runner):
+    from export.cli import main
+
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "add-class" in result.output and "export" in result.output
+    result = runner.invoke(main, ["export", "--help"])
+    assert result.exit_code == 0 and "--precision" in result.output and "--triton" in result.output

@@ -1,0 +1,274 @@
+"""TensorRT: immediate refusal without TensorRT/GPU, builder logic against a fake ``tensorrt``
+module (TensorRT 10 and 11 APIs), and a real-GPU build (marked ``gpu``)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from anoclip_core.errors import AnoCLIPError, BackendUnavailable
+from runtime import manifest as mf
+
+
+def fake_tensorrt(version: str) -> types.ModuleType:
+    """Just enough of the tensorrt Python API to drive ``export.trt.build_engine``."""
+    major = int(version.split(".")[0])
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.calls = []
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class Flag:
+        STRONGLY_TYPED = 1
+
+    class BuilderFlag:
+        pass
+
+    if major < 11:  # TensorRT 11 removed the weak-typing precision flags
+        BuilderFlag.FP16 = 0
+        BuilderFlag.BF16 = 17
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    class Input:
+        def __init__(self, name):
+            self.name = name
+
+    class Network:
+        def __init__(self, flags):
+            self.flags = flags
+            self.inputs = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            import onnx
+
+            trt.calls.append(("parse", Path(path).name))
+            model = onnx.load(str(path), load_external_data=False)
+            self.network.inputs = [Input(i.name) for i in model.graph.input]
+            return True
+
+    class Cache:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def serialize(self):
+            return b"timing:" + bytes(self.blob)
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            trt.calls.append(("shape", name, tuple(lo), tuple(opt), tuple(hi)))
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            trt.calls.append(("workspace", size))
+
+        def set_flag(self, flag):
+            trt.calls.append(("flag", flag))
+
+        def add_optimization_profile(self, profile):
+            trt.calls.append(("profile",))
+
+        def create_timing_cache(self, blob):
+            trt.calls.append(("cache_in", bytes(blob)))
+            self._cache = Cache(blob)
+            return self._cache
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            trt.calls.append(("set_cache", ignore_mismatch))
+
+        def get_timing_cache(self):
+            return self._cache
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            trt.calls.append(("network", flags))
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            trt.calls.append(("build",))
+            return b"PLAN-" + version.encode()
+
+    trt.Logger, trt.NetworkDefinitionCreationFlag, trt.BuilderFlag = Logger, Flag, BuilderFlag
+    trt.MemoryPoolType, trt.OnnxParser, trt.Builder = MemoryPoolType, Parser, Builder
+    return trt
+
+
+def _no_weights(monkeypatch):
+    from anoclip_core import model as core_model
+
+    monkeypatch.setattr(core_model.AnoCLIP, "create", classmethod(lambda *a, **k: pytest.fail("loaded weights")))
+
+
+def test_trt_without_tensorrt_fails_at_once(make_config, register_tiny, tmp_path, monkeypatch):
+    from export.api import export_artifact
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    _no_weights(monkeypatch)
+    with pytest.raises(BackendUnavailable, match="--trt needs TensorRT, which is not importable"):
+        export_artifact(make_config(tmp_path / "a", trt=True))
+    assert not list(tmp_path.iterdir())
+
+
+def test_trt_without_gpu_fails_at_once(make_config, register_tiny, tmp_path, monkeypatch):
+    from export import trt as trt_mod
+    from export.api import export_artifact
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.9.0"))
+    monkeypatch.setattr(trt_mod, "cuda_gpu_name", lambda: None)
+    _no_weights(monkeypatch)
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
+        export_artifact(make_config(tmp_path / "a", trt=True))
+
+
+def test_trt_int8_only_refused(make_config, register_tiny, tmp_path, monkeypatch):
+    from export.api import export_artifact
+
+    _no_weights(monkeypatch)
+    with pytest.raises(AnoCLIPError, match="TensorRT cannot build"):
+        export_artifact(make_config(tmp_path / "a", trt=True, precisions=["int8"]))
+
+
+def test_profile_shapes():
+    from export.trt import profile_shapes
+
+    shapes = profile_shapes(240, 640, 3, (1, 8, 32))
+    assert shapes["pixels"] == ((1, 3, 240, 240), (8, 3, 240, 240), (32, 3, 240, 240))
+    assert shapes["text_prototypes"] == ((1, 2, 640), (3, 2, 640), (64, 2, 640))
+    with pytest.raises(AnoCLIPError):
+        profile_shapes(240, 640, 3, (4, 2, 8))
+
+
+@pytest.mark.parametrize("version", ["10.9.0", "11.0.1"])
+def test_build_engine_precision_api(artifact, tmp_path, version):
+    from export import trt as trt_mod
+
+    trt = fake_tensorrt(version)
+    graphs = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx"}
+    src = trt_mod.engine_source(trt, "fp16", graphs)
+    cache = tmp_path / "t.cache"
+    cache.write_bytes(b"old")
+    entry = trt_mod.build_engine(trt, artifact / src, tmp_path / "encoder.fp16.plan", "fp16", 64, 32, 2,
+                                 "Fake GPU", (1, 4, 16), cache)
+    calls = trt.calls
+    if version.startswith("10"):
+        # weak typing: fp32 graph + FP16 builder flag
+        assert src == "encoder.onnx" and ("flag", trt.BuilderFlag.FP16) in calls
+        assert ("network", 0) in calls and entry["strongly_typed"] is False
+    else:
+        # TensorRT 11: no FP16 flag; strongly typed network from the fp16 graph
+        assert src == "encoder.fp16.onnx" and not [c for c in calls if c[0] == "flag"]
+        assert ("network", 1 << 1) in calls and entry["strongly_typed"] is True
+    assert ("parse", src) in calls
+    assert ("shape", "pixels", (1, 3, 64, 64), (4, 3, 64, 64), (16, 3, 64, 64)) in calls
+    assert ("shape", "text_prototypes", (1, 2, 32), (2, 2, 32), (64, 2, 32)) in calls
+    assert ("cache_in", b"old") in calls
+    assert cache.read_bytes() == b"timing:old"  # timing cache written back
+    assert (tmp_path / "encoder.fp16.plan").read_bytes() == b"PLAN-" + version.encode()
+    assert entry["trt_version"] == version and entry["gpu"] == "Fake GPU"
+    assert entry["profile"] == {"min": 1, "opt": 4, "max": 16}
+    assert entry["timing_cache"] == str(cache) and entry["file"] == "encoder.fp16.plan"
+
+
+def test_trt11_needs_reduced_graph():
+    from export import trt as trt_mod
+
+    with pytest.raises(AnoCLIPError, match="strongly typed"):
+        trt_mod.engine_source(fake_tensorrt("11.0.0"), "bf16", {"fp32": "encoder.onnx"})
+
+
+def test_default_timing_cache_path(monkeypatch, tmp_path):
+    from export import trt as trt_mod
+
+    monkeypatch.setenv("ANOCLIP_TRT_CACHE", str(tmp_path))
+    path = trt_mod.default_timing_cache(fake_tensorrt("10.9.0"), "NVIDIA H100 80GB HBM3")
+    assert path == tmp_path / "timing-10.9.0-NVIDIA_H100_80GB_HBM3.cache"
+
+
+def test_export_with_fake_trt_and_triton_plan(make_config, register_tiny, tmp_path, monkeypatch):
+    """Whole export path with --trt (fake TensorRT 11 + fake GPU) and --triton: plan in the artifact,
+    manifest tensorrt entry and sha256, Triton repository with model.plan."""
+    from export import trt as trt_mod
+    from export.api import export_artifact
+
+    fake = fake_tensorrt("11.0.1")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_mod, "cuda_gpu_name", lambda: "Fake GPU")
+    cfg = make_config(tmp_path / "art", classes=["bottle"], precisions=["fp16"], trt=True,
+                      trt_timing_cache=tmp_path / "cache" / "t.cache", triton=tmp_path / "triton")
+    out = export_artifact(cfg)
+    data = mf.read_manifest(out)
+    t = data["tensorrt"]
+    assert t["file"] == "encoder.fp16.plan" and t["precision"] == "fp16" and t["trt_version"] == "11.0.1"
+    assert t["gpu"] == "Fake GPU" and t["profile"] == {"min": 1, "opt": 8, "max": 32} and t["strongly_typed"]
+    assert "encoder.fp16.plan" in data["files"] and data["versions"]["tensorrt"] == "11.0.1"
+    assert (tmp_path / "cache" / "t.cache").is_file()
+    model_dir = tmp_path / "triton" / "anoclip"
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.plan"]
+    assert 'platform: "tensorrt_plan"' in (model_dir / "config.pbtxt").read_text()
+    # the Triton engine was built from the folded graph: pixels is its only input
+    shapes = [c[1] for c in fake.calls if c[0] == "shape"]
+    assert shapes.count("pixels") == 2 and shapes.count("text_prototypes") == 1
+    assert data["triton"]["platform"] == "tensorrt_plan"
+
+
+def _real_trt():
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as err:  # noqa: BLE001
+        return f"tensorrt not importable ({type(err).__name__})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+@pytest.mark.gpu
+def test_real_trt_engine_build(make_config, register_tiny, tmp_path):
+    reason = _real_trt()
+    if reason:
+        pytest.skip(f"real TensorRT build needs TensorRT and a CUDA GPU: {reason}")
+    from export.api import export_artifact
+
+    out = export_artifact(make_config(tmp_path / "art", classes=["bottle"], precisions=["fp16"], trt=True,
+                                      trt_timing_cache=tmp_path / "t.cache"))
+    data = mf.read_manifest(out)
+    assert (out / data["tensorrt"]["file"]).stat().st_size > 0
+    assert (tmp_path / "t.cache").stat().st_size > 0
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine((out / data["tensorrt"]["file"]).read_bytes())
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    assert names == set(data["io"]["inputs"]) | set(data["io"]["outputs"])

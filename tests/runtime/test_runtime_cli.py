@@ -1,0 +1,127 @@
+"""The ``anoclip-infer`` / ``anoclip`` command line."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from runtime.cli import infer_main, main
+
+
+def _write_images(folder, n=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"img{i}.png"), (rng.random((40 + 10 * i, 60, 3)) * 255).astype(np.uint8))
+    return folder
+
+
+def _lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_infer_to_stdout_with_folder_glob_and_bad_file(tiny_artifact, tmp_path):
+    imgs = _write_images(tmp_path / "imgs")
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    runner = CliRunner()
+    res = runner.invoke(infer_main, [str(tiny_artifact), str(imgs), str(tmp_path / "imgs" / "img1.*"),
+                                     str(tmp_path / "broken.png"), "--class", "bottle", "--batch", "2", "--quiet",
+                                     "--threshold", "0.4"])
+    lines = _lines(res.stdout)
+    assert res.exit_code == 1, res.output  # one image failed
+    assert len(lines) == 4  # img1 listed twice -> deduplicated
+    ok = [l for l in lines if "error" not in l]
+    assert len(ok) == 3 and all(l["random_weights"] is True and "RANDOM WEIGHTS" in l["warning"] for l in lines)
+    assert all(l["label"] == ("anomaly" if l["score"] > 0.4 else "normal") for l in ok)
+    assert {"path", "score", "label", "regions", "timing", "backend"} <= set(ok[0])
+    assert "cannot decode" in lines[-1]["error"]
+    assert "WARNING" in res.stderr and "RANDOM WEIGHTS" in res.stderr
+    assert "3 anomal" in res.stderr or "anomal" in res.stderr
+    assert "backend ort-cpu" in res.stderr
+
+
+def test_infer_out_dir_writes_jsonl_overlays_masks_summary(tiny_artifact, tmp_path):
+    imgs = _write_images(tmp_path / "imgs", 2)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["infer", str(tiny_artifact), str(imgs / "*.png"), "--class", "carpet", "--out",
+                                    str(out), "--backend", "ort-cpu", "--pixel-threshold", "0.3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    lines = _lines((out / "results.jsonl").read_text())
+    assert len(lines) == 2 and res.stdout.strip() == ""
+    for l in lines:
+        overlay = cv2.imread(str(out / l["overlay"]))
+        mask = cv2.imread(str(out / l["mask"]), cv2.IMREAD_UNCHANGED)
+        h, w = l["size"]
+        assert overlay.shape == (h, w, 3) and mask.shape == (h, w)
+        assert set(np.unique(mask)) <= {0, 255}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 2 and summary["errors"] == 0 and summary["backend"] == "ort-cpu"
+    assert summary["mean_latency_ms"] > 0
+
+
+def test_infer_tiled_strip(tiny_artifact, tmp_path):
+    strip = (np.random.default_rng(0).random((64, 1000, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "strip.png"), strip)
+    res = CliRunner().invoke(infer_main, [str(tiny_artifact), str(tmp_path / "strip.png"), "--class", "bottle",
+                                          "--tile", "--overlap", "16", "--quiet"])
+    assert res.exit_code == 0, res.output
+    (line,) = _lines(res.stdout)
+    assert line["size"] == [64, 1000] and line["tiles"] == len(range(0, 1000 - 64, 48)) + 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--class", "screw"], "not in this artifact"),
+    (["--class", "bottle", "--backend", "ort-cuda"], "onnxruntime-gpu"),
+    (["--class", "bottle", "--threshold", "7"], "threshold"),
+])
+def test_infer_user_errors_exit_2_without_traceback(tiny_artifact, tmp_path, args, needle):
+    imgs = _write_images(tmp_path / "imgs", 1)
+    res = CliRunner().invoke(infer_main, [str(tiny_artifact), str(imgs), *args, "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert needle in res.stderr and "Traceback" not in res.output
+
+
+def test_tampered_artifact_cli(artifact_copy, tmp_path):
+    imgs = _write_images(tmp_path / "imgs", 1)
+    (artifact_copy / "text_embeddings.npz").write_bytes(b"x")
+    res = CliRunner().invoke(infer_main, [str(artifact_copy), str(imgs), "--class", "bottle"])
+    assert res.exit_code == 2 and "sha256 mismatch" in res.stderr
+
+
+def test_calibrate_then_infer_uses_calibration(artifact_copy, tmp_path):
+    good = _write_images(tmp_path / "good", 4)
+    res = CliRunner().invoke(main, ["calibrate", str(artifact_copy), "--good", str(good), "--class", "bottle",
+                                    "--quantile", "0.5"])
+    assert res.exit_code == 0, res.output
+    entry = _lines(res.stdout)[0]
+    assert entry["images"] == 4 and 0 <= entry["pixel_threshold"] <= 1
+    assert (artifact_copy / "calibration.json").is_file()
+    res = CliRunner().invoke(infer_main, [str(artifact_copy), str(good), "--class", "bottle", "--quiet"])
+    lines = _lines(res.stdout)
+    assert all(l["threshold_source"] == "calibration" for l in lines)
+    assert sum(l["label"] == "anomaly" for l in lines) == 2  # median threshold: 2 of 4 above
+
+
+def test_parity_command(tiny_artifact):
+    res = CliRunner().invoke(main, ["parity", str(tiny_artifact), "--a", "ort-cpu", "--b", "auto"])
+    assert res.exit_code == 0, res.output
+    assert _lines(res.stdout)[0]["passed"] is True
+
+
+def test_console_scripts_installed(tiny_artifact, tmp_path):
+    exe = shutil.which("anoclip-infer")
+    if exe is None:
+        pytest.skip("console scripts not installed (pip install -e .)")
+    imgs = _write_images(tmp_path / "imgs", 1)
+    out = subprocess.run([exe, str(tiny_artifact), str(imgs), "--class", "bottle"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert len(_lines(out.stdout)) == 1
+    out = subprocess.run([shutil.which("anoclip"), "--help"], capture_output=True, text=True, timeout=120)
+    assert "calibrate" in out.stdout and "infer" in out.stdout
