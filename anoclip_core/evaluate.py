@@ -103,10 +103,15 @@ class ClassOutputs:
 
 
 def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailable(f"device {device!r} requested but CUDA is not available on this machine")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+    """Refuse devices this machine does not have, with a one-line message."""
+    if device == "cpu":
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise AnoCLIPError(f"unknown device {device!r} (expected cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(f"device {device!r} requested but CUDA is not available on this machine")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise BackendUnavailable(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
 
 
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:

@@ -253,6 +253,11 @@ def test_cli_errors(mvtec_root: Path, extra: list[str], match: str) -> None:
     assert "Traceback" not in res.output
 
 
+def test_cli_unknown_device(mvtec_root: Path) -> None:
+    res = CliRunner().invoke(main, cli_args(mvtec_root, "--dataset", "mvtec", "--device", "tpu"))
+    assert res.exit_code == 2 and "error: unknown device 'tpu'" in res.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cli_cuda_unavailable(mvtec_root: Path) -> None:
     res = CliRunner().invoke(main, cli_args(mvtec_root, "--dataset", "mvtec", "--device", "cuda"))

@@ -1,0 +1,1 @@
+"""End-to-end demo of the toolkit on the bundled sample images (``anoclip-demo``)."""
