@@ -258,10 +258,13 @@ class AnoCLIP(torch.nn.Module):
     # text ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_text(self, sentences: Sequence[str]) -> torch.Tensor:
+        # Always float32, also inside a caller's torch.autocast: the result is cached on disk
+        # under a key that does not name the precision, and exported as the artifact's text.
         out = []
-        for i in range(0, len(sentences), TEXT_BATCH):
-            tokens = self._tokenizer(list(sentences[i : i + TEXT_BATCH])).to(self.device)
-            out.append(self.clip.encode_text(tokens).float())
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            for i in range(0, len(sentences), TEXT_BATCH):
+                tokens = self._tokenizer(list(sentences[i : i + TEXT_BATCH])).to(self.device)
+                out.append(self.clip.encode_text(tokens).float())
         return torch.cat(out)
 
     def state_embeddings(self, class_name: str, domain: str | None = None) -> StateEmbeddings:

@@ -71,20 +71,33 @@ def gpu_info() -> dict | None:
     }
 
 
+# (distribution, module): the module's own __version__ (e.g. torch's "+cu130" build tag) when it
+# is importable, else the installed distribution's version
 VERSION_PACKAGES = (
-    "anoclip", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-    "numpy", "opencv-python-headless", "opencv-python", "psutil", "matplotlib",
+    ("anoclip", "anoclip_core"), ("torch", "torch"), ("open_clip_torch", "open_clip"), ("onnx", "onnx"),
+    ("onnxruntime", "onnxruntime"), ("onnxruntime-gpu", None), ("tensorrt", None), ("numpy", "numpy"),
+    ("opencv-python-headless", "cv2"), ("opencv-python", None), ("psutil", "psutil"), ("matplotlib", "matplotlib"),
 )
 
 
 def versions() -> dict[str, str]:
-    """Installed versions of the packages that matter (absent ones left out) and Python."""
+    """Versions of the packages that matter (absent ones left out) and Python."""
+    import importlib
+
     out = {"python": platform.python_version()}
-    for name in VERSION_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    for dist, module in VERSION_PACKAGES:
+        version = None
+        if module is not None:
+            try:
+                version = str(getattr(importlib.import_module(module), "__version__", "") or "") or None
+            except Exception:  # noqa: BLE001 - not installed / broken install: fall back to metadata
+                version = None
+        if version is None:
+            try:
+                version = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        out[dist] = version
     return out
 
 

@@ -66,6 +66,30 @@ def _device_name(results: dict, device: str) -> str:
     return f"CPU: {m.get('cpu', '?')} ({cc.get('usable', '?')} usable cores)"
 
 
+def _headline(results: dict) -> list[str]:
+    h = results.get("headline") or {}
+    if not h:
+        return []
+    out = ["## Key ratios (this run, batch 1 p50 unless stated)", ""]
+    if h.get("reference_over_core_p50"):
+        out.append(f"- Reference-style pipeline (a) vs the core's fused forward (b): **{_x(h['reference_over_core_p50'])}"
+                   "** the latency (23 forwards vs 1).")
+    if h.get("core_over_open_clip_p50"):
+        out.append(f"- Core (b) vs plain open_clip (c): **{_x(h['core_over_open_clip_p50'])}** the latency "
+                   f"(analytical FLOP ratio {_x(h.get('dual_over_plain_flops'))}: the V-V path).")
+    for name, r in (h.get("runtime") or {}).items():
+        out.append(f"- `{name}`: core p50 / runtime p50 = **{_x(r['core_over_runtime_p50'])}**; best throughput "
+                   f"{_x(r['runtime_over_core_best_throughput'])} the core's, {_x(r['runtime_over_open_clip_best_throughput'])}"
+                   " plain open_clip's.")
+    if h.get("core_peak_fraction_best") is not None:
+        out.append(f"- Core at its best batch reaches {_pct(h['core_peak_fraction_best'])} of the measured fp32 GEMM peak.")
+    if h.get("tta_over_plain_p50") is not None:
+        out.append(f"- AnoCLIP+ (TTA): {_x(h['tta_over_plain_p50'])} the latency of AnoCLIP "
+                   f"(+{_f(h.get('tta_overhead_ms_p50'))} ms per image).")
+    out.append("")
+    return out
+
+
 def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     cfg = results.get("config", {})
     model = results.get("model", {})
@@ -82,9 +106,11 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     lines += [f"> **Shared machine.** {NOISE_NOTE}", ""]
     hl = results.get("hardware_limit", {})
     if hl.get("spread") is not None:
-        lines += [f"GEMM peak measured at the start and at the end of the run differs by {_pct(hl['spread'])}; "
-                  f"load average {results['machine'].get('load_average_start')} at the start, "
-                  f"{results['machine'].get('load_average_end')} at the end.", ""]
+        lines += [f"Noise gauge: the same fp32 GEMM, timed at the start, between the contenders' calls and at the end, "
+                  f"ran at {_f(hl.get('gflops_min'))} to {_f(hl.get('gflops'))} GFLOP/s (the slowest "
+                  f"{_pct(hl['spread'])} below the best); load average {results['machine'].get('load_average_start')} "
+                  f"at the start, {results['machine'].get('load_average_end')} at the end.", ""]
+    lines += _headline(results)
     lines += ["## Command", "", "```", results.get("command") or "(library call)", "```", ""]
     lines += [f"Started {results.get('started')}, finished {results.get('finished')} "
               f"({_f(results.get('wall_s'))} s). Effort: {'quick' if cfg.get('quick') else 'full'} "
@@ -189,7 +215,13 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
         lines += _table(["contender", "map max abs", "map mean abs", "score max abs", "map Pearson",
                          "top-1% pixel IoU", "text prototypes max abs"], rows)
         lines += ["", "The runtime uses the artifact's own text prototypes (last column: their difference from the "
-                  "core's), so these errors cover the whole exported path.", ""]
+                  "core's), so these errors cover the whole exported path."]
+        rm = fd.get("reference_maps")
+        if rm:
+            lines.append(f"The reference maps span [{rm['min']:.4f}, {rm['max']:.4f}] with a within-image std of "
+                         f"{rm['std_within_image_mean']:.2e}: the smaller that spread (random weights give nearly "
+                         "flat maps), the more a small absolute error reorders the top 1% of pixels.")
+        lines.append("")
     else:
         lines.append("Not measured (no runtime contender ran, or the section was off).")
     lines.append("")

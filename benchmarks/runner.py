@@ -126,18 +126,22 @@ def interleaved_samples(
 ) -> dict[str, list[float]]:
     """Time the contenders in rounds (one call of each per round) so that a noisy neighbour
     slows all of them alike; each stops at ``repeats`` calls or once its ``budget_s`` is spent
-    (never before ``min_repeats``). ``estimates`` (seconds per call) only size the progress bar."""
+    (never before ``min_repeats``). A contender of group ``"probe"`` (the GEMM probe) takes part in
+    every round while any other contender is still running. ``estimates`` (seconds per call) only
+    size the progress bar."""
     samples: dict[str, list[float]] = {c.name: [] for c in contenders}
     spent: dict[str, float] = {c.name: 0.0 for c in contenders}
     active = list(contenders)
     if bar is not None:
         bar.reset(total=sum(plan_repeats(estimates.get(c.name, 0.0), repeats, budget_s, min_repeats)
-                            for c in contenders))
-    while active:
+                            for c in contenders if c.group != "probe"))
+    while any(c.group != "probe" for c in active):
         for c in list(active):
             dt = _timed(c, x, t)
             samples[c.name].append(dt)
             spent[c.name] += dt
+            if c.group == "probe":
+                continue
             if bar is not None:
                 bar.update(1)
             n = len(samples[c.name])
@@ -146,13 +150,43 @@ def interleaved_samples(
     return samples
 
 
-def measure_all(cs: list[Contender], px: np.ndarray, pt: Any, cfg: BenchConfig, prepared: dict[str, dict]) -> dict:
-    """Latency at batch 1 and throughput at every batch size, interleaved across contenders."""
+def gemm_probe(device: str, n: int) -> Contender:
+    """An fp32 ``n x n`` matmul timed like a contender, to measure the hardware limit under the same
+    load as the contenders (it joins every interleaved round)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(n, n, generator=gen).to(device)
+    b = torch.randn(n, n, generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+
+    def call(px, pt):
+        return torch.mm(a, b)
+
+    probe = Contender("_gemm", f"fp32 GEMM {n}x{n}", "probe", device, "fp32", call=call, sync=sync)
+    probe.info = {"flops_per_call": 2.0 * n**3, "n": n}
+    return probe
+
+
+def measure_all(cs: list[Contender], px: np.ndarray, pt: Any, cfg: BenchConfig, prepared: dict[str, dict],
+                probe: Contender | None = None) -> dict:
+    """Latency at batch 1 and throughput at every batch size, interleaved across contenders.
+
+    ``probe`` (see ``gemm_probe``) joins every round; its samples are returned under ``"_probe"``.
+    """
     plan = cfg.plan
-    res: dict[str, dict] = {c.name: {"latency": None, "throughput": {}} for c in cs}
+    res: dict[str, Any] = {c.name: {"latency": None, "throughput": {}} for c in cs}
+    res["_probe"] = []
+    extra = [probe] if probe is not None else []
+
+    def keep_probe(samples: dict[str, list[float]]) -> None:
+        if probe is not None:
+            res["_probe"].extend(samples.pop(probe.name))
+
     bar = _bar(None, "latency b1 (interleaved)", cfg.progress)
-    lat = interleaved_samples(cs, px[:1], pt[:1], {c.name: prepared[c.name]["warm_s"]["1"] for c in cs},
+    lat = interleaved_samples(cs + extra, px[:1], pt[:1], {c.name: prepared[c.name]["warm_s"]["1"] for c in cs},
                               plan.latency_repeats, plan.latency_budget_s, plan.latency_min_repeats, bar)
+    keep_probe(lat)
     for c in cs:
         st = summarize(lat[c.name])
         res[c.name]["latency"] = dict(st.to_dict(), samples_ms=[round(v * 1000, 3) for v in lat[c.name]])
@@ -170,9 +204,11 @@ def measure_all(cs: list[Contender], px: np.ndarray, pt: Any, cfg: BenchConfig, 
             if not group:
                 continue
             bar.set_description(f"batch {b} (interleaved)")
-            tp = interleaved_samples(group, px[:b], pt[:b], {c.name: prepared[c.name]["warm_s"][key] for c in group},
+            tp = interleaved_samples(group + extra, px[:b], pt[:b],
+                                     {c.name: prepared[c.name]["warm_s"][key] for c in group},
                                      plan.throughput_repeats, plan.throughput_budget_s, plan.throughput_min_repeats,
                                      bar)
+            keep_probe(tp)
             for c in group:
                 ms = [v * 1000 for v in tp[c.name]]
                 res[c.name]["throughput"][key] = {"img_s": throughput(b, tp[c.name]), "calls": len(ms),
@@ -221,6 +257,39 @@ def derive_ratios(results: dict) -> None:
         base_best, _ = best_throughput(base) if base else (None, None)
         r["best_throughput_vs_open_clip"] = ratio(best, base_best)
         e["ratios"] = r
+
+
+def headline(results: dict) -> dict:
+    """The few ratios a reader wants first (all from this run): see ``report.markdown``."""
+    entries = {e["name"]: e for e in results.get("contenders", []) if e.get("available") and e.get("latency")}
+
+    def p50(name: str) -> float | None:
+        return entries[name]["latency"]["p50_ms"] if name in entries else None
+
+    def best(name: str) -> float | None:
+        return best_throughput(entries[name])[0] if name in entries else None
+
+    fl = results.get("flops", {})
+    out: dict[str, Any] = {
+        "reference_over_core_p50": ratio(p50("reference"), p50("core")),
+        "core_over_open_clip_p50": ratio(p50("core"), p50("open_clip")),
+        "dual_over_plain_flops": ratio(fl.get("dual_gflops"), fl.get("plain_gflops")),
+        "core_peak_fraction_best": (entries.get("core", {}).get("ratios") or {}).get("peak_fraction_best"),
+        "runtime": {},
+    }
+    for name, e in entries.items():
+        if e["group"] != "runtime":
+            continue
+        out["runtime"][name] = {
+            "core_over_runtime_p50": ratio(p50("core"), p50(name)),
+            "runtime_over_core_best_throughput": ratio(best(name), best("core")),
+            "runtime_over_open_clip_best_throughput": ratio(best(name), best("open_clip")),
+        }
+    tta = results.get("tta")
+    if tta:
+        out["tta_over_plain_p50"] = tta.get("overhead_ratio_p50")
+        out["tta_overhead_ms_p50"] = tta.get("overhead_ms_p50")
+    return out
 
 
 # artifact -------------------------------------------------------------------------------------
@@ -292,7 +361,8 @@ def load_artifact(path: Path) -> dict:
     return read_manifest(path)
 
 
-def check_artifact_matches(manifest: dict, cfg: BenchConfig, image_size: int, random_weights: bool) -> None:
+def check_artifact_matches(manifest: dict, cfg: BenchConfig, image_size: int, random_weights: bool,
+                           weights_source: str | None = None) -> None:
     """Refuse an artifact of another backbone / image size / weights: fidelity would be meaningless."""
     problems = []
     if manifest.get("backbone") != cfg.backbone:
@@ -303,6 +373,8 @@ def check_artifact_matches(manifest: dict, cfg: BenchConfig, image_size: int, ra
     if bool(pre.get("random_weights", False)) != bool(random_weights):
         problems.append(f"artifact random_weights={pre.get('random_weights')} but the bench model has "
                         f"random_weights={random_weights}")
+    elif not random_weights and weights_source and pre.get("source") and pre["source"] != weights_source:
+        problems.append(f"artifact weights {pre['source']} != {weights_source}")
     if problems:
         raise RuntimeError("--artifact does not match this benchmark: " + "; ".join(problems))
 
@@ -532,7 +604,7 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
                 art_dir, art_info = build_artifact(cfg, art_dir, cfg.runtime_contenders, cfg.progress, say)
                 art_info["path"] = str(art_dir) if cfg.artifact else "(temporary, deleted after the run)"
             manifest = load_artifact(art_dir)
-            check_artifact_matches(manifest, cfg, size, model.random_weights)
+            check_artifact_matches(manifest, cfg, size, model.random_weights, model.weights.source)
             art_info["models"] = {k: v.get("file") for k, v in (manifest.get("models") or {}).items()}
             art_info["tensorrt"] = bool(manifest.get("tensorrt"))
             results["artifact"] = art_info
@@ -567,10 +639,13 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
     ready = [c for c in all_cs if c.available]
 
     # interleaved timing ----------------------------------------------------------------------
-    measured: dict[str, dict] = {}
+    measured: dict[str, Any] = {}
+    probe = gemm_probe(device, plan.gemm_size)
     if ready and ("latency" in cfg.sections or "throughput" in cfg.sections):
-        say(f"timing {len(ready)} contenders in interleaved rounds: {', '.join(c.name for c in ready)}")
-        measured = measure_all(ready, px, pt, cfg, prepared)
+        say(f"timing {len(ready)} contenders in interleaved rounds (+ a GEMM probe): "
+            f"{', '.join(c.name for c in ready)}")
+        measured = measure_all(ready, px, pt, cfg, prepared, probe)
+    probe_gflops = [probe.info["flops_per_call"] / t / 1e9 for t in measured.pop("_probe", [])]
 
     entries: list[dict] = []
     for c in all_cs:
@@ -606,7 +681,11 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
             except Exception as err:  # noqa: BLE001
                 fidelity[c.name] = {"error": f"{type(err).__name__}: {err}"}
         results["fidelity"] = {"reference": "core fp32 (predict, views=False) on the same pixels",
-                               "images": int(fid_px.shape[0]), "by_contender": fidelity}
+                               "images": int(fid_px.shape[0]), "by_contender": fidelity,
+                               "reference_maps": {"min": float(core_ref[0].min()), "max": float(core_ref[0].max()),
+                                                  "std": float(core_ref[0].std()),
+                                                  "std_within_image_mean": float(core_ref[0].reshape(
+                                                      core_ref[0].shape[0], -1).std(axis=1).mean())}}
 
     # line-scan -------------------------------------------------------------------------------
     if "linescan" in cfg.sections:
@@ -636,17 +715,27 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
     say("GEMM peak again (end of run)")
     g1 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)
     results["gemm_end"] = g1.to_dict()
-    peak = max(g0.gflops, g1.gflops)
+    results["gemm_during"] = {
+        "calls": len(probe_gflops),
+        "gflops_max": max(probe_gflops) if probe_gflops else None,
+        "gflops_p50": percentile(probe_gflops, 50) if probe_gflops else None,
+        "gflops_min": min(probe_gflops) if probe_gflops else None,
+    }
+    everything = [g0.gflops, g1.gflops] + probe_gflops
+    peak = max(everything)
     results["hardware_limit"] = {
-        "what": f"fp32 GEMM ({plan.gemm_size}x{plan.gemm_size}) on {device}, torch, {threads} threads, best of "
-                f"{plan.gemm_repeats} at the start and {plan.gemm_repeats} at the end of the run",
+        "what": f"fp32 GEMM ({plan.gemm_size}x{plan.gemm_size}) on {device}, torch, {threads} threads: best of "
+                f"{plan.gemm_repeats} calls at the start, {len(probe_gflops)} calls interleaved with the contenders' "
+                f"timed rounds and {plan.gemm_repeats} at the end of the run",
         "gflops": peak,
-        "spread": abs(g0.gflops - g1.gflops) / peak if peak else None,
+        "gflops_min": min(everything),
+        "spread": (peak - min(everything)) / peak if peak else None,
     }
     if cuda:
         with contextlib.suppress(Exception):
             results["gemm_fp16"] = measure_gemm_peak(device, "float16", plan.gemm_size, plan.gemm_repeats).to_dict()
     derive_ratios(results)
+    results["headline"] = headline(results)
     results["machine"]["load_average_end"] = load_average()
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["wall_s"] = time.perf_counter() - t_run

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -31,7 +32,7 @@ from anoclip_core.errors import AnoCLIPError, ArtifactError
 from runtime import manifest as mf
 
 from . import quantize, text, trt as trt_mod, triton as triton_mod
-from .onnx_export import EXPORTERS, TWO_GB, export_onnx, onnx_opset
+from .onnx_export import EXPORTERS, TWO_GB, ExportError, export_onnx, onnx_opset
 from .verify import BATCH_SIZES, Verifier
 from .wrapper import INPUT_NAMES, OUTPUT_NAMES, AnoCLIPExportWrapper
 
@@ -74,6 +75,8 @@ class ExportConfig:
     text_cache: str | os.PathLike | None = "default"
     weights_cache_dir: str | None = None
     verify_batch_sizes: Sequence[int] = BATCH_SIZES
+    int8_mode: str = "dynamic"
+    calibration_images: Sequence[str | os.PathLike] = ()
     progress: bool = True
 
 
@@ -119,8 +122,8 @@ def cached_tag_file(backbone: str, tag: str, cache_dir: str | None = None) -> st
         return cfg["file"]
     hub = cfg.get("hf_hub", "")
     if hub:
-        model_id, filename = os.path.split(hub.rstrip("/") if not hub.endswith("/") else hub[:-1] + "/")
-        model_id, filename = (hub[:-1], "") if hub.endswith("/") else (model_id, filename)
+        # 'org/model/' (default file names) or 'org/model/file.bin', as open_clip reads it
+        model_id, filename = os.path.split(hub)
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -198,8 +201,15 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
         raise AnoCLIPError(f"unknown exporter {cfg.exporter!r} (expected one of {EXPORTERS})")
     if not MIN_OPSET <= int(cfg.opset) <= MAX_OPSET:
         raise AnoCLIPError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17), got {cfg.opset}")
+    if cfg.exporter == "dynamo" and int(cfg.opset) < 18:
+        raise AnoCLIPError(f"the dynamo exporter writes opset >= 18; for opset {cfg.opset} use --exporter legacy")
     if cfg.temperature <= 0:
         raise AnoCLIPError(f"temperature must be > 0, got {cfg.temperature}")
+    if cfg.int8_mode not in quantize.INT8_MODES:
+        raise AnoCLIPError(f"int8 mode must be one of {quantize.INT8_MODES}, got {cfg.int8_mode!r}")
+    for path in cfg.calibration_images:
+        if not os.path.isfile(path):
+            raise AnoCLIPError(f"calibration image not found: {path}")
     unknown = sorted(set(cfg.domains) - set(classes))
     if unknown:
         raise AnoCLIPError(f"domain given for class(es) not exported: {', '.join(unknown)}")
@@ -210,6 +220,39 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
             raise AnoCLIPError(f"unknown prompt domain {dom!r} for class {name!r} (expected object or texture)")
         domains[name] = dom
     return classes, precisions, domains
+
+
+def _open_clip_config(backbone: str) -> dict[str, Any] | None:
+    """The open_clip model config, so ``add-class`` can rebuild a backbone registered from a file."""
+    import open_clip
+
+    try:
+        cfg = open_clip.get_model_config(backbone)
+    except Exception:  # noqa: BLE001
+        return None
+    return json.loads(json.dumps(cfg, default=str)) if cfg else None
+
+
+def _ensure_backbone(data: Mapping[str, Any]) -> None:
+    """Register the artifact's own open_clip config when this process does not know its backbone."""
+    import open_clip
+
+    backbone = data["backbone"]
+    if backbone in open_clip.list_models() or not data.get("open_clip_config"):
+        return
+    with tempfile.TemporaryDirectory() as tmpdir:
+        path = Path(tmpdir) / f"{backbone}.json"
+        path.write_text(json.dumps(data["open_clip_config"]))
+        open_clip.add_model_config(path)
+
+
+def _calibration_pixels(model, images: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Static-int8 calibration set: the given images preprocessed by the core, else 8 seeded random ones."""
+    from .verify import make_pixels
+
+    if images:
+        return np.stack([np.asarray(model.load_images([p]).cpu().numpy()[0]) for p in images]).astype(np.float32)
+    return make_pixels(model.preprocess_config.to_dict(), n=8, seed=1)
 
 
 def _create_model(backbone: str, pretrained, image_size, dual_blocks, temperature, text_cache, weights_cache_dir, progress):
@@ -273,7 +316,7 @@ def export_artifact(cfg: ExportConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is shared like any folder
-    triton_written: Path | None = None
+    triton_staged: Path | None = None
     try:
         model = _create_model(cfg.backbone, pretrained, cfg.image_size, cfg.dual_blocks, cfg.temperature,
                               cfg.text_cache, cfg.weights_cache_dir, cfg.progress)
@@ -300,6 +343,13 @@ def export_artifact(cfg: ExportConfig) -> Path:
             if precision == "fp32":
                 written = export_onnx(wrapper, tmp / name, model.image_size, model.embed_dim, cfg.opset,
                                       cfg.exporter, cfg.external_data_threshold)
+                opset = onnx_opset(tmp / name)
+                if opset != int(cfg.opset):
+                    raise ExportError(f"asked for opset {cfg.opset}, the {cfg.exporter} exporter wrote opset {opset}")
+            elif precision == "int8" and cfg.int8_mode == "static":
+                calib = _calibration_pixels(model, cfg.calibration_images)
+                written = quantize.quantize_int8_static(tmp / graph_files["fp32"], tmp / name, calib, protos,
+                                                        cfg.external_data_threshold)
             else:
                 written = quantize.CONVERTERS[precision](tmp / graph_files["fp32"], tmp / name,
                                                          cfg.external_data_threshold)
@@ -310,10 +360,15 @@ def export_artifact(cfg: ExportConfig) -> Path:
             entry: dict[str, Any] = {"file": name, "precision": precision, "verification": result}
             if len(written) > 1:
                 entry["external_data"] = [f for f in written if f != name]
+            if precision == "int8":
+                entry["quantization"] = {"mode": cfg.int8_mode, "weights": "int8", "ops": ["MatMul (Linear layers)"]}
+                if cfg.int8_mode == "static":
+                    entry["quantization"]["format"] = "QDQ"
+                    entry["quantization"]["calibration"] = (
+                        f"{len(cfg.calibration_images)} images" if cfg.calibration_images else "random")
             model_entries[precision] = entry
         ebar.close()
         vbar.close()
-        opset = onnx_opset(tmp / graph_files["fp32"])
         del verifier
 
         # TensorRT --------------------------------------------------------------------------
@@ -334,19 +389,20 @@ def export_artifact(cfg: ExportConfig) -> Path:
         # Triton ---------------------------------------------------------------------------
         triton_entry = None
         if cfg.triton is not None:
-            build_plan: Callable | None = None
             tsrc = graph_files["fp32"]
+            build_plan: Callable | None = None
             if cfg.trt:
                 tsrc = trt_mod.engine_source(trt_api, trt_precision, graph_files)
 
-                def build_plan(onnx_path: Path, plan_path: Path) -> None:
+                def _build_plan(onnx_path: Path, plan_path: Path) -> None:
                     trt_mod.build_engine(trt_api, onnx_path, plan_path, trt_precision, model.image_size,
                                          model.embed_dim, len(classes), gpu, tuple(cfg.trt_profile), cfg.trt_timing_cache)
-            triton_entry = triton_mod.write_repository(
+
+                build_plan = _build_plan
+            triton_staged, triton_entry = triton_mod.prepare_repository(
                 cfg.triton, cfg.triton_model_name, tmp / tsrc, protos, classes, model.image_size,
                 model.grid_size, model.embed_dim, cfg.triton_max_batch, build_plan, force=cfg.force,
             )
-            triton_written = Path(cfg.triton) / cfg.triton_model_name
 
         # manifest -------------------------------------------------------------------------
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)
@@ -356,6 +412,7 @@ def export_artifact(cfg: ExportConfig) -> Path:
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
             "backbone": cfg.backbone,
             "pretrained": pretrained_entry,
+            "open_clip_config": _open_clip_config(cfg.backbone),
             "image_size": int(model.image_size),
             "preprocess": model.preprocess_config.to_dict(),
             "patch_grid": [int(v) for v in model.grid_size],
@@ -399,12 +456,15 @@ def export_artifact(cfg: ExportConfig) -> Path:
         mf.read_manifest(tmp, check_files=True)  # what the runtime will see
 
         # commit ----------------------------------------------------------------------------
-        _commit(tmp, out)
+        _commit(tmp, out, cfg.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if triton_written is not None:
-            shutil.rmtree(triton_written, ignore_errors=True)
+        if triton_staged is not None:
+            shutil.rmtree(triton_staged, ignore_errors=True)
         raise
+    if triton_staged is not None:
+        # after the artifact: a failed export never replaces a Triton model
+        triton_mod.commit_repository(triton_staged, Path(cfg.triton) / cfg.triton_model_name, cfg.force)
     return out
 
 
@@ -420,9 +480,10 @@ def _prompt_set() -> str:
     return PROMPT_SET
 
 
-def _commit(tmp: Path, out: Path) -> None:
+def _commit(tmp: Path, out: Path, force: bool) -> None:
     """Atomic swap: ``tmp`` becomes ``out``; a previous ``out`` is moved aside, then deleted."""
     old = None
+    _check_out(out, force)  # again: another export may have finished there meanwhile
     if out.exists():
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -493,6 +554,7 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
         raise ArtifactError(
             f"artifact prompt_set {data['text'].get('prompt_set')!r} differs from this anoclip's {_prompt_set()!r}"
         )
+    _ensure_backbone(data)
     model = model_from_manifest(data, text_cache, weights_cache_dir, progress)
     new = text.encode_classes(model, {name: dom}, progress)[name]
 

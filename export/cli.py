@@ -79,6 +79,10 @@ def cli() -> None:
               help="Prompt domain of a class (default: MVTec textures 'texture', others 'object'). Repeatable.")
 @click.option("--precision", "precisions", multiple=True, metavar="fp32|fp16|bf16|int8",
               help="Extra precision(s); repeatable or comma list. fp32 is always written as the reference.")
+@click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="int8: dynamic (no calibration) or static QDQ (calibrated on --calibration-images).")
+@click.option("--calibration-images", type=click.Path(exists=True), default=None,
+              help="Folder (or file listing paths) of target-domain images for static int8 calibration.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt + a CUDA GPU).")
 @click.option("--trt-profile", default="1,8,32", show_default=True, help="TensorRT batch profile min,opt,max.")
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
@@ -96,7 +100,8 @@ def cli() -> None:
 @click.option("--text-cache", default=None, help="Text-embedding cache folder ('none' disables; default $ANOCLIP_CACHE or ~/.cache/anoclip/text).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
-def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_opts, precisions, trt, trt_profile,
+def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_opts, precisions, int8_mode,
+               calibration_images, trt, trt_profile,
                trt_timing_cache, triton, triton_name, out, force, model_config, opset, exporter, temperature,
                text_cache, quiet) -> None:
     """Export a backbone + classes to a verified artifact folder (the default command)."""
@@ -124,6 +129,8 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
         image_size=image_size,
         domains=domains,
         precisions=list(precisions),
+        int8_mode=int8_mode,
+        calibration_images=_image_list(calibration_images),
         out=out,
         force=force,
         opset=opset,
@@ -141,6 +148,22 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
     t0 = time.time()
     path = export_artifact(cfg)
     _summary(path, time.time() - t0)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _image_list(path: str | None) -> list[str]:
+    if not path:
+        return []
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not files:
+        raise AnoCLIPError(f"--calibration-images {path}: no images found")
+    return files
 
 
 def _summary(path: Path, seconds: float) -> None:

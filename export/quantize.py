@@ -12,13 +12,18 @@
   Sigmoid kernels** (checked by ``bf16_support()`` at run time: NOT_IMPLEMENTED for MatMul(13)
   with onnxruntime 1.32), so a bf16 graph cannot be verified here and ``--precision bf16``
   fails at once with that message instead of shipping an unverified graph.
-* ``int8``: ``onnxruntime.quantization.quantize_dynamic``: int8 weights (per-tensor) for every
+* ``int8`` (``int8_mode="dynamic"``, the default): ``onnxruntime.quantization.quantize_dynamic``: int8 weights (per-tensor) for every
   MatMul whose B is a constant (``MatMulConstBOnly``: the Linear layers); activations quantised
   dynamically per call. Attention score/value matmuls (both inputs activations), Softmax,
   LayerNorm, the patch-embedding Conv and the text-prototype head stay fp32. Dynamic
   quantisation needs no calibration set (a static QDQ graph calibrated on random images would
   be meaningless for real data). The result uses ``MatMulInteger``/``DynamicQuantizeLinear``:
   an ONNX Runtime (CPU) graph; TensorRT needs explicit static QDQ and is refused for int8.
+* ``int8`` with ``int8_mode="static"``: ``quantize_static`` in QDQ format, per-channel symmetric
+  int8 weights, MinMax activations calibrated on ``calibration_images`` (preprocessed like the
+  runtime does) or, without them, on the seeded random verification-style set (recorded as
+  ``calibration: "random"``: it verifies, but real images calibrate real activations). The same
+  MatMuls as dynamic are quantised; attention, Softmax, LayerNorm stay fp32.
 """
 from __future__ import annotations
 
@@ -237,6 +242,62 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data_
     return save_onnx(model, dst, external=_size(model) > external_data_threshold)
 
 
+def _activation_matmuls(model) -> list[str]:
+    """MatMul nodes with no constant input (attention q.k^T / p.v, the text-prototype head)."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
+
+
+def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, calibration: np.ndarray,
+                         prototypes: np.ndarray, external_data_threshold: int = TWO_GB) -> list[str]:
+    """Static int8 QDQ (per-channel symmetric weights, MinMax-calibrated activations) of the Linear
+    MatMuls only. Attention MatMuls (activation x activation), Softmax, LayerNorm, Conv and the
+    text head stay fp32. ``calibration``: normalised pixels [N, 3, S, S] (real images of the
+    target domain; the seeded random set makes a graph that verifies but is not representative).
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    src, dst = Path(src), Path(dst)
+    model = _load(src)
+    exclude = _activation_matmuls(model)
+    del model
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter([{"pixels": calibration[i:i + 1], "text_prototypes": prototypes}
+                                for i in range(calibration.shape[0])])
+
+        def get_next(self):
+            return next(self._items, None)
+
+    external = (src.parent / (src.name + ".data")).exists()
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantize_static(
+                str(src), str(dst), Reader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_exclude=exclude,
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=external,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"static int8 quantisation failed: {type(err).__name__}: {err}") from err
+    finally:
+        quiet.setLevel(level)
+    model = _load(dst)
+    return save_onnx(model, dst, external=_size(model) > external_data_threshold)
+
+
+INT8_MODES = ("dynamic", "static")
 CONVERTERS = {"fp16": convert_fp16, "bf16": convert_bf16, "int8": quantize_int8}
 
 

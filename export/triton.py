@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -131,8 +131,30 @@ def write_repository(
     build_plan=None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Write ``repo_dir/name`` atomically (temp folder + rename). ``build_plan(onnx, plan)``, when
-    given, turns the folded ONNX into ``model.plan`` (TensorRT) instead of shipping ``model.onnx``."""
+    """Write ``repo_dir/name`` atomically (``prepare_repository`` + ``commit_repository``)."""
+    staged, entry = prepare_repository(repo_dir, name, source, prototypes, classes, image_size, grid, embed_dim,
+                                       max_batch_size, build_plan, force)
+    commit_repository(staged, Path(repo_dir) / name, force)
+    return entry
+
+
+def prepare_repository(
+    repo_dir: str | os.PathLike,
+    name: str,
+    source: str | os.PathLike,
+    prototypes: np.ndarray,
+    classes: Sequence[str],
+    image_size: int,
+    grid: Sequence[int],
+    embed_dim: int,
+    max_batch_size: int = 32,
+    build_plan=None,
+    force: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Build the model folder in a hidden temp folder inside ``repo_dir``; returns (staged folder,
+    manifest entry). ``build_plan(onnx, plan)``, when given, turns the folded ONNX into
+    ``model.plan`` (TensorRT) instead of shipping ``model.onnx``. Nothing visible changes until
+    ``commit_repository``; on error the temp folder is removed."""
     repo = Path(repo_dir)
     repo.mkdir(parents=True, exist_ok=True)
     final = repo / name
@@ -150,25 +172,36 @@ def write_repository(
             build_plan(version / "model.onnx", version / "model.plan")
             for f in onnx_files:
                 (version / f).unlink()
-            platform, files = "tensorrt_plan", ["model.plan"]
-            kind = "KIND_GPU"
+            platform, files, kind = "tensorrt_plan", ["model.plan"], "KIND_GPU"
         else:
-            platform, files = "onnxruntime_onnx", onnx_files
-            kind = "KIND_AUTO"
+            platform, files, kind = "onnxruntime_onnx", onnx_files, "KIND_AUTO"
         (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
         (tmp / "config.pbtxt").write_text(
             config_pbtxt(name, platform, image_size, grid, embed_dim, classes, max_batch_size, kind=kind),
             encoding="utf-8",
         )
-        old = None
-        if final.exists():
-            old = repo / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"repository": str(repo.resolve()), "model": name, "platform": platform,
-            "files": [f"1/{f}" for f in files], "classes": list(classes), "max_batch_size": int(max_batch_size)}
+    entry = {"repository": str(repo.resolve()), "model": name, "platform": platform,
+             "files": [f"1/{f}" for f in files], "classes": list(classes), "max_batch_size": int(max_batch_size)}
+    return tmp, entry
+
+
+def commit_repository(staged: Path, final: Path, force: bool = False) -> None:
+    """Rename the staged folder into place (an existing model, with ``force``, is swapped out)."""
+    old = None
+    if final.exists():
+        if not force:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise AnoCLIPError(f"Triton model {final} already exists; pass --force to replace it")
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

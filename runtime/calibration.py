@@ -1,14 +1,16 @@
 """Per-class thresholds from a folder of good images, stored as ``calibration.json`` beside the manifest.
 
 The file lives in the artifact folder but is NOT part of the manifest's sha256 set (the graph and
-the manifest are never modified); instead it records the sha256 of the ``manifest.json`` it was
-computed for, and ``Detector`` ignores it (with a warning) when the artifact was re-exported.
-Format::
+the manifest are never modified). Each class entry records what it depends on (``binding``: the
+sha256 of the graph file and of the class's prototypes); ``Detector`` ignores, with a warning, a
+class whose binding no longer matches (re-exported graph, re-encoded text), while ``add-class``
+(which rewrites the manifest only) keeps existing calibrations valid. Format::
 
-    {"format": "anoclip-calibration", "format_version": 1, "manifest_sha256": "...",
+    {"format": "anoclip-calibration", "format_version": 1,
      "classes": {"bottle": {"image_threshold": 0.61, "pixel_threshold": 0.58, "quantile": 0.99,
-                            "images": 209, "pixels": 1234567, "backend": "ort-cpu",
-                            "created": "2026-...Z", "tile": false}}}
+                            "images": 209, "pixels": 1234567, "backend": "ort-cpu", "tile": false,
+                            "created": "2026-...Z",
+                            "binding": {"model": "fp32", "graph_sha256": "...", "prototypes_sha256": "..."}}}}
 
 Thresholds are quantiles of the good images' own scores (image score; anomaly-map values at the
 original image size, subsampled to at most ``MAX_PIXELS_PER_IMAGE`` per image), i.e. in the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,6 +34,7 @@ from .detector import CALIBRATION_NAME, Detector, InferConfig, load_calibration
 from .inputs import collect_inputs
 
 MAX_PIXELS_PER_IMAGE = 1 << 16
+_WRITE_LOCK = threading.Lock()
 
 
 def _subsample(amap: np.ndarray, limit: int = MAX_PIXELS_PER_IMAGE) -> np.ndarray:
@@ -77,18 +81,18 @@ def calibrate(detector: Detector, good: Iterable[str | os.PathLike], class_name:
         "backend": detector.backend_name,
         "tile": bool(cfg.tile),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "binding": detector.calibration_binding(class_name),
     }
     if write:
         root = Path(detector.artifact_dir)
-        manifest_sha = mf.sha256_file(root / mf.MANIFEST_NAME)
-        try:
-            data = load_calibration(root, manifest_sha)
-        except AnoCLIPError:
-            data = {}
-        data = {"format": "anoclip-calibration", "format_version": 1, "manifest_sha256": manifest_sha,
-                "classes": dict(data.get("classes", {}))}
-        data["classes"][class_name] = entry
-        mf.atomic_write_text(root / CALIBRATION_NAME, json.dumps(data, indent=2) + "\n")
-        detector.calibration = data
+        with _WRITE_LOCK:
+            try:
+                data = load_calibration(root)
+            except AnoCLIPError:
+                data = {}
+            data = {"format": "anoclip-calibration", "format_version": 1, "classes": dict(data.get("classes", {}))}
+            data["classes"][class_name] = entry
+            mf.atomic_write_text(root / CALIBRATION_NAME, json.dumps(data, indent=2) + "\n")
+        detector.calibration = detector._check_calibration(data)
     entry["errors"] = errors
     return entry

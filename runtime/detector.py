@@ -13,6 +13,7 @@ embeddings for AnoCLIP+) is guarded by a lock. ONNX Runtime sessions are thread-
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -148,8 +149,8 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def load_calibration(artifact_dir: str | os.PathLike, manifest_sha: str | None = None) -> dict[str, Any]:
-    """``calibration.json`` beside the manifest ({} when absent); ignored (with a warning) when stale."""
+def load_calibration(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    """``calibration.json`` beside the manifest as stored ({} when absent); see ``runtime.calibration``."""
     path = Path(artifact_dir) / CALIBRATION_NAME
     if not path.is_file():
         return {}
@@ -160,9 +161,8 @@ def load_calibration(artifact_dir: str | os.PathLike, manifest_sha: str | None =
     if not isinstance(data, dict) or data.get("format") != "anoclip-calibration" or not isinstance(
             data.get("classes"), dict):
         raise ArtifactError(f"{path} is not an anoclip calibration file")
-    if manifest_sha and data.get("manifest_sha256") not in (None, manifest_sha):
-        log.warning("%s was made for another export of this artifact (manifest changed); ignoring it", path)
-        return {}
+    if not isinstance(data.get("format_version"), int) or data["format_version"] > 1:
+        raise ArtifactError(f"{path} has format_version {data.get('format_version')!r}; this anoclip reads 1")
     return data
 
 
@@ -177,6 +177,7 @@ class Detector:
         artifact_dir: str | os.PathLike | None = None,
         calibration: Mapping[str, Any] | None = None,
         backend_note: str | None = None,
+        precision: str | None = None,
     ) -> None:
         self.backend = backend
         self.backend_name = getattr(backend, "name", type(backend).__name__)
@@ -188,7 +189,8 @@ class Detector:
         self.random_weights = bool(self.manifest.get("pretrained", {}).get("random_weights", False))
         self._prototypes = {k: np.ascontiguousarray(v, dtype=np.float32).reshape(1, 2, -1)
                             for k, v in prototypes.items()}
-        self.calibration = dict(calibration or {})
+        self.precision = precision or self.manifest.get("default_model")
+        self.calibration = self._check_calibration(calibration or {})
         self._sentences: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         if self.random_weights:
@@ -213,10 +215,9 @@ class Detector:
                 protos = {c: npz[f"{c}/prototypes"] for c in manifest["text"]["classes"] if f"{c}/prototypes" in npz}
         except (OSError, ValueError) as err:
             raise ArtifactError(f"cannot read text embeddings {text_path}: {err}") from None
-        manifest_sha = mf.sha256_file(root / mf.MANIFEST_NAME)
-        calibration = load_calibration(root, manifest_sha)
+        calibration = load_calibration(root)
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
-        det = cls(choice.backend, manifest, protos, root, calibration, choice.describe())
+        det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision)
         det.backend_name = choice.name
         return det
 
@@ -230,6 +231,32 @@ class Detector:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    # calibration -----------------------------------------------------------------------------
+    def calibration_binding(self, class_name: str) -> dict[str, Any]:
+        """What a class's calibration depends on: the graph file's sha256 and the class prototypes.
+
+        (Not the manifest: ``add-class`` rewrites it without changing existing classes' scores.)
+        """
+        model_file = self.manifest.get("models", {}).get(self.precision, {}).get("file")
+        protos = self._prototypes.get(class_name)
+        return {"model": self.precision, "graph_sha256": self.manifest.get("files", {}).get(model_file),
+                "prototypes_sha256": hashlib.sha256(protos.tobytes()).hexdigest() if protos is not None else None}
+
+    def _check_calibration(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Keep the classes whose calibration was made with this graph and these prototypes."""
+        if not data:
+            return {}
+        kept = {}
+        for cls_name, entry in data.get("classes", {}).items():
+            if not isinstance(entry, dict) or "image_threshold" not in entry or "pixel_threshold" not in entry:
+                log.warning("calibration for %r is malformed; ignoring it", cls_name)
+            elif "binding" in entry and entry["binding"] != self.calibration_binding(cls_name):
+                log.warning("calibration for %r was made with another graph or other text embeddings "
+                            "(re-exported artifact?); ignoring it, re-run anoclip calibrate", cls_name)
+            else:
+                kept[cls_name] = entry
+        return {**data, "classes": kept}
 
     # properties ------------------------------------------------------------------------------
     @property

@@ -1,9 +1,10 @@
 """Post-processing (ALGORITHM.md §4) in numpy/OpenCV: maps at the ORIGINAL size, thresholds, regions.
 
 ``anomaly_map(patch_probs [h, w], (H, W))``: replicate-pad 1 -> 3 x 3 mean -> bilinear upsample
-with ``align_corners=True`` straight to H x W (source coordinate ``y * (h - 1) / (H - 1)``), as
-two small dense interpolation matrices: ``Wy [H, h] @ smoothed @ Wx[W, w].T``. At H = W = S this
-is exactly the core's ``F.interpolate(..., align_corners=True)``.
+with ``align_corners=True`` straight to H x W (source coordinate ``y * (h - 1) / (H - 1)``), written
+out in numpy: columns first with the dense [w, W] interpolation matrix on the small grid, then each
+output row as the 2-tap blend of two of those rows. At H = W = S this is the core's
+``F.interpolate(..., align_corners=True)`` (tested against torch to ~2e-7 for many sizes).
 
 Defect regions are the 8-connected components of ``map > pixel_threshold``
 (``cv2.connectedComponentsWithStats``) with bounding box, area, max and mean score.
@@ -58,11 +59,43 @@ def interp_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def upsample_align_corners(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear ``align_corners=True`` resize of [..., h, w] to [..., height, width] (float32)."""
-    g = np.asarray(grid, dtype=np.float32)
+    import cv2
+
+    g = np.ascontiguousarray(grid, dtype=np.float32)
     h, w = g.shape[-2:]
-    wy = interp_matrix(h, int(height))
-    wx = interp_matrix(w, int(width))
-    return np.ascontiguousarray(wy @ g @ wx.T, dtype=np.float32)
+    wxt = interp_matrix_t(w, int(width))
+    y0, y1, ly = _row_taps(h, int(height))
+    flat = g.reshape(-1, h, w)
+    out = np.empty((flat.shape[0], int(height), int(width)), dtype=np.float32)
+    for i, gi in enumerate(flat):
+        # columns first on the small grid (OpenCV GEMM, [h, W]), then each output row is a 2-tap blend
+        # of two of those rows: ~5 passes over H x W instead of an H x h x W product
+        cols = cv2.gemm(gi, wxt, 1.0, None, 0.0)
+        o = out[i]
+        np.multiply(cols[y0], 1.0 - ly, out=o)
+        o += cols[y1] * ly
+    return out.reshape(*g.shape[:-2], int(height), int(width))
+
+
+@lru_cache(maxsize=256)
+def _row_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two source rows and the weight of the second, per output row (align_corners=True)."""
+    if n_in == 1 or n_out == 1:
+        z = np.zeros(n_out, np.int64)
+        return z, z, np.zeros((n_out, 1), np.float32)
+    src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = (src - i0).astype(np.float32)[:, None]
+    return i0, i1, lam
+
+
+@lru_cache(maxsize=256)
+def interp_matrix_t(n_in: int, n_out: int) -> np.ndarray:
+    """``interp_matrix(n_in, n_out).T`` as a contiguous [n_in, n_out] array."""
+    out = np.ascontiguousarray(interp_matrix(n_in, n_out).T)
+    out.setflags(write=False)
+    return out
 
 
 def anomaly_map(patch_probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:

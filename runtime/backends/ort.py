@@ -140,10 +140,12 @@ class OrtBackend:
         if optimized_cache_dir and kind == "cpu":
             os.makedirs(optimized_cache_dir, exist_ok=True)
             base = os.path.splitext(os.path.basename(model_path))[0]
-            try:
-                stamp = f"{os.path.getsize(model_path)}-{int(os.path.getmtime(model_path))}"
+            import onnxruntime as ort
+
+            try:  # graph identity + ORT version: an optimised graph is specific to both (and to this CPU)
+                stamp = f"{os.path.getsize(model_path)}-{int(os.path.getmtime(model_path))}-ort{ort.__version__}"
             except OSError:
-                stamp = "x"
+                stamp = f"x-ort{ort.__version__}"
             cached = os.path.join(os.fspath(optimized_cache_dir), f"{base}.{stamp}.ort-opt.onnx")
             if os.path.isfile(cached):
                 load_path = cached  # already optimised: loading it skips the optimiser passes

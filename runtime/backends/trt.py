@@ -122,6 +122,10 @@ class TrtBackend:
             self._nbytes[n] = nbytes
             self._buffers[n] = int(_check(self.cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({n})"))
         self.stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        try:  # cuda-python's cudaStream_t -> the integer handle TensorRT expects
+            self._stream_handle = int(self.stream)
+        except TypeError:
+            self._stream_handle = int(getattr(self.stream, "getPtr")())
         self._lock = threading.Lock()
         self._closed = False
 
@@ -139,7 +143,7 @@ class TrtBackend:
         for n, arr in inputs.items():
             _check(cudart.cudaMemcpyAsync(self._buffers[n], arr.ctypes.data, arr.nbytes, h2d, self.stream),
                    f"cudaMemcpyAsync({n})")
-        if not ctx.execute_async_v3(self.stream):
+        if not ctx.execute_async_v3(self._stream_handle):
             raise BackendUnavailable("TensorRT execute_async_v3 failed")
         host: dict[str, np.ndarray] = {}
         for n in outs:

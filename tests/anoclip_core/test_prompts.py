@@ -252,3 +252,16 @@ def test_memory_cache(tiny_model, monkeypatch):
     calls = _counting_text_tower(monkeypatch, tiny_model.clip)
     model.state_embeddings("bottle")
     assert calls["n"] == 0
+
+
+def test_text_is_encoded_in_float32_under_autocast(tiny_model, tmp_path):
+    """Text embeddings go to a disk cache (and into export artifacts) under a key without the
+    precision: a first call made inside bf16 autocast must not store bf16-accurate embeddings."""
+    ref = _fresh(tiny_model, None).state_embeddings("bottle")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _fresh(tiny_model, tmp_path).state_embeddings("bottle")
+    assert got.sentences.dtype == torch.float32
+    torch.testing.assert_close(got.sentences, ref.sentences, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.prototypes, ref.prototypes, atol=1e-6, rtol=0)
+    cached = _fresh(tiny_model, tmp_path).state_embeddings("bottle")  # from disk
+    torch.testing.assert_close(cached.sentences, ref.sentences, atol=1e-6, rtol=0)

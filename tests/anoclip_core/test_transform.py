@@ -226,8 +226,10 @@ def test_bad_types_and_files(tmp_path):
         preprocess_batch([], PreprocessConfig(8))
     with pytest.raises(InputError, match="H x W"):
         resize_bilinear_antialias(np.zeros((2, 3, 4, 5), np.float32), 4, 4)
-    with pytest.raises(InputError, match="empty"):
+    with pytest.raises(InputError, match=r"cannot resize.*\(0, 3\)"):
         resize_bilinear_antialias(np.zeros((0, 3), np.float32), 4, 4)
+    with pytest.raises(InputError, match="cannot resize"):
+        resize_bilinear_antialias(np.zeros((5, 3), np.float32), 0, 4)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 """``anoclip-export`` through click's CliRunner: default command, explicit export, add-class, errors."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
@@ -9,7 +8,7 @@ from click.testing import CliRunner
 
 from runtime import manifest as mf
 
-CONFIGS = None
+
 
 
 @pytest.fixture()
@@ -98,3 +97,26 @@ def test_help_lists_both_commands(runner):
     assert "add-class" in result.output and "export" in result.output
     result = runner.invoke(main, ["export", "--help"])
     assert result.exit_code == 0 and "--precision" in result.output and "--triton" in result.output
+
+
+def test_add_class_console_script_self_contained(artifact, tmp_path):
+    """A fresh process that never saw tests/configs: the manifest's open_clip_config rebuilds the backbone."""
+    import shutil
+    import subprocess
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.cli", "add-class", str(copy), "grid", "--text-cache", "none", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert mf.read_manifest(copy)["text"]["classes"]["grid"] == "texture"
+
+
+def test_opset_below_18_needs_legacy(runner, configs, tmp_path):
+    from export.cli import main
+
+    result = runner.invoke(main, ["--backbone", "anoclip-tiny", "--classes", "a", "--opset", "17",
+                                  "--model-config", configs, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--exporter legacy" in _error_line(result)

@@ -1,7 +1,6 @@
 """Export -> ONNX Runtime parity, manifest contents, precisions, atomicity, add-class, external data."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -293,3 +292,69 @@ def test_reduced_graphs_pass_onnx_checker(artifact):
 
     for name in ("encoder.onnx", "encoder.fp16.onnx", "encoder.int8.onnx"):
         onnx.checker.check_model(onnx.load(str(artifact / name)))
+
+
+def test_cached_tag_file_found_in_hf_cache(tmp_path):
+    """A pretrained tag records the sha256 of open_clip's cached file: find it in an HF-hub cache."""
+    import open_clip
+
+    from export.api import cached_tag_file
+
+    hub = open_clip.get_pretrained_cfg("ViT-B-16-plus-240", "laion400m_e32")["hf_hub"]
+    repo_id, filename = os.path.split(hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    repo = tmp_path / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / filename).write_bytes(b"weights")
+    assert cached_tag_file("ViT-B-16-plus-240", "laion400m_e32", str(tmp_path)) == str(snap / filename)
+    assert cached_tag_file("ViT-B-16-plus-240", "laion400m_e32", str(tmp_path / "empty")) is None
+
+
+def test_static_int8_qdq(make_config, register_tiny, tmp_path):
+    """int8_mode='static': QDQ graph, attention/LayerNorm/Softmax unquantised, verified within the int8 bound."""
+    import onnx
+
+    import cv2
+
+    from export.api import export_artifact
+
+    imgs = []
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        cv2.imwrite(str(p), (rng.random((80, 90, 3)) * 255).astype(np.uint8))
+        imgs.append(str(p))
+    out = export_artifact(make_config(tmp_path / "s", classes=["bottle"], precisions=["int8"], int8_mode="static",
+                                      calibration_images=imgs, exporter="legacy"))
+    data = mf.read_manifest(out)
+    entry = data["models"]["int8"]
+    assert entry["quantization"] == {"mode": "static", "weights": "int8", "ops": ["MatMul (Linear layers)"],
+                                     "format": "QDQ", "calibration": "2 images"}
+    assert entry["verification"]["passed"] and entry["verification"]["map_max_abs"] <= 5e-2
+    graph = onnx.load(str(out / "encoder.int8.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "MatMulInteger" not in ops
+    produced_by = {o: n.op_type for n in graph.node for o in n.output}
+    for n in graph.node:  # Softmax and LayerNorm read float, never a DequantizeLinear
+        if n.op_type in ("Softmax", "LayerNormalization"):
+            assert produced_by.get(n.input[0]) != "DequantizeLinear"
+
+
+def test_late_failure_leaves_no_artifact_and_no_triton(make_config, register_tiny, tmp_path, monkeypatch):
+    """A failure after the Triton model is staged (here: writing the manifest) leaves neither behind."""
+    from export import api
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(api.mf, "write_manifest", boom)
+    parent = tmp_path / "p"
+    parent.mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        api.export_artifact(make_config(parent / "art", classes=["bottle"], exporter="legacy",
+                                        triton=tmp_path / "tri"))
+    assert _listing(parent) == []
+    assert _listing(tmp_path / "tri") == []

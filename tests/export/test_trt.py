@@ -2,7 +2,6 @@
 module (TensorRT 10 and 11 APIs), and a real-GPU build (marked ``gpu``)."""
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
@@ -266,9 +265,32 @@ def test_real_trt_engine_build(make_config, register_tiny, tmp_path):
     data = mf.read_manifest(out)
     assert (out / data["tensorrt"]["file"]).stat().st_size > 0
     assert (tmp_path / "t.cache").stat().st_size > 0
+    import numpy as np
+    import onnxruntime as ort
     import tensorrt as trt
+    import torch
+
+    from export.text import prototypes_array, read_npz
 
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine((out / data["tensorrt"]["file"]).read_bytes())
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
     assert names == set(data["io"]["inputs"]) | set(data["io"]["outputs"])
+    # run it at batch 3 and compare with the fp32 ONNX graph on CPU (fp16 engine: 1e-2)
+    protos = prototypes_array(read_npz(out / "text_embeddings.npz"), ["bottle"])
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    ref = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["image_scores", "patch_probs"], {"pixels": pixels, "text_prototypes": protos})
+    ctx = engine.create_execution_context()
+    inputs = {"pixels": torch.from_numpy(pixels).cuda(), "text_prototypes": torch.from_numpy(protos).cuda()}
+    for name, t in inputs.items():
+        ctx.set_input_shape(name, tuple(t.shape))
+        ctx.set_tensor_address(name, t.data_ptr())
+    outs = {}
+    for name in data["io"]["outputs"]:
+        outs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+        ctx.set_tensor_address(name, outs[name].data_ptr())
+    assert ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(outs["image_scores"].cpu().numpy(), ref[0], atol=1e-2)
+    np.testing.assert_allclose(outs["patch_probs"].cpu().numpy(), ref[1], atol=1e-2)

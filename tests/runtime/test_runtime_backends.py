@@ -433,3 +433,31 @@ def test_gpu_auto_picks_a_gpu_backend(tiny_artifact):
 
     det = Detector.load(tiny_artifact, backend="auto")
     assert det.backend_name in ("trt", "ort-trt", "ort-cuda")
+
+
+def _has_tensorrt_gpu() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+
+        from runtime.backends.trt import gpu_count
+
+        return gpu_count() > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_tensorrt_gpu(), reason="no TensorRT + CUDA GPU on this machine")
+def test_gpu_native_trt_parity(register_tiny, text_cache, tmp_path):
+    from export.api import ExportConfig, export_artifact
+    from runtime import Detector
+
+    art = export_artifact(ExportConfig(backbone=register_tiny, classes=["bottle"], pretrained="none", trt=True,
+                                       out=tmp_path / "trt", text_cache=text_cache, progress=False))
+    cpu = Detector.load(art, backend="ort-cpu")
+    gpu = Detector.load(art, backend="trt")
+    px = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    tol = {"patch_probs": 5e-3, "image_scores": 5e-3, "global_embedding": 5e-3, "local_embeddings": 5e-3,
+           "local_tokens": 5e-2}
+    rep = parity_check(cpu.backend, gpu.backend, px, cpu.prototypes("bottle"), tolerance=tol)
+    assert rep.passed, str(rep)

@@ -6,17 +6,16 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from anoclip_core.errors import AnoCLIPError, ArtifactError, InputError
+from anoclip_core.errors import ArtifactError, InputError
 from runtime import Detector, InferConfig
 from runtime.calibration import calibrate
 
-from rt_fakes import PatchMeanBackend, fake_detector
+from rt_fakes import fake_detector
 
 
 def _img(seed=0, h=64, w=64):
@@ -153,11 +152,18 @@ def test_calibrate_writes_beside_manifest(artifact_copy, tmp_path):
 
 
 def test_stale_calibration_is_ignored(artifact_copy):
+    binding = {"model": "fp32", "graph_sha256": "0" * 64, "prototypes_sha256": "1" * 64}
     (artifact_copy / "calibration.json").write_text(json.dumps(
-        {"format": "anoclip-calibration", "format_version": 1, "manifest_sha256": "0" * 64,
-         "classes": {"bottle": {"image_threshold": 0.01, "pixel_threshold": 0.01}}}))
+        {"format": "anoclip-calibration", "format_version": 1,
+         "classes": {"bottle": {"image_threshold": 0.01, "pixel_threshold": 0.01, "binding": binding},
+                     "carpet": {"image_threshold": 0.02, "pixel_threshold": 0.03}}}))
     det = Detector.load(artifact_copy, backend="ort-cpu")
     assert det.predict(_img(), "bottle").threshold_source == "default"
+    assert det.predict(_img(), "carpet").threshold_source == "calibration"
+    (artifact_copy / "calibration.json").write_text(json.dumps({"format": "anoclip-calibration",
+                                                                "format_version": 7, "classes": {}}))
+    with pytest.raises(ArtifactError, match="format_version"):
+        Detector.load(artifact_copy, backend="ort-cpu")
 
 
 def test_random_weights_flag_in_every_result(tiny_detector):
@@ -233,3 +239,19 @@ print("LEAK", bad) if bad else print("CLEAN")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "CLEAN" in out.stdout, out.stdout
+
+
+def test_calibration_survives_add_class(artifact_copy, tmp_path, text_cache):
+    from export.api import add_class
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(good / f"{i}.png"), _img(i, 40, 50))
+    entry = calibrate(Detector.load(artifact_copy, backend="ort-cpu"), [good], "bottle", quantile=0.5)
+    add_class(artifact_copy, "screw", text_cache=text_cache, progress=False)
+    det = Detector.load(artifact_copy, backend="ort-cpu")
+    assert "screw" in det.classes
+    r = det.predict(str(good / "0.png"), "bottle")
+    assert r.threshold_source == "calibration" and r.image_threshold == pytest.approx(entry["image_threshold"])
+    assert det.predict(str(good / "0.png"), "screw").threshold_source == "default"

@@ -1,0 +1,149 @@
+"""Per-image CPU latency: torch-free runtime (ONNX Runtime) vs the PyTorch core, same backbone and batch.
+
+Not a test (no timing asserts anywhere); run it by hand, e.g.::
+
+    python tests/runtime/measure_latency.py --artifact /tmp/art-tiny --model-config tests/configs --batch 8
+    python tests/runtime/measure_latency.py --artifact /tmp/art-b16p --batch 1 --reps 5
+
+Both sides get the same uint8 images (``--size`` H x W, default 480 x 640) and the same thread
+count (``--threads``, default: physical cores). Timed per batch, reported per image (median, mean and
+min over ``--reps`` batches after ``--warmup``; the four measurements are interleaved):
+
+* ``end_to_end``: images -> pre-processing -> network -> maps + scores. Core: ``load_images`` +
+  ``forward_tokens`` + ``anomaly_map`` (S x S) + ``state_probs`` (what ``AnoCLIP.predict`` does,
+  with the artifact's prototypes so the 924-sentence text encoding is not timed). Runtime:
+  ``Detector.predict_batch`` (maps at the ORIGINAL size + defect regions).
+* ``network``: the graph / the encoder + scores only, on the same normalised pixels.
+
+The core model is rebuilt from the manifest (backbone, image size, seeded random weights when the
+artifact has random weights), so both sides run the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _timeit(fn, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--model-config", default=None, help="extra open_clip model configs (tests/configs for tiny)")
+    ap.add_argument("--class", dest="class_name", default=None)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--size", default="480x640", help="original image size HxW")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    from runtime import Detector
+    from runtime.backends.ort import physical_cores
+
+    threads = args.threads or physical_cores()
+    det = Detector.load(args.artifact, backend="ort-cpu", threads=threads)
+    m = det.manifest
+    cls = args.class_name or det.classes[0]
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    rng = np.random.default_rng(0)
+    imgs = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(args.batch)]
+
+    import torch
+    import torch.nn.functional as F
+
+    from anoclip_core import AnoCLIP
+    from anoclip_core.scores import anomaly_map, state_probs
+
+    torch.set_num_threads(threads)
+    if args.model_config:
+        import open_clip
+
+        open_clip.add_model_config(args.model_config)
+    pre = m["pretrained"]
+    weights = None if pre.get("random_weights") else pre.get("source")
+    model = AnoCLIP.create(m["backbone"], pretrained=weights, image_size=m["image_size"], cache_dir=None,
+                           dual_blocks=m.get("dual_blocks"), temperature=m["temperature"])
+    protos = torch.from_numpy(det.prototypes(cls)[0].copy())
+    S = model.image_size
+
+    def core_e2e():
+        with torch.no_grad():
+            px = model.load_images(imgs)
+            g, l = model.encoder.forward_tokens(px)
+            maps = anomaly_map(F.normalize(l.float(), dim=-1), protos, (S, S), model.temperature)
+            scores = state_probs(F.normalize(g.float(), dim=-1), protos, model.temperature)
+            return maps.numpy(), scores.numpy()
+
+    from anoclip_core.transform import preprocess
+
+    pixels_np = np.stack([preprocess(im, det.preprocess_config) for im in imgs])
+    pixels_t = torch.from_numpy(pixels_np)
+
+    def core_net():
+        with torch.no_grad():
+            g, l = model.encoder.forward_tokens(pixels_t)
+            state_probs(F.normalize(l, dim=-1), protos, model.temperature)
+            state_probs(F.normalize(g, dim=-1), protos, model.temperature)
+
+    def rt_e2e():
+        res = det.predict_batch(imgs, cls, batch=args.batch)
+        assert all(r.ok for r in res)
+
+    def rt_net():
+        det.run_graph(pixels_np, cls, ("patch_probs", "image_scores"))
+
+    # same numbers on both sides (sanity, not timed)
+    cm, cs = core_e2e()
+    rs = det.predict_batch(imgs, cls, batch=args.batch)
+    score_diff = float(np.max(np.abs(cs - np.array([r.score for r in rs]))))
+
+    fns = {"core_end_to_end": core_e2e, "runtime_end_to_end": rt_e2e, "core_network": core_net,
+           "runtime_network": rt_net}
+    for fn in fns.values():
+        _timeit(fn, 0, args.warmup)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(args.reps):  # interleaved, rotating order: a busy shared machine hits both sides alike
+        names = list(fns)
+        names = names[rep % len(names):] + names[: rep % len(names)]
+        for name in names:
+            times[name] += _timeit(fns[name], 1, 0)
+    results = {}
+    for name, ts in times.items():
+        per = [t / args.batch * 1e3 for t in ts]
+        results[name] = {"median_ms_per_image": round(statistics.median(per), 3),
+                         "mean_ms_per_image": round(statistics.fmean(per), 3),
+                         "min_ms_per_image": round(min(per), 3)}
+    report = {
+        "backbone": m["backbone"], "image_size": S, "original_size": [h, w], "batch": args.batch,
+        "reps": args.reps, "threads": threads, "backend": det.backend_name, "random_weights": det.random_weights,
+        "max_score_diff_core_vs_runtime": score_diff, "cpu": platform.processor() or platform.machine(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "results": results,
+        "speedup_end_to_end": round(results["core_end_to_end"]["median_ms_per_image"]
+                                    / results["runtime_end_to_end"]["median_ms_per_image"], 2),
+        "speedup_network": round(results["core_network"]["median_ms_per_image"]
+                                 / results["runtime_network"]["median_ms_per_image"], 2),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
