@@ -154,8 +154,9 @@ def measure_gemm_peak(device: str = "cpu", dtype: str = "float32", n: int = 2048
 class PeakMemory:
     """Peak resident memory of this process while the ``with`` block runs (psutil sampling thread).
 
-    Also resets and reads ``torch.cuda.max_memory_allocated`` when ``cuda`` is True. Reports the
-    process RSS at entry, the peak and the delta, in MiB.
+    With ``cuda`` it also resets and reads ``torch.cuda.max_memory_allocated`` (torch's own
+    allocations) and samples the device-wide used memory (``torch.cuda.mem_get_info``: includes
+    ONNX Runtime / TensorRT allocations, and anything else on the GPU). Reports MiB.
     """
 
     def __init__(self, interval_s: float = 0.01, cuda: bool = False) -> None:
@@ -164,15 +165,33 @@ class PeakMemory:
         self.start_mb: float | None = None
         self.peak_mb: float | None = None
         self.gpu_peak_mb: float | None = None
+        self.gpu_used_start_mb: float | None = None
+        self.gpu_used_peak_mb: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _rss(self) -> float:
         return self._proc.memory_info().rss / 2**20
 
+    def _gpu_used(self) -> float | None:
+        try:
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            return (total - free) / 2**20
+        except Exception:  # noqa: BLE001 - sampling must never break a run
+            return None
+
+    def _sample(self) -> None:
+        self.peak_mb = max(self.peak_mb or 0.0, self._rss())
+        if self.cuda:
+            used = self._gpu_used()
+            if used is not None:
+                self.gpu_used_peak_mb = max(self.gpu_used_peak_mb or 0.0, used)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak_mb = max(self.peak_mb or 0.0, self._rss())
+            self._sample()
 
     def __enter__(self) -> "PeakMemory":
         import psutil
@@ -185,6 +204,8 @@ class PeakMemory:
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.gpu_used_start_mb = self._gpu_used()
+            self.gpu_used_peak_mb = self.gpu_used_start_mb
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -193,12 +214,12 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak_mb = max(self.peak_mb or 0.0, self._rss())
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
             self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        self._sample()
 
     def to_dict(self) -> dict:
         out = {
@@ -210,4 +231,8 @@ class PeakMemory:
         }
         if self.cuda:
             out["gpu_peak_mb"] = round(self.gpu_peak_mb, 1) if self.gpu_peak_mb is not None else None
+            out["gpu_device_used_start_mb"] = (round(self.gpu_used_start_mb, 1)
+                                               if self.gpu_used_start_mb is not None else None)
+            out["gpu_device_used_peak_mb"] = (round(self.gpu_used_peak_mb, 1)
+                                              if self.gpu_used_peak_mb is not None else None)
         return out

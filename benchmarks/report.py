@@ -70,17 +70,21 @@ def _headline(results: dict) -> list[str]:
     h = results.get("headline") or {}
     if not h:
         return []
-    out = ["## Key ratios (this run, batch 1 p50 unless stated)", ""]
-    if h.get("reference_over_core_p50"):
-        out.append(f"- Reference-style pipeline (a) vs the core's fused forward (b): **{_x(h['reference_over_core_p50'])}"
-                   "** the latency (23 forwards vs 1).")
-    if h.get("core_over_open_clip_p50"):
-        out.append(f"- Core (b) vs plain open_clip (c): **{_x(h['core_over_open_clip_p50'])}** the latency "
+    out = ["## Key ratios", "",
+           "Latency at batch 1 and throughput at the contender's best batch; each ratio is the median of per-round "
+           "ratios of calls made in the same interleaved round (so a burst of load on the shared machine cancels).",
+           ""]
+    if h.get("reference_over_core_latency"):
+        out.append(f"- Reference-style pipeline (a) vs the core's fused forward (b): **{_x(h['reference_over_core_latency'])}"
+                   "** the latency (23 dual forwards vs 1).")
+    if h.get("core_over_open_clip_latency"):
+        out.append(f"- Core (b) vs plain open_clip (c): **{_x(h['core_over_open_clip_latency'])}** the latency "
                    f"(analytical FLOP ratio {_x(h.get('dual_over_plain_flops'))}: the V-V path).")
     for name, r in (h.get("runtime") or {}).items():
-        out.append(f"- `{name}`: core p50 / runtime p50 = **{_x(r['core_over_runtime_p50'])}**; best throughput "
-                   f"{_x(r['runtime_over_core_best_throughput'])} the core's, {_x(r['runtime_over_open_clip_best_throughput'])}"
-                   " plain open_clip's.")
+        out.append(f"- `{name}`: **{_x(r['core_over_runtime_latency'])} faster** than the core at batch 1; "
+                   f"throughput {_x(r['runtime_over_core_throughput'])} the core's, "
+                   f"{_x(r['runtime_over_open_clip_throughput'])} plain open_clip's; "
+                   f"{_pct(r.get('peak_fraction_best'))} of the fp32 GEMM peak.")
     if h.get("core_peak_fraction_best") is not None:
         out.append(f"- Core at its best batch reaches {_pct(h['core_peak_fraction_best'])} of the measured fp32 GEMM peak.")
     if h.get("tta_over_plain_p50") is not None:
@@ -120,10 +124,13 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     # machine and versions
     m = results.get("machine", {})
     lines += ["## Machine and versions", ""]
-    lines += [f"- CPU: {m.get('cpu')} - cores {m.get('cpu_count')} - memory {m.get('memory_gb')} GiB",
+    cc = m.get("cpu_count") or {}
+    th = results.get("threads") or {}
+    lines += [f"- CPU: {m.get('cpu')}; {cc.get('logical')} logical / {cc.get('physical')} physical cores, "
+              f"{cc.get('usable')} usable by this process; memory {m.get('memory_gb')} GiB",
               f"- GPU: {(m.get('gpu') or {}).get('name', 'none (torch sees no CUDA device)')}",
               f"- Platform: {m.get('platform')}",
-              f"- Threads: {results.get('threads')}",
+              f"- Threads: torch {th.get('torch')}, ONNX Runtime intra-op {th.get('onnxruntime_intra_op')}",
               f"- Hardware limit: {hl.get('what')}: **{_f(hl.get('gflops'))} GFLOP/s**"]
     if results.get("gemm_fp16"):
         lines.append(f"- fp16 GEMM on the GPU: {_f(results['gemm_fp16']['gflops'])} GFLOP/s")
@@ -152,23 +159,28 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
                 t = tp.get(b, {})
                 tps.append(_f(t.get("img_s")) if "img_s" in t else ("skip" if "skipped" in t else "-"))
             rows_a.append([f"`{e['name']}`", e["precision"], _f(lat["p50_ms"]), _f(lat["p90_ms"]), _f(lat["p99_ms"]),
-                           str(lat["n"]), *tps, _x(r.get("latency_p50_vs_open_clip")),
+                           str(lat["n"]), *tps, _x(r.get("latency_vs_open_clip")),
                            _x(r.get("best_throughput_vs_open_clip"))])
             mem = e.get("memory", {})
             mem_s = f"{_f(mem.get('rss_peak_mb'))} (+{_f(mem.get('rss_delta_mb'))})"
             if mem.get("gpu_peak_mb") is not None:
-                mem_s += f" / GPU {_f(mem.get('gpu_peak_mb'))}"
+                mem_s += f" / GPU torch {_f(mem.get('gpu_peak_mb'))}"
+            if mem.get("gpu_device_used_peak_mb") is not None:
+                mem_s += (f" / GPU device {_f(mem.get('gpu_device_used_peak_mb'))}"
+                          f" (+{_f(mem['gpu_device_used_peak_mb'] - (mem.get('gpu_device_used_start_mb') or 0.0))})")
             rows_b.append([f"`{e['name']}`", _f(e["gflops_per_image"]), _f(r.get("achieved_gflops_b1")),
                            _pct(r.get("peak_fraction_b1")), _f(r.get("achieved_gflops_best")),
                            _pct(r.get("peak_fraction_best")), _f(e.get("load_s")), _f(e.get("first_call_s")), mem_s])
         lines += [f"## {_device_name(results, dev)}", ""]
         lines += ["Latency per call at batch 1 (ms) and throughput (img/s) per batch size; ratios to `open_clip` "
-                  "(c): latency p50 (lower is faster) and best throughput (higher is faster).", ""]
-        lines += _table(["contender", "prec", "p50", "p90", "p99", "n", *[f"img/s b{b}" for b in batches],
-                         "p50 / (c)", "best img/s / (c)"], rows_a)
+                  "(c), paired by interleaved round: latency (lower is faster) and throughput at the contender's "
+                  "best batch (higher is faster).", ""]
+        lines += _table(["contender", "prec", "p50 ms", "p90 ms", "p99 ms", "n", *[f"img/s b{b}" for b in batches],
+                         "latency / (c)", "best img/s / (c)"], rows_a)
         lines += ["", "Efficiency and resources: GFLOPs per image (analytical), achieved GFLOP/s and its fraction of "
                   "the measured fp32 GEMM peak (at batch 1 and at the best batch), model load and first-call time "
-                  "(s), peak process RSS in MiB (+ growth during the contender).", ""]
+                  "(s), peak process RSS in MiB (+ growth during the contender; on a GPU also torch's peak allocation and the "
+                  "device-wide used memory).", ""]
         lines += _table(["contender", "GFLOPs/img", "GFLOP/s b1", "of peak b1", "GFLOP/s best", "of peak best",
                          "load s", "first call s", "peak RSS MiB"], rows_b)
         lines.append("")
@@ -187,7 +199,10 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     fl = results.get("flops", {})
     if fl:
         lines += ["## FLOP accounting", ""]
-        lines += [f"Analytical count from the ViT config {fl['spec']}: dual path (AnoCLIP) **{_f(fl['dual_gflops'])} "
+        sp = fl["spec"]
+        spec_s = (f"{sp['image_size'][0]} px, patch {sp['patch_size'][0]}, {sp['tokens']} tokens, width {sp['width']}, "
+                  f"{sp['layers']} blocks ({sp['dual_blocks']} dual), MLP {sp['mlp_hidden']}, D {sp['embed_dim']}")
+        lines += [f"Analytical count from the ViT config ({spec_s}): dual path (AnoCLIP) **{_f(fl['dual_gflops'])} "
                   f"GFLOPs**/image, plain open_clip **{_f(fl['plain_gflops'])} GFLOPs**/image "
                   f"(V-V overhead {_pct(fl['dual_gflops'] / fl['plain_gflops'] - 1)}). The reference-style pipeline "
                   f"runs 23 dual forwards per image."]

@@ -135,8 +135,11 @@ def interleaved_samples(
     if bar is not None:
         bar.reset(total=sum(plan_repeats(estimates.get(c.name, 0.0), repeats, budget_s, min_repeats)
                             for c in contenders if c.group != "probe"))
+    rnd = 0
     while any(c.group != "probe" for c in active):
-        for c in list(active):
+        k = rnd % len(active)  # rotate the order so no contender always follows the same one
+        rnd += 1
+        for c in active[k:] + active[:k]:
             dt = _timed(c, x, t)
             samples[c.name].append(dt)
             spent[c.name] += dt
@@ -226,14 +229,38 @@ def best_throughput(entry: dict) -> tuple[float | None, str | None]:
     return best, at
 
 
+def samples_at(entry: dict | None, batch: str) -> list[float]:
+    """Timed call samples (ms) of a contender at a batch size, in round order ([] when none)."""
+    if not entry or not entry.get("latency"):
+        return []
+    if batch == "1":
+        return list(entry["latency"].get("samples_ms") or [])
+    return list(((entry.get("throughput") or {}).get(batch) or {}).get("samples_ms") or [])
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float | None:
+    """Median over rounds of ``a[k] / b[k]``: calls of the same interleaved round saw the same load.
+
+    Sample k of every contender comes from round k (see ``interleaved_samples``), so pairing by
+    index compares calls made seconds apart; a burst of load that hits one round cancels out.
+    """
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    return percentile([a[k] / b[k] for k in range(n) if b[k] > 0], 50)
+
+
 def derive_ratios(results: dict) -> None:
-    """Add per-contender ratios to the baseline (c) and to the measured GEMM peak, in place."""
+    """Add per-contender ratios to the baseline (c) and to the measured GEMM peak, in place.
+
+    Ratios between contenders are paired by interleaved round (``paired_ratio``); the ratio of
+    the two medians is kept too (``latency_p50_vs_open_clip``).
+    """
     entries = {e["name"]: e for e in results["contenders"]}
     base = entries.get(BASELINE)
+    base = base if base and base.get("latency") else None
     peak = results["hardware_limit"]["gflops"]
-    base_p50 = (base or {}).get("latency", {}) or {}
-    base_p50 = base_p50.get("p50_ms") if base and base.get("latency") else None
-    base_tp = (base or {}).get("throughput", {}) if base else {}
+    base_best, _ = best_throughput(base) if base else (None, None)
     for e in results["contenders"]:
         if not e.get("available") or not e.get("latency"):
             continue
@@ -241,7 +268,8 @@ def derive_ratios(results: dict) -> None:
         gf = e["gflops_per_image"]
         best, at = best_throughput(e)
         r = {
-            "latency_p50_vs_open_clip": ratio(p50, base_p50),
+            "latency_vs_open_clip": paired_ratio(samples_at(e, "1"), samples_at(base, "1")),
+            "latency_p50_vs_open_clip": ratio(p50, base["latency"]["p50_ms"]) if base else None,
             "achieved_gflops_b1": gf / (p50 / 1000.0),
             "peak_fraction_b1": ratio(gf / (p50 / 1000.0), peak),
             "best_img_s": best,
@@ -250,29 +278,35 @@ def derive_ratios(results: dict) -> None:
             "peak_fraction_best": ratio(gf * best, peak) if best else None,
             "throughput_vs_open_clip": {},
         }
-        for b, t in (e.get("throughput") or {}).items():
-            bt = (base_tp or {}).get(b, {})
-            if t.get("img_s") and bt.get("img_s"):
-                r["throughput_vs_open_clip"][b] = t["img_s"] / bt["img_s"]
-        base_best, _ = best_throughput(base) if base else (None, None)
-        r["best_throughput_vs_open_clip"] = ratio(best, base_best)
+        for bs in (e.get("throughput") or {}):
+            v = paired_ratio(samples_at(base, bs), samples_at(e, bs))  # time ratio (c)/(x) = img/s ratio
+            if v is not None:
+                r["throughput_vs_open_clip"][bs] = v
+        r["best_throughput_vs_open_clip"] = r["throughput_vs_open_clip"].get(at) if at else None
+        if r["best_throughput_vs_open_clip"] is None:
+            r["best_throughput_vs_open_clip"] = ratio(best, base_best)
         e["ratios"] = r
 
 
 def headline(results: dict) -> dict:
-    """The few ratios a reader wants first (all from this run): see ``report.markdown``."""
+    """The few ratios a reader wants first (all from this run, paired by round): see ``report``."""
     entries = {e["name"]: e for e in results.get("contenders", []) if e.get("available") and e.get("latency")}
 
-    def p50(name: str) -> float | None:
-        return entries[name]["latency"]["p50_ms"] if name in entries else None
+    def lat(a: str, b: str) -> float | None:
+        return paired_ratio(samples_at(entries.get(a), "1"), samples_at(entries.get(b), "1"))
 
-    def best(name: str) -> float | None:
-        return best_throughput(entries[name])[0] if name in entries else None
+    def tp(a: str, b: str) -> float | None:
+        """img/s of ``a`` over ``b`` at ``a``'s best batch (paired), else the ratio of the bests."""
+        if a not in entries or b not in entries:
+            return None
+        best_a, at = best_throughput(entries[a])
+        v = paired_ratio(samples_at(entries[b], at), samples_at(entries[a], at)) if at else None
+        return v if v is not None else ratio(best_a, best_throughput(entries[b])[0])
 
     fl = results.get("flops", {})
     out: dict[str, Any] = {
-        "reference_over_core_p50": ratio(p50("reference"), p50("core")),
-        "core_over_open_clip_p50": ratio(p50("core"), p50("open_clip")),
+        "reference_over_core_latency": lat("reference", "core"),
+        "core_over_open_clip_latency": lat("core", "open_clip"),
         "dual_over_plain_flops": ratio(fl.get("dual_gflops"), fl.get("plain_gflops")),
         "core_peak_fraction_best": (entries.get("core", {}).get("ratios") or {}).get("peak_fraction_best"),
         "runtime": {},
@@ -281,9 +315,10 @@ def headline(results: dict) -> dict:
         if e["group"] != "runtime":
             continue
         out["runtime"][name] = {
-            "core_over_runtime_p50": ratio(p50("core"), p50(name)),
-            "runtime_over_core_best_throughput": ratio(best(name), best("core")),
-            "runtime_over_open_clip_best_throughput": ratio(best(name), best("open_clip")),
+            "core_over_runtime_latency": lat("core", name),
+            "runtime_over_core_throughput": tp(name, "core"),
+            "runtime_over_open_clip_throughput": tp(name, "open_clip"),
+            "peak_fraction_best": (e.get("ratios") or {}).get("peak_fraction_best"),
         }
     tta = results.get("tta")
     if tta:

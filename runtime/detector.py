@@ -213,8 +213,8 @@ class Detector:
         try:
             with np.load(text_path) as npz:
                 protos = {c: npz[f"{c}/prototypes"] for c in manifest["text"]["classes"] if f"{c}/prototypes" in npz}
-        except (OSError, ValueError) as err:
-            raise ArtifactError(f"cannot read text embeddings {text_path}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - OSError, BadZipFile, ValueError, pickle refusals
+            raise ArtifactError(f"cannot read text embeddings {text_path}: {type(err).__name__}: {err}") from None
         calibration = load_calibration(root)
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
         det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision)

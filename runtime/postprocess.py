@@ -151,21 +151,27 @@ def find_regions(
     keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, int(min_area))]
     if not keep:
         return []
-    idx = np.flatnonzero(mask)
-    lab = labels.ravel()[idx]
-    vals = a.ravel()[idx]
-    order = np.argsort(lab, kind="stable")
-    lab, vals = lab[order], vals[order].astype(np.float64)
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(lab)) + 1])
-    maxs = np.zeros(n)
-    sums = np.zeros(n)
-    maxs[lab[starts]] = np.maximum.reduceat(vals, starts)
-    sums[lab[starts]] = np.add.reduceat(vals, starts)
     regions = []
-    for i in keep:
-        x, y, w, h, area = (int(v) for v in stats[i, :5])
-        regions.append(Region(x, y, w, h, area, float(maxs[i]), float(sums[i] / area),
-                              (float(cents[i, 0]), float(cents[i, 1]))))
+    if len(keep) <= 64:  # few components: statistics over each bounding box (cost ~ bbox area)
+        for i in keep:
+            x, y, w, h, area = (int(v) for v in stats[i, :5])
+            vals = a[y:y + h, x:x + w][labels[y:y + h, x:x + w] == i]
+            regions.append(Region(x, y, w, h, area, float(vals.max()), float(vals.astype(np.float64).sum() / area),
+                                  (float(cents[i, 0]), float(cents[i, 1]))))
+    else:  # many components: one sort of the foreground pixels by label
+        idx = np.flatnonzero(mask)
+        lab = labels.ravel()[idx]
+        order = np.argsort(lab, kind="stable")
+        lab, vals = lab[order], a.ravel()[idx][order].astype(np.float64)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(lab)) + 1])
+        maxs = np.zeros(n)
+        sums = np.zeros(n)
+        maxs[lab[starts]] = np.maximum.reduceat(vals, starts)
+        sums[lab[starts]] = np.add.reduceat(vals, starts)
+        for i in keep:
+            x, y, w, h, area = (int(v) for v in stats[i, :5])
+            regions.append(Region(x, y, w, h, area, float(maxs[i]), float(sums[i] / area),
+                                  (float(cents[i, 0]), float(cents[i, 1]))))
     regions.sort(key=lambda r: (-r.max_score, -r.area))
     if max_regions is not None:
         regions = regions[: int(max_regions)]

@@ -53,15 +53,22 @@ def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision
                           cudart=opts.get("cudart_module"), device_id=opts.get("device_id", 0))
     from .ort import OrtBackend
 
-    model = artifact_dir / model_entry(manifest, precision)["file"]
+    entry = model_entry(manifest, precision)
+    model = artifact_dir / entry["file"]
     kind = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "trt"}[name]
     cache_root = opts.get("cache_dir")
+    trt_cache = None
+    if kind == "trt":
+        # engines are specific to graph + GPU + TensorRT: keyed by the graph's sha256, outside the artifact
+        graph_id = str(manifest.get("files", {}).get(entry["file"], "unknown"))[:16]
+        base = cache_root or os.environ.get("ANOCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                               "anoclip")
+        trt_cache = opts.get("trt_cache_dir") or os.path.join(base, "ort-trt", graph_id)
     return OrtBackend(
         model, kind,
         intra_threads=opts.get("threads"),
         optimized_cache_dir=opts.get("optimized_cache_dir") or (os.path.join(cache_root, "ort-opt") if cache_root else None),
-        trt_cache_dir=opts.get("trt_cache_dir") or os.path.join(cache_root or str(artifact_dir / ".trt-cache"), "ort-trt")
-        if kind == "trt" else None,
+        trt_cache_dir=trt_cache,
         trt_fp16=(precision or manifest.get("default_model")) == "fp16",
         device_id=opts.get("device_id", 0),
         available=opts.get("available_providers"),

@@ -99,7 +99,7 @@ def test_temperature_sharpens_and_keeps_the_side():
     assert p1.min() >= 1 / (1 + math.e**2) - 1e-6 and p1.max() <= 1 / (1 + math.e**-2) + 1e-6
 
 
-def test_anomaly_map_composes(tiny_grid_embeddings=None):
+def test_anomaly_map_composes():
     gen = torch.Generator().manual_seed(3)
     local = _unit(torch.randn(2, 8, 8, 16, generator=gen))
     protos = _unit(torch.randn(2, 16, generator=gen))

@@ -11,7 +11,7 @@ from benchmarks.config import (
 )
 from benchmarks.contenders import Contender
 from benchmarks.report import markdown, write_report
-from benchmarks.runner import derive_ratios, interleaved_samples, prepare_contender
+from benchmarks.runner import derive_ratios, headline, interleaved_samples, prepare_contender
 
 FAST = Effort(
     warmup=2, latency_repeats=3, latency_min_repeats=2, latency_budget_s=0.0,
@@ -62,7 +62,8 @@ def test_interleaved_rounds_and_stop_rules():
     a, b = fake("a", log), fake("b", log)
     x = np.zeros((1, 3, 4, 4), np.float32)
     out = interleaved_samples([a, b], x, x, {}, repeats=3, budget_s=1e9, min_repeats=1)
-    assert log == ["a:1", "b:1", "a:1", "b:1", "a:1", "b:1"]  # one call of each per round
+    # one call of each per round, the order rotating from round to round
+    assert log == ["a:1", "b:1", "b:1", "a:1", "a:1", "b:1"]
     assert len(out["a"]) == len(out["b"]) == 3
     log.clear()
     out = interleaved_samples([a, b], x, x, {}, repeats=10, budget_s=0.0, min_repeats=2)
@@ -85,10 +86,15 @@ def test_prepare_skips_batches_it_cannot_or_should_not_run():
     assert "limit of this effort" in prep["skipped"]["2"] and log == ["a:1", "a:1"]
 
 
-def _entry(name, p50_ms, img_s, gflops, group="torch"):
+def _entry(name, lat_ms, b2_ms, gflops, group="torch"):
+    """Samples in round order: latency at batch 1 and calls at batch 2 (ms)."""
+    p50 = float(np.median(lat_ms))
     return {"name": name, "label": name, "group": group, "device": "cpu", "precision": "fp32", "available": True,
-            "gflops_per_image": gflops, "latency": {"p50_ms": p50_ms, "p90_ms": p50_ms, "p99_ms": p50_ms, "n": 3},
-            "throughput": {b: {"img_s": v} for b, v in img_s.items()}}
+            "gflops_per_image": gflops,
+            "latency": {"p50_ms": p50, "p90_ms": max(lat_ms), "p99_ms": max(lat_ms), "n": len(lat_ms),
+                        "samples_ms": list(lat_ms)},
+            "throughput": {"1": {"img_s": 1000.0 / p50},
+                           "2": {"img_s": 2000.0 / float(np.median(b2_ms)), "samples_ms": list(b2_ms)}}}
 
 
 def synthetic_results() -> dict:
@@ -102,9 +108,10 @@ def synthetic_results() -> dict:
         "device": "cpu",
         "hardware_limit": {"gflops": 100.0, "spread": 0.1, "what": "fp32 GEMM"},
         "contenders": [
-            _entry("open_clip", 10.0, {"1": 100.0, "2": 160.0}, 1.0),
-            _entry("core", 12.0, {"1": 80.0, "2": 120.0}, 1.2),
-            _entry("ort-cpu-fp32", 5.0, {"1": 200.0, "2": 400.0}, 1.2, group="runtime"),
+            # round 2 was hit by a burst of load (every contender 3x slower in that round)
+            _entry("open_clip", [10.0, 30.0, 10.0], [12.5, 12.5], 1.0),
+            _entry("core", [12.0, 36.0, 12.0], [16.0, 16.0], 1.2),
+            _entry("ort-cpu-fp32", [5.0, 15.0, 5.0, 5.0, 5.0], [5.0, 5.0], 1.2, group="runtime"),
             {"name": "ort-cuda-fp32", "label": "cuda", "group": "runtime", "device": "?", "precision": "fp32",
              "available": False, "reason": "no CUDA here", "gflops_per_image": 1.2},
         ],
@@ -112,19 +119,34 @@ def synthetic_results() -> dict:
     }
 
 
+def test_paired_ratio_cancels_a_burst():
+    from benchmarks.runner import paired_ratio
+
+    a = [10.0, 100.0, 10.0, 10.0]
+    b = [20.0, 200.0, 20.0]  # the same burst in round 2; b ran one round less
+    assert paired_ratio(a, b) == pytest.approx(0.5)
+    assert paired_ratio([], b) is None
+
+
 def test_derive_ratios_by_hand():
     res = synthetic_results()
     derive_ratios(res)
     r = {e["name"]: e.get("ratios") for e in res["contenders"]}
-    assert r["open_clip"]["latency_p50_vs_open_clip"] == pytest.approx(1.0)
-    assert r["core"]["latency_p50_vs_open_clip"] == pytest.approx(1.2)
-    assert r["core"]["throughput_vs_open_clip"] == {"1": pytest.approx(0.8), "2": pytest.approx(0.75)}
-    assert r["ort-cpu-fp32"]["best_throughput_vs_open_clip"] == pytest.approx(400 / 160)
-    assert r["ort-cpu-fp32"]["best_batch"] == 2
+    assert r["open_clip"]["latency_vs_open_clip"] == pytest.approx(1.0)
+    assert r["core"]["latency_vs_open_clip"] == pytest.approx(1.2)
+    assert r["core"]["throughput_vs_open_clip"] == {"1": pytest.approx(1 / 1.2), "2": pytest.approx(12.5 / 16)}
+    assert r["ort-cpu-fp32"]["latency_vs_open_clip"] == pytest.approx(0.5)  # rounds 1-3 paired
+    assert r["ort-cpu-fp32"]["best_batch"] == 2  # 400 img/s at batch 2 > 200 at batch 1
+    assert r["ort-cpu-fp32"]["best_throughput_vs_open_clip"] == pytest.approx(12.5 / 5)
     # 1.2 GFLOPs at 5 ms = 240 GFLOP/s at batch 1; at 400 img/s = 480 GFLOP/s; peak 100
     assert r["ort-cpu-fp32"]["achieved_gflops_b1"] == pytest.approx(240.0)
     assert r["ort-cpu-fp32"]["peak_fraction_best"] == pytest.approx(4.8)
     assert r["ort-cuda-fp32"] is None
+    h = headline(res)
+    assert h["core_over_open_clip_latency"] == pytest.approx(1.2)
+    assert h["runtime"]["ort-cpu-fp32"]["core_over_runtime_latency"] == pytest.approx(12 / 5)
+    assert h["runtime"]["ort-cpu-fp32"]["runtime_over_core_throughput"] == pytest.approx(16 / 5)
+    assert h["reference_over_core_latency"] is None
 
 
 def test_report_files_from_synthetic_results(tmp_path):
@@ -136,7 +158,7 @@ def test_report_files_from_synthetic_results(tmp_path):
     assert "torch 9.9.9-test" in md
     assert "RANDOM WEIGHTS" in md and "Shared machine" in md
     assert "unavailable: no CUDA here" in md
-    assert "| `core` | fp32 | 12.00 |" in md
+    assert "| `core` | fp32 | 12.00 |" in md and "| 1.20x |" in md
     assert json.loads(paths["json"].read_text())["command"] == res["command"]
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "latency_vs_batch.png" in md

@@ -163,8 +163,10 @@ def test_auto_picks_fastest_available_and_says_why(tmp_path):
     assert choice.name == "ort-cuda"
     assert set(choice.skipped) == {"trt", "ort-trt"}
     assert "auto -> ort-cuda" in choice.describe() and "TensorRT" in choice.describe()
-    choice = create_backend("auto", tmp_path, _manifest(), available_providers=[TRT, CUDA, CPU], session_factory=factory)
+    choice = create_backend("auto", tmp_path, _manifest(), available_providers=[TRT, CUDA, CPU], session_factory=factory,
+                            cache_dir=str(tmp_path / "cache"))
     assert choice.name == "ort-trt"
+    assert choice.backend.session.requested[0][1]["trt_engine_cache_path"].startswith(str(tmp_path / "cache"))
     choice = create_backend("auto", tmp_path, _manifest(), available_providers=[CPU], session_factory=factory)
     assert choice.name == "ort-cpu" and set(choice.skipped) == {"trt", "ort-trt", "ort-cuda"}
 

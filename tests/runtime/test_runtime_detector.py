@@ -255,3 +255,20 @@ def test_calibration_survives_add_class(artifact_copy, tmp_path, text_cache):
     r = det.predict(str(good / "0.png"), "bottle")
     assert r.threshold_source == "calibration" and r.image_threshold == pytest.approx(entry["image_threshold"])
     assert det.predict(str(good / "0.png"), "screw").threshold_source == "default"
+
+
+def test_corrupt_text_embeddings_without_verify(artifact_copy):
+    (artifact_copy / "text_embeddings.npz").write_bytes(b"PK\x03\x04 broken zip")
+    with pytest.raises(ArtifactError, match="cannot read text embeddings"):
+        Detector.load(artifact_copy, backend="ort-cpu", verify=False)
+
+
+def test_pathlike_inputs_and_result_json(tiny_detector, tmp_path):
+    p = tmp_path / "a.png"
+    cv2.imwrite(str(p), _img(9, 33, 44))
+    r = tiny_detector.predict(p, "bottle", pixel_threshold=0.0)
+    assert r.path == str(p) and r.anomaly_map.shape == (33, 44)
+    j = json.loads(json.dumps(r.to_json()))
+    assert j["size"] == [33, 44] and j["regions"][0]["area"] == 33 * 44
+    assert set(j["timing"]) >= {"preprocess_ms", "infer_ms", "map_ms", "regions_ms", "total_ms"}
+    assert r.mask().dtype == np.uint8 and r.mask().max() == 255

@@ -69,3 +69,22 @@ def test_find_regions_components_bbox_stats():
     assert len(find_regions(a, 0.5, max_regions=1)) == 1
     d = r.to_dict()
     assert d["area"] == 50 and len(d["centroid"]) == 2
+
+
+@pytest.mark.parametrize("count", [5, 100])  # both statistics paths (per-bbox and sorted)
+def test_find_regions_stats_many_components(count):
+    rng = np.random.default_rng(count)
+    a = np.zeros((200, 200), np.float32)
+    truth = {}
+    for k in range(count):
+        y, x = divmod(k, 10)
+        block = (0.6 + 0.4 * rng.random((3, 4))).astype(np.float32)
+        a[y * 20 + 2:y * 20 + 5, x * 20 + 3:x * 20 + 7] = block
+        truth[(x * 20 + 3, y * 20 + 2)] = (float(block.max()), float(block.astype(np.float64).mean()))
+    regs = find_regions(a, 0.5)
+    assert len(regs) == count
+    for r in regs:
+        mx, mean = truth[(r.x, r.y)]
+        assert (r.width, r.height, r.area) == (4, 3, 12)
+        assert r.max_score == pytest.approx(mx, abs=1e-7) and r.mean_score == pytest.approx(mean, abs=1e-6)
+    assert [r.max_score for r in regs] == sorted((r.max_score for r in regs), reverse=True)
