@@ -86,10 +86,11 @@ class Effort:
     gemm_repeats: int
 
 
+# --quick: a few minutes for ViT-B-16-plus-240 on 2 quiet CPU cores (about 8 when they are busy)
 QUICK = Effort(
-    warmup=1, latency_repeats=10, latency_min_repeats=3, latency_budget_s=8.0,
-    throughput_repeats=3, throughput_min_repeats=1, throughput_budget_s=6.0, max_call_s=12.0,
-    fidelity_images=2, tta_repeats=3, linescan_repeats=1, gemm_size=1536, gemm_repeats=5,
+    warmup=1, latency_repeats=20, latency_min_repeats=3, latency_budget_s=12.0,
+    throughput_repeats=5, throughput_min_repeats=1, throughput_budget_s=8.0, max_call_s=12.0,
+    fidelity_images=4, tta_repeats=5, linescan_repeats=1, gemm_size=1536, gemm_repeats=5,
 )
 FULL = Effort(
     warmup=3, latency_repeats=100, latency_min_repeats=10, latency_budget_s=60.0,

@@ -151,6 +151,35 @@ def measure_gemm_peak(device: str = "cpu", dtype: str = "float32", n: int = 2048
     return GemmPeak(device, dtype, n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 
+def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None = None) -> GemmPeak:
+    """The same fp32 ``n x n`` matmul as one ONNX ``MatMul`` node on ONNX Runtime's CPU provider
+    (its MLAS kernels, the ones the runtime contenders use), best of ``repeats``."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "gemm", [a, b], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    sess.run(None, feeds)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        best = min(best, time.perf_counter() - t0)
+    return GemmPeak("cpu (onnxruntime)", "float32", n, repeats, best, 2.0 * n**3 / best / 1e9)
+
+
 class PeakMemory:
     """Peak resident memory of this process while the ``with`` block runs (psutil sampling thread).
 

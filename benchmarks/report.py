@@ -12,8 +12,8 @@ PNG_NAME = "latency_vs_batch.png"
 
 NOISE_NOTE = (
     "This machine is shared and noisy (other jobs run on the same cores). Absolute times are not "
-    "comparable between runs; the claims below are ratios of figures measured in this one run, "
-    "with contenders measured one after another."
+    "comparable between runs; the claims below are ratios of figures measured in this one run, with "
+    "the contenders' timed calls interleaved round by round and ratios paired by round."
 )
 
 
@@ -131,7 +131,8 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
               f"- GPU: {(m.get('gpu') or {}).get('name', 'none (torch sees no CUDA device)')}",
               f"- Platform: {m.get('platform')}",
               f"- Threads: torch {th.get('torch')}, ONNX Runtime intra-op {th.get('onnxruntime_intra_op')}",
-              f"- Hardware limit: {hl.get('what')}: **{_f(hl.get('gflops'))} GFLOP/s**"]
+              f"- Hardware limit: {hl.get('what')}: **{_f(hl.get('gflops'))} GFLOP/s** (torch best "
+              f"{_f(hl.get('torch_best_gflops'))}, ONNX Runtime best {_f(hl.get('onnxruntime_best_gflops'))})"]
     if results.get("gemm_fp16"):
         lines.append(f"- fp16 GEMM on the GPU: {_f(results['gemm_fp16']['gflops'])} GFLOP/s")
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))
@@ -257,11 +258,12 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     tta = results.get("tta")
     lines += ["## AnoCLIP+ (test-time adaptation) cost", ""]
     if tta:
-        lines += [f"Batch 1, {tta['steps']} AdamW steps, predict(tta=True) vs predict(tta=False) interleaved "
-                  f"(n = {tta['predict_ms']['n']} each): p50 {_f(tta['predict_tta_ms']['p50_ms'])} ms vs "
-                  f"{_f(tta['predict_ms']['p50_ms'])} ms: **{_f(tta['overhead_ms_p50'])} ms per image "
-                  f"({_x(tta['overhead_ratio_p50'])})**. The adaptation alone (adapt_tokens on the same tokens): "
-                  f"p50 {_f(tta['adapt_only_ms']['p50_ms'])} ms = {_pct(tta['adapt_fraction_of_predict'])} of a "
+        lines += [f"Batch 1, {tta['steps']} AdamW steps; predict(tta=True) and predict(tta=False) back to back in "
+                  f"each of {tta['predict_ms']['n']} rounds: p50 {_f(tta['predict_tta_ms']['p50_ms'])} ms vs "
+                  f"{_f(tta['predict_ms']['p50_ms'])} ms; paired by round, AnoCLIP+ costs **{_f(tta['overhead_ms_p50'])} "
+                  f"ms more per image ({_x(tta['overhead_ratio_p50'])} the latency)**. The adaptation alone "
+                  f"(adapt_tokens on the same tokens, n = {tta['adapt_only_ms']['n']}): p50 "
+                  f"{_f(tta['adapt_only_ms']['p50_ms'])} ms = {_pct(tta['adapt_fraction_of_predict'])} of a "
                   "predict call.", ""]
     else:
         lines += ["Not measured (section off).", ""]
@@ -270,20 +272,24 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     lines += ["## How it was measured", "",
               "- Same backbone, image size and inputs (seeded synthetic RGB images, pre-processed once by "
               "`anoclip_core.transform`) for every contender; each call includes its own host-to-device copy.",
-              "- The first call of each contender is timed separately (`first call s`: lazy initialisation, "
-              "engine build) and counts as warm-up; then warm-up calls, then timed calls "
-              "(`time.perf_counter`, CUDA synchronised where torch uses the GPU) until the repeat count or the "
-              "time budget is reached. p50/p90/p99 use linear interpolation; with few samples p99 is close to "
-              "the maximum. Throughput is batch size / median call time.",
               "- (a) `reference`: `predict(views=True)`: one dual forward for the map plus the 22 views in one "
               "batched dual forward; (b) `core`: `predict()`; (c) `open_clip`: `model.clip.encode_image` (no "
-              "scores); (d) runtime: `backend.run(pixels, prototypes)` plus the runtime's map post-processing "
-              "at S x S, same text prototypes as the core.",
-              "- Hardware limit: best fp32 GEMM GFLOP/s measured with torch on the same device and threads in "
-              "the same run; reduced precisions (int8/fp16) have other ceilings, so their 'of peak' "
-              "is relative to fp32.",
-              "- Peak memory: process RSS sampled every 10 ms (psutil) from the first call to the last; "
-              "torch.cuda peak allocation where CUDA is used.", ""]
+              "scores); (d) runtime: `runtime.Detector.load(artifact, backend, precision)`, timed call "
+              "`detector.infer_pixels` plus the runtime's map post-processing at S x S.",
+              "- Per contender, one after another: the first call (lazy initialisation / engine build: `first call "
+              "s`), warm-up calls, one warm-up call at every batch size (batches whose estimated call time exceeds "
+              "the effort's limit are skipped, and say so); peak memory is taken here (process RSS sampled every "
+              "10 ms with psutil; on a GPU also torch's peak allocation and the device-wide used memory).",
+              "- Then the timed calls, interleaved: one call of every contender per round (order rotating), plus "
+              "an fp32 GEMM probe, each after 100 ms of idle time (ONNX Runtime's threads spin for 20-50 ms after a "
+              "run and would slow whatever runs next); each contender stops at its repeat count or when its time budget is spent, "
+              "never before its minimum. p50/p90/p99 use linear interpolation (with few samples p99 is about the "
+              "maximum); throughput is batch size / median call time. Ratios between contenders are medians of "
+              "per-round ratios (`time.perf_counter`; CUDA synchronised where torch uses the GPU).",
+              "- Hardware limit: the best fp32 GEMM rate seen on the same device and threads in this run (torch, "
+              "and ONNX Runtime's MatMul on a CPU); GFLOPs per image are analytical (checked against "
+              "`FlopCounterMode` above). Reduced precisions (int8/fp16) have other ceilings; their 'of peak' is "
+              "relative to fp32.", ""]
     for note in results.get("notes", []):
         lines.append(f"- Note: {note}")
     lines.append("")

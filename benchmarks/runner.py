@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -24,12 +23,16 @@ from . import fidelity as fid
 from . import flops as fl
 from .config import BASELINE, BenchConfig
 from .contenders import Contender, runtime_contender, torch_contenders
-from .hardware import PeakMemory, machine_summary, measure_gemm_peak, versions, load_average
+from .hardware import PeakMemory, load_average, machine_summary, measure_gemm_peak, measure_gemm_peak_ort, versions
 from .stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
 
 log = logging.getLogger("anoclip.bench")
 
 RESULTS_FORMAT = 1
+# Idle time before each interleaved call: ONNX Runtime's intra-op threads keep spinning for some
+# 20-50 ms after a run (measured here: a torch GEMM right after an ORT call ran ~45% slower, after
+# 50 ms it ran at full speed), which would tax whichever contender comes next in the round.
+INTERLEAVE_GAP_S = 0.1
 
 
 def _bar(total: int | None, desc: str, enabled: bool):
@@ -88,6 +91,7 @@ def prepare_contender(c: Contender, px: np.ndarray, pt: Any, cfg: BenchConfig, c
     """
     plan = cfg.plan
     out: dict[str, Any] = {"warm_s": {}, "skipped": {}}
+    time.sleep(INTERLEAVE_GAP_S)  # let the previous contender's thread pool go idle
     with PeakMemory(cuda=cuda_memory) as mem:
         out["first_call_s"] = _timed(c, px[:1], pt[:1])
         warm = out["first_call_s"]
@@ -123,12 +127,13 @@ def interleaved_samples(
     budget_s: float,
     min_repeats: int,
     bar=None,
+    gap_s: float = INTERLEAVE_GAP_S,
 ) -> dict[str, list[float]]:
     """Time the contenders in rounds (one call of each per round) so that a noisy neighbour
     slows all of them alike; each stops at ``repeats`` calls or once its ``budget_s`` is spent
     (never before ``min_repeats``). A contender of group ``"probe"`` (the GEMM probe) takes part in
     every round while any other contender is still running. ``estimates`` (seconds per call) only
-    size the progress bar."""
+    size the progress bar. ``gap_s`` of idle time precedes every call (see ``INTERLEAVE_GAP_S``)."""
     samples: dict[str, list[float]] = {c.name: [] for c in contenders}
     spent: dict[str, float] = {c.name: 0.0 for c in contenders}
     active = list(contenders)
@@ -140,6 +145,8 @@ def interleaved_samples(
         k = rnd % len(active)  # rotate the order so no contender always follows the same one
         rnd += 1
         for c in active[k:] + active[:k]:
+            if gap_s > 0:
+                time.sleep(gap_s)
             dt = _timed(c, x, t)
             samples[c.name].append(dt)
             spent[c.name] += dt
@@ -421,8 +428,6 @@ def measure_tta(model, px_t, class_name: str, repeats: int, progress: bool, sync
     Also times the adaptation alone (``adapt_tokens`` on the tokens of the same image), which is
     the overhead without the shared forward's noise.
     """
-    import torch
-
     from anoclip_core.tta import TTAConfig, adapt_tokens
 
     x = px_t[:1]
@@ -453,10 +458,11 @@ def measure_tta(model, px_t, class_name: str, repeats: int, progress: bool, sync
         "predict_ms": s_off.to_dict(),
         "predict_tta_ms": s_on.to_dict(),
         "adapt_only_ms": s_ad.to_dict(),
-        "overhead_ms_p50": s_on.p50_ms - s_off.p50_ms,
-        "overhead_ratio_p50": ratio(s_on.p50_ms, s_off.p50_ms),
+        # paired: the two calls of one round ran back to back under the same load
+        "overhead_ms_p50": percentile([(b - a) * 1000 for a, b in zip(off, on)], 50),
+        "overhead_ratio_p50": paired_ratio(on, off),
+        "overhead_ms_unpaired": s_on.p50_ms - s_off.p50_ms,
         "adapt_fraction_of_predict": ratio(s_ad.p50_ms, s_off.p50_ms),
-        "torch_grad_enabled_after": torch.is_grad_enabled(),
     }
 
 
@@ -540,6 +546,17 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
     say(f"GEMM peak ({device}, fp32, n={plan.gemm_size})")
     g0 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)
     results["gemm_start"] = g0.to_dict()
+    ort_peaks = []
+
+    def ort_gemm() -> None:
+        if cuda:
+            return
+        try:
+            ort_peaks.append(measure_gemm_peak_ort(plan.gemm_size, plan.gemm_repeats, cfg.threads or threads))
+        except Exception as err:  # noqa: BLE001 - the torch GEMM still gives a limit
+            results["notes"].append(f"ONNX Runtime GEMM peak not measured: {type(err).__name__}: {err}")
+
+    ort_gemm()
 
     # model and text ------------------------------------------------------------------------
     from anoclip_core import AnoCLIP
@@ -652,8 +669,8 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
         if manifest is not None:
             for name in cfg.runtime_contenders:
                 say(f"loading runtime {name}")
+                # the runtime's defaults (no optimised-model cache): load time as a fresh user sees it
                 c = runtime_contender(name, art_dir, manifest, cfg.class_name, size, cfg.threads or threads,
-                                      cache_dir=os.path.join(tmp_artifact or str(art_dir), ".cache"),
                                       skipped=art_info.get("skipped"))
                 all_cs.append(c)
                 if c.available:
@@ -750,18 +767,24 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
     say("GEMM peak again (end of run)")
     g1 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)
     results["gemm_end"] = g1.to_dict()
+    ort_gemm()
+    results["gemm_onnxruntime"] = [g.to_dict() for g in ort_peaks]
     results["gemm_during"] = {
         "calls": len(probe_gflops),
         "gflops_max": max(probe_gflops) if probe_gflops else None,
         "gflops_p50": percentile(probe_gflops, 50) if probe_gflops else None,
         "gflops_min": min(probe_gflops) if probe_gflops else None,
     }
-    everything = [g0.gflops, g1.gflops] + probe_gflops
+    everything = [g0.gflops, g1.gflops] + probe_gflops + [g.gflops for g in ort_peaks]
     peak = max(everything)
+    ort_note = (f", and ONNX Runtime's MatMul ({plan.gemm_repeats} calls at the start and at the end)"
+                if ort_peaks else "")
     results["hardware_limit"] = {
-        "what": f"fp32 GEMM ({plan.gemm_size}x{plan.gemm_size}) on {device}, torch, {threads} threads: best of "
-                f"{plan.gemm_repeats} calls at the start, {len(probe_gflops)} calls interleaved with the contenders' "
-                f"timed rounds and {plan.gemm_repeats} at the end of the run",
+        "what": f"fp32 GEMM ({plan.gemm_size}x{plan.gemm_size}) on {device}, {threads} threads: the best rate of "
+                f"torch.mm ({plan.gemm_repeats} calls at the start, {len(probe_gflops)} calls interleaved with the "
+                f"contenders' timed rounds, {plan.gemm_repeats} at the end){ort_note}",
+        "torch_best_gflops": max([g0.gflops, g1.gflops] + probe_gflops),
+        "onnxruntime_best_gflops": max(g.gflops for g in ort_peaks) if ort_peaks else None,
         "gflops": peak,
         "gflops_min": min(everything),
         "spread": (peak - min(everything)) / peak if peak else None,

@@ -122,9 +122,9 @@ def synthetic_results() -> dict:
 def test_paired_ratio_cancels_a_burst():
     from benchmarks.runner import paired_ratio
 
-    a = [10.0, 100.0, 10.0, 10.0]
-    b = [20.0, 200.0, 20.0]  # the same burst in round 2; b ran one round less
-    assert paired_ratio(a, b) == pytest.approx(0.5)
+    a = [10.0, 100.0, 10.0, 10.0, 10.0]
+    b = [20.0, 200.0]  # the same burst in round 2; b (slow) stopped after two rounds
+    assert paired_ratio(a, b) == pytest.approx(0.5)  # the ratio of the medians would say 10 / 110
     assert paired_ratio([], b) is None
 
 
