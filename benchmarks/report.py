@@ -112,7 +112,11 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     if hl.get("spread") is not None:
         lines += [f"Noise gauge: the same fp32 GEMM, timed at the start, between the contenders' calls and at the end, "
                   f"ran at {_f(hl.get('gflops_min'))} to {_f(hl.get('gflops'))} GFLOP/s (the slowest "
-                  f"{_pct(hl['spread'])} below the best); load average {results['machine'].get('load_average_start')} "
+                  f"{_pct(hl['spread'])} below the best)"
+                  + (f"; {_pct(gd['slow_fraction'])} of the {gd['calls']} probes between the contenders' calls ran "
+                     "below 80% of the best" if (gd := results.get("gemm_during") or {}).get("slow_fraction") is not None
+                     else "")
+                  + f"; load average {results['machine'].get('load_average_start')} "
                   f"at the start, {results['machine'].get('load_average_end')} at the end.", ""]
     lines += _headline(results)
     lines += ["## Command", "", "```", results.get("command") or "(library call)", "```", ""]
@@ -140,7 +144,22 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
               f"pretrained `{model.get('pretrained')}`, grid {model.get('patch_grid')}, D = {model.get('embed_dim')}, "
               f"{model.get('dual_blocks')} dual blocks of {model.get('depth')}; load {_f(model.get('load_s'))} s; "
               f"text prototypes for '{model.get('class_name')}' {_f(model.get('text_s'))} s "
-              f"({'disk cache' if model.get('text_from_cache') else 'encoded now, 924 sentences'})", ""]
+              f"({'disk cache' if model.get('text_from_cache') else 'encoded now, 924 sentences'})"]
+
+    art = results.get("artifact")
+    if art:
+        if "error" in art:
+            lines += [f"- Artifact: **{art['error']}**"]
+        else:
+            how = (f"exported inside this run with `export.api.export_artifact` in {_f(art.get('export_s'))} s "
+                   "(graph export, reduced precisions, verification"
+                   + (", TensorRT engine build" if art.get("tensorrt") else "") + ")"
+                   if art.get("built_in_run") else "reused")
+            skipped = "; ".join(f"{k}: {v}" for k, v in (art.get("skipped") or {}).items())
+            lines += [f"- Artifact: {how}; graphs {', '.join(art.get('models') or {})}"
+                      + ("; TensorRT engine: yes" if art.get("tensorrt") else "")
+                      + (f"; left out: {skipped}" if skipped else "") + f"; at {art.get('path')}"]
+    lines.append("")
 
     # per-device tables
     entries = results.get("contenders", [])
@@ -304,7 +323,7 @@ def plot(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     entries = [e for e in results.get("contenders", []) if e.get("available") and e.get("throughput")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), dpi=110)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.0), dpi=110)
     markers = "os^vD<>pPX*h"
     for i, e in enumerate(entries):
         pts = sorted((int(b), t) for b, t in e["throughput"].items() if "img_s" in t)
@@ -317,6 +336,9 @@ def plot(results: dict, path: Path) -> Path:
         kw = dict(marker=markers[i % len(markers)], linestyle=style, label=f"{e['name']} ({e['device']})")
         ax1.plot(bs, lat, **kw)
         ax2.plot(bs, tp, **kw)
+        if len(bs) == 1 and len(e["throughput"]) > 1:  # larger batches skipped: say so on the plot
+            for ax, y in ((ax1, lat[0]), (ax2, tp[0])):
+                ax.annotate(f"  {e['name']}: batch 1 only", (bs[0], y), fontsize=7, va="center", color="dimgray")
     limit = results.get("hardware_limit", {}).get("gflops")
     fl = results.get("flops", {})
     if limit and fl.get("dual_gflops"):
@@ -345,7 +367,7 @@ def plot(results: dict, path: Path) -> Path:
         sub = "RANDOM WEIGHTS - " + sub
     fig.suptitle(f"{title}\n{sub}", fontsize=10)
     rows = max(1, math.ceil(len(labels) / 4))
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 0.93))
+    fig.tight_layout(rect=(0, 0.03 + 0.04 * rows, 1, 0.95))
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -373,7 +373,7 @@ def build_artifact(cfg: BenchConfig, out_dir: Path, contenders: tuple[str, ...],
         image_size=cfg.image_size,
         precisions=tuple(precisions),
         out=out_dir,
-        force=True,
+        force=False,  # never replace a folder the user pointed --artifact at
         model_config=cfg.model_config,
         trt=want_trt,
         text_cache=cfg.text_cache,
@@ -777,6 +777,9 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
     }
     everything = [g0.gflops, g1.gflops] + probe_gflops + [g.gflops for g in ort_peaks]
     peak = max(everything)
+    results["gemm_during"]["gflops_samples"] = [round(v, 1) for v in probe_gflops]
+    results["gemm_during"]["slow_fraction"] = (sum(v < 0.8 * peak for v in probe_gflops) / len(probe_gflops)
+                                               if probe_gflops else None)
     ort_note = (f", and ONNX Runtime's MatMul ({plan.gemm_repeats} calls at the start and at the end)"
                 if ort_peaks else "")
     results["hardware_limit"] = {

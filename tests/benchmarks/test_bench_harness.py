@@ -169,3 +169,28 @@ def test_markdown_without_measurements_says_so():
     res["contenders"] = []
     md = markdown(res, png_name=None)
     assert "Not measured" in md and "![" not in md
+
+
+def test_reused_artifact_must_match_the_benchmark():
+    from benchmarks.runner import check_artifact_matches
+
+    cfg = BenchConfig(backbone="ViT-B-16-plus-240")
+    good = {"backbone": "ViT-B-16-plus-240", "image_size": 240, "pretrained": {"random_weights": True}}
+    check_artifact_matches(good, cfg, 240, random_weights=True)
+    with pytest.raises(RuntimeError, match="backbone ViT-B-16 != ViT-B-16-plus-240"):
+        check_artifact_matches({**good, "backbone": "ViT-B-16"}, cfg, 240, True)
+    with pytest.raises(RuntimeError, match="image size 240 != 320"):
+        check_artifact_matches(good, cfg, 320, True)
+    with pytest.raises(RuntimeError, match="random_weights"):
+        check_artifact_matches(good, cfg, 240, False, "laion400m_e32")
+    tagged = {**good, "pretrained": {"random_weights": False, "source": "laion400m_e31"}}
+    with pytest.raises(RuntimeError, match="weights laion400m_e31 != laion400m_e32"):
+        check_artifact_matches(tagged, cfg, 240, False, "laion400m_e32")
+
+
+def test_artifact_precisions_follow_the_contenders():
+    from benchmarks.runner import artifact_precisions
+
+    assert artifact_precisions(("core", "ort-cpu-fp32")) == ["fp32"]
+    assert artifact_precisions(("ort-cpu-int8", "ort-cuda-fp16", "trt-fp16", "ort-cpu-bf16")) == \
+        ["fp32", "int8", "fp16", "bf16"]
