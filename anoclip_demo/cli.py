@@ -67,22 +67,20 @@ def _existing_artifact_matches(art: Path, cfg: DemoConfig) -> bool:
     )
 
 
-def contact_sheet(results: list[dict], overlay_dir: Path, path: Path) -> Path | None:
-    """One PNG: each test image's overlay with its label and score written on it."""
+def contact_sheet(results: list[dict], path: Path, random_weights: bool = False) -> Path | None:
+    """One PNG: each test image's overlay with its true group, label and score written on it."""
     import cv2
 
     from anoclip_core.visualize import save_png
 
     tiles = []
     for r in results:
-        stem = Path(r["path"]).stem
-        found = sorted(overlay_dir.glob(f"*{stem}*overlay*.png")) or sorted(overlay_dir.glob(f"*{stem}*.png"))
-        if not found:
+        overlay = r.get("overlay")
+        if not overlay or not Path(overlay).is_file():
             continue
-        img = cv2.cvtColor(cv2.imread(str(found[0])), cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(cv2.imread(str(overlay)), cv2.COLOR_BGR2RGB)
         img = cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA)
-        truth = "defect" if "/good/" not in r["_group"] else "good"
-        text = f"{truth} -> {r.get('label')} {r.get('score', float('nan')):.3f}"
+        text = f"{r['_group']} -> {r.get('label')} {r.get('score', float('nan')):.3f}"
         cv2.rectangle(img, (0, 0), (256, 22), (0, 0, 0), -1)
         cv2.putText(img, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         tiles.append(img)
@@ -94,6 +92,12 @@ def contact_sheet(results: list[dict], overlay_dir: Path, path: Path) -> Path | 
     for i, t in enumerate(tiles):
         y, x = divmod(i, cols)
         sheet[y * 256 : (y + 1) * 256, x * 256 : (x + 1) * 256] = t
+    if random_weights:
+        banner = np.zeros((28, sheet.shape[1], 3), np.uint8)
+        banner[:] = (200, 0, 0)
+        cv2.putText(banner, "RANDOM WEIGHTS (--pretrained none): scores and maps are NOT meaningful",
+                    (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        sheet = np.concatenate([banner, sheet, banner])
     return save_png(path, sheet)
 
 
@@ -133,9 +137,11 @@ def run_demo(cfg: DemoConfig) -> dict:
             for line in jsonl.read_text().splitlines():
                 rec = json.loads(line)
                 if "path" in rec and not rec.get("summary"):
-                    rec["_group"] = f"/{group}/"
+                    rec["_group"] = group
+                    if rec.get("overlay"):
+                        rec["overlay"] = str(gdir / rec["overlay"])
                     rows.append(rec)
-    sheet = contact_sheet(rows, results_dir, out / "contact_sheet.png")
+    sheet = contact_sheet(rows, out / "contact_sheet.png", random_weights=cfg.pretrained.lower() == "none")
     summary = {
         "backbone": cfg.backbone, "pretrained": cfg.pretrained, "artifact": str(art),
         "calibration": {k: entry[k] for k in ("image_threshold", "pixel_threshold", "images")},
