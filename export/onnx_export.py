@@ -1,47 +1,51 @@
 """PyTorch -> ONNX for the export wrapper (``export.wrapper``).
 
-Exporter choice: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript), with the
-legacy TorchScript exporter (``dynamo=False``) kept as ``exporter="legacy"``.
+Exporter choice: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript; the default
+of ``torch.onnx.export`` in this torch), with the legacy TorchScript exporter (``dynamo=False``)
+kept as ``exporter="legacy"`` / ``--exporter legacy``.
 
-Measured on this repo's machine (torch 2.14.1, onnxruntime 1.32 CPU, 2 shared cores, opset 18,
-batch 1, ORT intra-op threads 2; random weights; max abs error vs PyTorch over all 5 outputs):
+Measured on this repo's machine (torch 2.14.1, onnxruntime 1.32 CPU EP, opset 18, random
+weights, batch 1, ``intra_op_num_threads=2``; graphs run alternately A/B/A/B on a quiet machine,
+median of 5 runs; "max |err|" is over all five outputs vs PyTorch):
 
-===========================  ========  =======  ======  ==========  ============
-model                        exporter  export   nodes   max |err|   ORT latency
-===========================  ========  =======  ======  ==========  ============
-anoclip-tiny (2 dual blocks)  legacy     0.4 s    325    1.4e-6      1.05 ms
-anoclip-tiny                  dynamo     3.2 s    155    1.4e-6      1.05 ms
-anoclip-tiny-24 (12 + 12)     legacy*    2.0 s   3526    2.4e-6      1.95 ms
-anoclip-tiny-24               dynamo    20.1 s   1367    2.7e-6      3.38 ms
-ViT-B-16-plus-240 (240 px)    legacy    14.1 s   1485    3.6e-6      642 ms
-ViT-B-16-plus-240             dynamo    13.0 s    767    4.3e-6      347 ms
-===========================  ========  =======  ======  ==========  ============
+=========================  ========  ============  ======  ==========  ============
+model                      exporter  export time   nodes   max |err|   ORT latency
+=========================  ========  ============  ======  ==========  ============
+anoclip-tiny (2 blocks)    legacy         0.1 s      325    1.7e-6      0.38 ms
+anoclip-tiny               dynamo         3.0 s      155    1.7e-6      0.43 ms
+anoclip-tiny-24 (12 + 12)  legacy*        0.8 s     3526    1.7e-6      1.75 ms
+anoclip-tiny-24            dynamo        16.4 s     1367    1.6e-6      1.94 ms
+ViT-B-16-plus-240 (240px)  legacy         8.7 s     1485    1.8e-7**    304 ms
+ViT-B-16-plus-240          dynamo        16.2 s      767    1.8e-7**    312 ms
+ViT-L-14 (224 px)          legacy*       37.5 s     3526    1.6e-7**    935 ms
+ViT-L-14                   dynamo        39.9 s     1379    1.6e-7**    936 ms
+=========================  ========  ============  ======  ==========  ============
 
-(*) the legacy exporter cannot export the plain open_clip blocks of a model deeper than 12
-layers (ViT-L-14's blocks 1..12) at all under ``torch.no_grad()``: ``nn.MultiheadAttention``
-takes its fused fast path and ``aten::_native_multi_head_attention`` has no ONNX symbolic. We
-export it with grad enabled (which disables the fast path) when ``exporter="legacy"``.
+(*) with plain open_clip blocks (ViT-L-14's blocks 1..12, tiny-24's first 12) the legacy exporter
+fails outright under ``torch.no_grad()``: ``nn.MultiheadAttention`` takes its fused fast path and
+``aten::_native_multi_head_attention`` has no ONNX symbolic. ``exporter="legacy"`` exports with
+grad enabled, which disables that fast path (a workaround that depends on MHA internals).
+(**) embedding error from the export's own verification (real sizes run the CLI).
+An earlier measurement of B-16-plus under a loaded shared machine gave 642 vs 347 ms; that gap
+was load noise and disappeared in interleaved runs on a quiet machine (above).
 
-Why dynamo:
+Why dynamo, given ONNX Runtime latency is a tie (within 3 % at real sizes; the tiny models are
+dominated by per-node overhead, where the legacy graph's cheaper nodes win by ~0.1 ms):
 
-* ORT CPU latency on the real-size paper backbone is ~1.85x lower (347 vs 642 ms). The legacy
+* No MHA workaround: it traces ``nn.MultiheadAttention`` as it is, so ViT-L-14 class models
+  export without depending on when PyTorch takes the fused fast path.
+* Dynamic batch (and class count) are declared with ``torch.export.Dim`` and checked at export
+  time: a graph that silently specialised batch would be an export error, not a runtime surprise.
+* A graph with 2.5x fewer nodes and no shape arithmetic on the attention path: the legacy
   exporter lowers ``scaled_dot_product_attention`` with a per-call ``Shape -> Gather -> Cast ->
-  Sqrt -> Div`` scale computation and splits the scale over q and k (2 extra Mul on [B,H,N,d]
-  per attention, 24 attentions per forward for B-16-plus), plus ~100 Cast/Identity/Constant
-  nodes; dynamo emits a plain ``MatMul -> Mul(const) -> Softmax -> MatMul`` that ORT's (and
-  TensorRT's) attention fusions match, and half the nodes. On the 2-block tiny model both are
-  overhead-bound and equal; on tiny-24 the legacy graph is faster because of the tiny width
-  (dynamo's MHA decomposition has more Slice/Reshape nodes, cheap at real sizes).
-* Dynamic batch is declared with ``torch.export.Dim`` and checked by torch.export (a graph that
-  silently specialises batch is an export error, not a runtime surprise); ORT runs batch 1 and 3
-  from one graph in the tests.
-* TensorRT (10/11) parses both; the dynamo graph has no ``If``/``Loop`` and no shape arithmetic
-  on the attention path, so the SDPA lowering is the standard MatMul/Softmax pattern that
-  TensorRT's MHA fusion recognises.
-* Its ONNXProgram saves weights as external data itself (``<file>.data``), needed for >2 GB.
+  Sqrt -> Div`` scale and splits it over q and k; dynamo emits ``MatMul -> Mul(const) ->
+  Softmax -> MatMul``, the pattern TensorRT's MHA fusion matches. Only the default ONNX domain,
+  no functions, no If/Loop (checked in tests). Not measured on TensorRT here (no GPU).
+* It is the maintained path (the TorchScript exporter is deprecated); its ONNXProgram writes
+  external data itself.
 
-Cost: dynamo export is slower (20 s vs 2 s on tiny-24, similar on real sizes); irrelevant for an
-offline export.
+Cost: dynamo exports slower (2x for B-16-plus, ~same for L-14, 20x on the tiny models; export
+times measured back to back in one process, +-30 % between runs): irrelevant for an offline step.
 """
 from __future__ import annotations
 
