@@ -119,7 +119,12 @@ def _state_dict_mismatch(text: str) -> str:
 
 
 def create_clip(backbone: str, weights: WeightsInfo, image_size: int | None, cache_dir: str | None = None):
-    """Build the open_clip model; random weights are seeded (0) so runs are reproducible."""
+    """Build the open_clip model; random weights are seeded (0) so runs are reproducible.
+
+    A pretrained tag trained with QuickGELU (e.g. ViT-L-14 ``openai``) gets QuickGELU, as
+    open_clip's OpenAI loader did for the reference; for a local file of such weights, name the
+    ``-quickgelu`` variant of the backbone (e.g. ``ViT-L-14-quickgelu``).
+    """
     import open_clip
 
     kwargs = {"force_image_size": image_size} if image_size else {}
@@ -140,6 +145,8 @@ def create_clip(backbone: str, weights: WeightsInfo, image_size: int | None, cac
                 f"cannot read weights file {weights.source} (corrupt, or not a PyTorch/safetensors checkpoint): "
                 f"{type(err).__name__}: {_first_line(text)}"
             ) from None
+    if open_clip.get_pretrained_cfg(backbone, weights.source).get("quick_gelu", False):
+        kwargs["force_quick_gelu"] = True
     try:
         return open_clip.create_model(backbone, pretrained=weights.source, cache_dir=cache_dir, **kwargs)
     except ModelError:
