@@ -48,7 +48,7 @@ def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision
 
         trt_entry = manifest.get("tensorrt")
         if not trt_entry:
-            raise BackendUnavailable("the artifact has no TensorRT engine (export it with --tensorrt on a GPU machine)")
+            raise BackendUnavailable("the artifact has no TensorRT engine (export it with anoclip-export --trt on a GPU machine)")
         return TrtBackend(artifact_dir / trt_entry["file"], trt=opts.get("trt_module"),
                           cudart=opts.get("cudart_module"), device_id=opts.get("device_id", 0))
     from .ort import OrtBackend
