@@ -145,7 +145,8 @@ def merge_crops(maps: np.ndarray, boxes: Sequence[Box], size: tuple[int, int]) -
 
 
 def predict_two_crop(
-    model: AnoCLIP, images: Sequence[transform.ImageLike], class_name: str, tta: TTAConfig | bool = False
+    model: AnoCLIP, images: Sequence[transform.ImageLike], class_name: str, tta: TTAConfig | bool = False,
+    start_index: int = 0,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """VisA protocol (§4): short side -> S, two overlapping square crops, maps averaged in the
     overlap (map size = the resized image), image score = mean of the two crops' scores; no views."""
@@ -155,7 +156,7 @@ def predict_two_crop(
         inputs.append(crops)
         layouts.append((boxes, size))
     pixels = torch.from_numpy(np.concatenate(inputs)).to(model.device)
-    maps, scores = model.predict(pixels, class_name, tta=tta, views=False)
+    maps, scores = model.predict(pixels, class_name, tta=tta, views=False, tta_start_index=2 * start_index)
     maps_np, scores_np = maps.cpu().numpy(), scores.cpu().numpy()
     out_maps, out_scores, k = [], [], 0
     for boxes, size in layouts:
@@ -166,13 +167,16 @@ def predict_two_crop(
     return out_maps, np.asarray(out_scores)
 
 
-def _predict_batch(model: AnoCLIP, batch: list[Sample], cfg: EvalConfig) -> tuple[list[np.ndarray], np.ndarray]:
+def _predict_batch(
+    model: AnoCLIP, batch: list[Sample], cfg: EvalConfig, start_index: int = 0
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """One batch; ``start_index`` (the batch's offset in the class) keeps TTA independent of batch size."""
     class_name = batch[0].class_name
     tta = cfg.tta_config(model.temperature)
     if cfg.dataset == "visa":
-        return predict_two_crop(model, [s.path for s in batch], class_name, tta)
+        return predict_two_crop(model, [s.path for s in batch], class_name, tta, start_index)
     pixels = model.load_images([s.path for s in batch])
-    maps, scores = model.predict(pixels, class_name, tta=tta, views=cfg.use_views)
+    maps, scores = model.predict(pixels, class_name, tta=tta, views=cfg.use_views, tta_start_index=start_index)
     return list(maps.cpu().numpy().astype(np.float32)), scores.cpu().numpy()
 
 
@@ -181,7 +185,7 @@ def predict_class(model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: A
     out = ClassOutputs(samples=list(samples))
     for i in range(0, len(samples), cfg.batch_size):
         batch = samples[i : i + cfg.batch_size]
-        maps, scores = _predict_batch(model, batch, cfg)
+        maps, scores = _predict_batch(model, batch, cfg, start_index=i)
         for s, m, sc in zip(batch, maps, scores):
             out.maps.append(m)
             out.masks.append(load_mask(s, m.shape[0], m.shape[1]))

@@ -302,10 +302,13 @@ class AnoCLIP(torch.nn.Module):
         tta: bool | TTAConfig = False,
         views: bool = False,
         domain: str | None = None,
+        tta_start_index: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised pixels [B, 3, S, S] -> anomaly maps [B, S, S] and image scores [B].
 
-        ``tta`` runs AnoCLIP+ (True for the default settings, or a ``TTAConfig``); ``views``
+        ``tta`` runs AnoCLIP+ (True for the default settings, or a ``TTAConfig``); image ``i``
+        of the batch adapts with the seed stream ``tta_start_index + i``, so a caller that passes
+        the running image index gets results independent of its batch size. ``views``
         averages the image score over the reference's 22 views.
 
         Under ``torch.autocast`` only the encoder runs in reduced precision; TTA and the scores
@@ -317,7 +320,8 @@ class AnoCLIP(torch.nn.Module):
         with torch.autocast(device_type=self.device.type, enabled=False):
             if tta:
                 cfg = tta if isinstance(tta, TTAConfig) else TTAConfig(temperature=self.temperature)
-                local = adapt_tokens(local.float(), states.sentences, states.prototypes, cfg)
+                local = adapt_tokens(local.float(), states.sentences, states.prototypes, cfg,
+                                     start_index=tta_start_index)
             local = F.normalize(local.float(), dim=-1)
             size = (self.image_size, self.image_size)
             maps = anomaly_map(local, states.prototypes.float(), size, self.temperature)

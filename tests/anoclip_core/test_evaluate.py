@@ -298,3 +298,20 @@ def test_save_png_is_atomic_and_rgb(tmp_path: Path) -> None:
     with pytest.raises(InputError):
         save_png(tmp_path / "bad.png", np.zeros((4, 4, 3), np.float32))
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_tta_results_do_not_depend_on_batch_size(tiny_model, mvtec_root: Path) -> None:
+    """Each image adapts with the seed stream of its index in the class, whatever the batching."""
+    from anoclip_core.evaluate import predict_class
+
+    samples = load_samples("mvtec", mvtec_root, ["bottle"])
+    runs = {}
+    for bs in (1, 3, 7):
+        cfg = EvalConfig("mvtec", str(mvtec_root), classes=("bottle",), views=False, tta=True, progress=False,
+                         batch_size=bs)
+        runs[bs] = np.stack(predict_class(tiny_model, samples, cfg).maps)
+    plain_cfg = EvalConfig("mvtec", str(mvtec_root), classes=("bottle",), views=False, progress=False, batch_size=7)
+    plain = np.stack(predict_class(tiny_model, samples, plain_cfg).maps)
+    assert np.abs(runs[1] - plain).max() > 1e-6, "TTA must change the maps for this test to mean anything"
+    np.testing.assert_allclose(runs[3], runs[1], atol=1e-6)
+    np.testing.assert_allclose(runs[7], runs[1], atol=1e-6)
