@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from . import transform
 from .encoder import DualPathEncoder
 from .errors import InputError, ModelError
+from .fileio import sha256_file
 from .prompts import PromptCache, StateEmbeddings, default_cache_dir, encode_sentences, state_sentences
 from .scores import anomaly_map, image_views, state_probs
 from .tta import TTAConfig, adapt_tokens
@@ -26,15 +26,6 @@ log = logging.getLogger("anoclip")
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (--pretrained none): outputs are NOT meaningful anomaly scores"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 TEXT_BATCH = 128
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

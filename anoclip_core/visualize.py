@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .fileio import atomic_write_bytes
 
 
 def _rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -73,15 +73,4 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     ok, data = cv2.imencode(".png", img[:, :, ::-1] if img.ndim == 3 else img)
     if not ok:
         raise InputError(f"cannot encode PNG for {path}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.tobytes())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_bytes(path, data.tobytes())

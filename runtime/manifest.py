@@ -17,14 +17,13 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from anoclip_core.errors import ArtifactError
+from anoclip_core.fileio import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "anoclip-artifact"
@@ -65,15 +64,6 @@ REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
 }
 MODEL_FIELDS: dict[str, tuple[type, ...]] = {"file": (str,), "precision": (str,)}
 TENSORRT_FIELDS: dict[str, tuple[type, ...]] = {"file": (str,), "precision": (str,), "profile": (dict,)}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (no torch)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _get(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
@@ -201,27 +191,6 @@ def file_hashes(artifact_dir: str | os.PathLike, names: Iterable[str]) -> dict[s
     """``{name: sha256}`` for files of an artifact folder (sorted by name)."""
     root = Path(artifact_dir)
     return {name: sha256_file(_safe_member(root, name)) for name in sorted(names)}
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder + fsync + ``os.replace``: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_manifest(artifact_dir: str | os.PathLike, data: Mapping[str, Any], validate: bool = True) -> Path:
