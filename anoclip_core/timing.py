@@ -48,6 +48,8 @@ def percentile(samples: Sequence[float], q: float) -> float:
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile q must be in [0, 100], got {q}")
     xs = sorted(float(v) for v in samples)
+    if any(math.isnan(v) for v in xs):
+        raise ValueError("percentile of a sample containing NaN")
     pos = (len(xs) - 1) * q / 100.0
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)

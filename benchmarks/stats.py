@@ -1,8 +1,7 @@
-"""Latency statistics: percentiles, summaries, throughput, and a wall-clock timer.
+"""Latency statistics: summaries, throughput, ratios, and a wall-clock timer with a budget.
 
-Percentiles use linear interpolation between closest ranks (numpy's default, "type 7"), written
-out here so that the harness logic is tested on known samples and does not depend on a library
-default.
+Percentiles are ``anoclip_core.timing.percentile`` (linear interpolation between closest ranks,
+numpy's default "type 7"), the project's one implementation, tested on known samples.
 """
 from __future__ import annotations
 
@@ -11,24 +10,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+from anoclip_core.timing import percentile
 
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) of ``samples``, linear interpolation between closest ranks.
-
-    For sorted x[0..n-1] the rank is ``h = (n - 1) * q / 100`` and the result
-    ``x[floor(h)] + (h - floor(h)) * (x[floor(h) + 1] - x[floor(h)])``.
-    """
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    xs = sorted(float(v) for v in samples)
-    if not xs:
-        raise ValueError("percentile of an empty sample")
-    if any(math.isnan(v) for v in xs):
-        raise ValueError("percentile of a sample containing NaN")
-    h = (len(xs) - 1) * q / 100.0
-    lo = math.floor(h)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (h - lo) * (xs[hi] - xs[lo])
+__all__ = ["LatencyStats", "percentile", "plan_repeats", "ratio", "summarize", "throughput", "time_calls"]
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Per-image CPU latency: torch-free runtime (ONNX Runtime) vs the PyTorch core, same backbone and batch.
 
-Not a test (no timing asserts anywhere); run it by hand, e.g.::
+Run it by hand (``anoclip-bench`` measures network calls on pre-processed pixels; this one adds the
+pre-processing of full-size camera images and the runtime's post-processing at the original size)::
 
-    python tests/runtime/measure_latency.py --artifact /tmp/art-tiny --model-config tests/configs --batch 8
-    python tests/runtime/measure_latency.py --artifact /tmp/art-b16p --batch 1 --reps 5
+    python -m benchmarks.runtime_vs_core --artifact /tmp/art-tiny --model-config tests/configs --batch 8
+    python -m benchmarks.runtime_vs_core --artifact /tmp/art-b16p --batch 1 --reps 10 --warmup 2
 
 Both sides get the same uint8 images (``--size`` H x W, default 480 x 640) and the same thread
 count (``--threads``, default: physical cores). Timed per batch, reported per image (median, mean and
-min over ``--reps`` batches after ``--warmup``; the four measurements are interleaved):
+min over ``--reps`` batches after ``--warmup``; the four measurements are interleaved round by round
+and the speed-ups are medians of per-round ratios, as in ``anoclip-bench``):
 
 * ``end_to_end``: images -> pre-processing -> network -> maps + scores. Core: ``load_images`` +
   ``forward_tokens`` + ``anomaly_map`` (S x S) + ``state_probs`` (what ``AnoCLIP.predict`` does,
@@ -24,25 +26,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 
-
-def _timeit(fn, reps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+from .runner import paired_ratio
+from .stats import summarize, time_calls
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--model-config", default=None, help="extra open_clip model configs (tests/configs for tiny)")
@@ -53,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="480x640", help="original image size HxW")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0 or args.batch < 1:
+        ap.error("need --reps >= 1, --warmup >= 0 and --batch >= 1")
 
     from runtime import Detector
     from runtime.backends.ort import physical_cores
@@ -104,7 +98,9 @@ def main(argv=None) -> int:
 
     def rt_e2e():
         res = det.predict_batch(imgs, cls, batch=args.batch)
-        assert all(r.ok for r in res)
+        failed = [r.error for r in res if not r.ok]
+        if failed:
+            raise RuntimeError(f"runtime failed on {len(failed)} image(s): {failed[0]}")
 
     def rt_net():
         det.run_graph(pixels_np, cls, ("patch_probs", "image_scores"))
@@ -117,29 +113,27 @@ def main(argv=None) -> int:
     fns = {"core_end_to_end": core_e2e, "runtime_end_to_end": rt_e2e, "core_network": core_net,
            "runtime_network": rt_net}
     for fn in fns.values():
-        _timeit(fn, 0, args.warmup)
+        if args.warmup:
+            time_calls(fn, repeats=args.warmup, warmup=0)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(args.reps):  # interleaved, rotating order: a busy shared machine hits both sides alike
         names = list(fns)
         names = names[rep % len(names):] + names[: rep % len(names)]
         for name in names:
-            times[name] += _timeit(fns[name], 1, 0)
+            times[name] += time_calls(fns[name], repeats=1, warmup=0)
     results = {}
     for name, ts in times.items():
-        per = [t / args.batch * 1e3 for t in ts]
-        results[name] = {"median_ms_per_image": round(statistics.median(per), 3),
-                         "mean_ms_per_image": round(statistics.fmean(per), 3),
-                         "min_ms_per_image": round(min(per), 3)}
+        st = summarize([t / args.batch for t in ts])
+        results[name] = {"median_ms_per_image": round(st.p50_ms, 3), "mean_ms_per_image": round(st.mean_ms, 3),
+                         "min_ms_per_image": round(st.min_ms, 3)}
     report = {
         "backbone": m["backbone"], "image_size": S, "original_size": [h, w], "batch": args.batch,
         "reps": args.reps, "threads": threads, "backend": det.backend_name, "random_weights": det.random_weights,
         "max_score_diff_core_vs_runtime": score_diff, "cpu": platform.processor() or platform.machine(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "results": results,
-        "speedup_end_to_end": round(results["core_end_to_end"]["median_ms_per_image"]
-                                    / results["runtime_end_to_end"]["median_ms_per_image"], 2),
-        "speedup_network": round(results["core_network"]["median_ms_per_image"]
-                                 / results["runtime_network"]["median_ms_per_image"], 2),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "speedup_end_to_end": round(paired_ratio(times["core_end_to_end"], times["runtime_end_to_end"]), 2),
+        "speedup_network": round(paired_ratio(times["core_network"], times["runtime_network"]), 2),
+        "command": " ".join(["python -m benchmarks.runtime_vs_core"] + list(sys.argv[1:] if argv is None else argv)),
     }
     print(json.dumps(report, indent=2))
     return 0
