@@ -213,31 +213,39 @@ def convert_bf16(src: str | os.PathLike, dst: str | os.PathLike, external_data_t
     return save_onnx(model16, dst, external=_size(model16) > external_data_threshold)
 
 
+@contextlib.contextmanager
+def _quiet_quantizer(what: str):
+    """ONNX Runtime's quantizer prints and logs per node: silence it, and turn its failure into one
+    ``ExportError`` naming ``what``."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"{what} failed: {type(err).__name__}: {err}") from err
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data_threshold: int = TWO_GB) -> list[str]:
     """Dynamic int8 (weights int8 per tensor, activations dynamic uint8) of the Linear MatMuls."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
     external = (src.parent / (src.name + ".data")).exists()
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            quantize_dynamic(
-                str(src),
-                str(dst),
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul"],
-                per_channel=False,
-                use_external_data_format=external,
-                extra_options={"MatMulConstBOnly": True},
-            )
-    except Exception as err:  # noqa: BLE001
-        raise ExportError(f"int8 quantisation failed: {type(err).__name__}: {err}") from err
-    finally:
-        quiet.setLevel(level)
+    with _quiet_quantizer("int8 quantisation"):
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            per_channel=False,
+            use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
     model = _load(dst)
     return save_onnx(model, dst, external=_size(model) > external_data_threshold)
 
@@ -272,27 +280,18 @@ def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
             return next(self._items, None)
 
     external = (src.parent / (src.name + ".data")).exists()
-    quiet = logging.getLogger()
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            quantize_static(
-                str(src), str(dst), Reader(),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul"],
-                nodes_to_exclude=exclude,
-                per_channel=True,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                use_external_data_format=external,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-    except Exception as err:  # noqa: BLE001
-        raise ExportError(f"static int8 quantisation failed: {type(err).__name__}: {err}") from err
-    finally:
-        quiet.setLevel(level)
+    with _quiet_quantizer("static int8 quantisation"):
+        quantize_static(
+            str(src), str(dst), Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=exclude,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
     model = _load(dst)
     return save_onnx(model, dst, external=_size(model) > external_data_threshold)
 

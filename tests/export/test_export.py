@@ -146,6 +146,21 @@ def test_int8_quantises_linear_layers_only(artifact):
     assert "QuantizeLinear" not in ops  # dynamic, not QDQ
 
 
+def test_quantizer_failure_is_one_export_error_and_restores_logging(tmp_path):
+    import logging
+
+    from export import quantize
+    from export.onnx_export import ExportError
+
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx model")
+    root = logging.getLogger()
+    before = root.level
+    with pytest.raises(ExportError, match="^int8 quantisation failed: "):
+        quantize.quantize_int8(bad, tmp_path / "out.onnx")
+    assert root.level == before
+
+
 def test_fp16_keeps_layernorm_fp32(artifact):
     import onnx
     from onnx import TensorProto
