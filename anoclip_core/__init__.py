@@ -5,8 +5,7 @@ can be imported by the runtime without importing torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -26,9 +25,4 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'anoclip_core' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

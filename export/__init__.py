@@ -7,8 +7,7 @@ Public names load lazily (PEP 562) so ``import export`` alone does not import to
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from anoclip_core.lazy import lazy_getattr
 
 _LAZY = {
     "ExportConfig": "export.api",
@@ -22,9 +21,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
