@@ -2,12 +2,15 @@
 
 Atomic writes go to a temp file in the target's folder, are flushed to disk, then renamed over
 the target with ``os.replace``: readers see the old file or the new one, never half of one.
+Folders (artifacts, Triton models) are built in a staged sibling and swapped in with ``swap_dir``.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -46,3 +49,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text version of ``atomic_write_bytes``."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the folder ``staged`` to ``final`` (same file system). An existing ``final`` is moved
+    aside first, put back if the rename fails, and deleted once the new folder is in place."""
+    staged, final = Path(staged), Path(final)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.replace(final, old)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from anoclip_core.errors import AnoCLIPError, ArtifactError
+from anoclip_core.fileio import swap_dir
 from runtime import manifest as mf
 
 from . import quantize, text, trt as trt_mod, triton as triton_mod
@@ -482,22 +483,8 @@ def _prompt_set() -> str:
 
 def _commit(tmp: Path, out: Path, force: bool) -> None:
     """Atomic swap: ``tmp`` becomes ``out``; a previous ``out`` is moved aside, then deleted."""
-    old = None
     _check_out(out, force)  # again: another export may have finished there meanwhile
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
-            os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_dir(tmp, out)
 
 
 # add-class ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from anoclip_core.errors import AnoCLIPError
+from anoclip_core.fileio import swap_dir
 
 from .onnx_export import TWO_GB, save_onnx
 from .wrapper import INPUT_NAMES, OUTPUT_NAMES
@@ -190,18 +191,7 @@ def prepare_repository(
 
 def commit_repository(staged: Path, final: Path, force: bool = False) -> None:
     """Rename the staged folder into place (an existing model, with ``force``, is swapped out)."""
-    old = None
-    if final.exists():
-        if not force:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise AnoCLIPError(f"Triton model {final} already exists; pass --force to replace it")
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    try:
-        os.replace(staged, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if final.exists() and not force:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise AnoCLIPError(f"Triton model {final} already exists; pass --force to replace it")
+    swap_dir(staged, final)
