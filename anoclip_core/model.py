@@ -19,6 +19,7 @@ from .errors import InputError, ModelError
 from .fileio import sha256_file
 from .prompts import PromptCache, StateEmbeddings, default_cache_dir, encode_sentences, state_sentences
 from .scores import anomaly_map, image_views, state_probs
+from .text_tower import encode_text_truncated
 from .tta import TTAConfig, adapt_tokens
 
 log = logging.getLogger("anoclip")
@@ -262,7 +263,7 @@ class AnoCLIP(torch.nn.Module):
         with torch.autocast(device_type=self.device.type, enabled=False):
             for i in range(0, len(sentences), TEXT_BATCH):
                 tokens = self._tokenizer(list(sentences[i : i + TEXT_BATCH])).to(self.device)
-                out.append(self.clip.encode_text(tokens).float())
+                out.append(encode_text_truncated(self.clip, tokens).float())
         return torch.cat(out)
 
     def state_embeddings(self, class_name: str, domain: str | None = None) -> StateEmbeddings:

@@ -169,14 +169,15 @@ def test_model_state_embeddings(tiny_model):
 
 
 def _counting_text_tower(monkeypatch, clip):
+    """Count runs of the text transformer (full-context or cut, both go through it)."""
     calls = {"n": 0}
-    original = clip.encode_text
+    original = clip.transformer.forward
 
     def counting(tokens, *args, **kwargs):
         calls["n"] += 1
         return original(tokens, *args, **kwargs)
 
-    monkeypatch.setattr(clip, "encode_text", counting)
+    monkeypatch.setattr(clip.transformer, "forward", counting)
     return calls
 
 
