@@ -842,7 +842,7 @@ def release(run: BenchRun) -> None:
 
 def hardware_limit(run: BenchRun) -> None:
     """Second GEMM peak and the machine's limit over the whole run (its spread says how noisy it was)."""
-    cfg, plan, results, probe = run.cfg, run.cfg.plan, run.results, run.probe_gflops
+    plan, results, probe = run.cfg.plan, run.results, run.probe_gflops
     run.say("GEMM peak again (end of run)")
     g_end = measure_gemm_peak(run.device, "float32", plan.gemm_size, plan.gemm_repeats)
     results["gemm_end"] = g_end.to_dict()
