@@ -94,9 +94,11 @@ def _headline(results: dict) -> list[str]:
     return out
 
 
-def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
+def _md_title(results: dict) -> list[str]:
+    """Title, warnings (random weights, shared machine, noise gauge), headline and command."""
     cfg = results.get("config", {})
     model = results.get("model", {})
+    hl = results.get("hardware_limit", {})
     lines: list[str] = []
     title = f"# AnoCLIP benchmark: {model.get('backbone', cfg.get('backbone'))} @ {model.get('image_size', '?')} px"
     lines += [title, ""]
@@ -108,7 +110,6 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
             "",
         ]
     lines += [f"> **Shared machine.** {NOISE_NOTE}", ""]
-    hl = results.get("hardware_limit", {})
     if hl.get("spread") is not None:
         lines += [f"Noise gauge: the same fp32 GEMM, timed at the start, between the contenders' calls and at the end, "
                   f"ran at {_f(hl.get('gflops_min'))} to {_f(hl.get('gflops'))} GFLOP/s (the slowest "
@@ -124,8 +125,14 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
               f"({_f(results.get('wall_s'))} s). Effort: {'quick' if cfg.get('quick') else 'full'} "
               f"(warm-up {cfg.get('effort', {}).get('warmup')} call(s), then repeated timed calls within a time "
               f"budget; see `config.effort` in {JSON_NAME}).", ""]
+    return lines
 
-    # machine and versions
+
+def _md_machine(results: dict) -> list[str]:
+    """Machine, threads, hardware limit, versions, model and artifact."""
+    model = results.get("model", {})
+    hl = results.get("hardware_limit", {})
+    lines: list[str] = []
     m = results.get("machine", {})
     lines += ["## Machine and versions", ""]
     cc = m.get("cpu_count") or {}
@@ -160,8 +167,13 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
                       + ("; TensorRT engine: yes" if art.get("tensorrt") else "")
                       + (f"; left out: {skipped}" if skipped else "") + f"; at {art.get('path')}"]
     lines.append("")
+    return lines
 
-    # per-device tables
+
+def _md_devices(results: dict) -> list[str]:
+    """Latency/throughput and efficiency tables, one pair per device."""
+    cfg = results.get("config", {})
+    lines: list[str] = []
     entries = results.get("contenders", [])
     avail = [e for e in entries if e.get("available") and e.get("latency")]
     batches = [str(b) for b in cfg.get("batch_sizes", [])]
@@ -204,6 +216,14 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
         lines += _table(["contender", "GFLOPs/img", "GFLOP/s b1", "of peak b1", "GFLOP/s best", "of peak best",
                          "load s", "first call s", "peak RSS MiB"], rows_b)
         lines.append("")
+    return lines
+
+
+def _md_contenders(results: dict, png_name: str | None) -> list[str]:
+    """Every contender with its label or why it was unavailable, then the plot."""
+    entries = results.get("contenders", [])
+    avail = [e for e in entries if e.get("available") and e.get("latency")]
+    lines: list[str] = []
     lines += ["Contenders:", ""]
     for e in entries:
         lines.append(f"- `{e['name']}`: {e.get('label')}"
@@ -214,8 +234,12 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     lines.append("")
     if png_name:
         lines += [f"![latency and throughput vs batch size]({png_name})", ""]
+    return lines
 
-    # flops
+
+def _md_flops(results: dict) -> list[str]:
+    """Analytical FLOPs and the FLOP-counter cross-check."""
+    lines: list[str] = []
     fl = results.get("flops", {})
     if fl:
         lines += ["## FLOP accounting", ""]
@@ -234,8 +258,12 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
         elif cnt:
             lines.append(f"FLOP counter cross-check failed: {cnt.get('error')}")
         lines.append("")
+    return lines
 
-    # fidelity
+
+def _md_fidelity(results: dict) -> list[str]:
+    """Each runtime contender against the fp32 core."""
+    lines: list[str] = []
     fd = results.get("fidelity")
     lines += ["## Fidelity vs the fp32 core", ""]
     if fd:
@@ -260,8 +288,12 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     else:
         lines.append("Not measured (no runtime contender ran, or the section was off).")
     lines.append("")
+    return lines
 
-    # line-scan
+
+def _md_linescan(results: dict) -> list[str]:
+    """The line-scan strip figure."""
+    lines: list[str] = []
     ls = results.get("linescan")
     lines += ["## Line-scan strip", ""]
     if ls and "error" not in ls:
@@ -272,8 +304,12 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
                   f"{_f(ls['megapixels_per_s'])} MPix/s, n = {ls['repeats']}).", ""]
     else:
         lines += [f"Not measured: {(ls or {}).get('error', 'section off')}", ""]
+    return lines
 
-    # tta
+
+def _md_tta(results: dict) -> list[str]:
+    """The AnoCLIP+ cost."""
+    lines: list[str] = []
     tta = results.get("tta")
     lines += ["## AnoCLIP+ (test-time adaptation) cost", ""]
     if tta:
@@ -286,8 +322,12 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
                   "predict call.", ""]
     else:
         lines += ["Not measured (section off).", ""]
+    return lines
 
-    # notes / method
+
+def _md_method(results: dict) -> list[str]:
+    """How it was measured, and the run's notes."""
+    lines: list[str] = []
     lines += ["## How it was measured", "",
               "- Same backbone, image size and inputs (seeded synthetic RGB images, pre-processed once by "
               "`anoclip_core.transform`) for every contender; each call includes its own host-to-device copy.",
@@ -312,6 +352,17 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     for note in results.get("notes", []):
         lines.append(f"- Note: {note}")
     lines.append("")
+    return lines
+
+
+def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
+    """The report page: one section function per heading, in reading order."""
+    lines: list[str] = []
+    for section in (_md_title, _md_machine, _md_devices):
+        lines += section(results)
+    lines += _md_contenders(results, png_name)
+    for section in (_md_flops, _md_fidelity, _md_linescan, _md_tta, _md_method):
+        lines += section(results)
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -512,29 +513,56 @@ def measure_linescan(c: Contender, class_name: str, size: tuple[int, int], repea
 
 
 # the run --------------------------------------------------------------------------------------
-def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None) -> dict:
-    """Run everything ``cfg`` asks for; returns the results dict (see ``report.write_report``)."""
+@dataclass
+class BenchRun:
+    """State shared by the steps of one run: the config, the logger, the results being filled in."""
+
+    cfg: BenchConfig
+    say: Callable[[str], None]
+    device: str
+    threads: int
+    results: dict[str, Any]
+    t_start: float
+    ort_peaks: list = field(default_factory=list)
+    model: Any = None
+    load_s: float = 0.0
+    prototypes: np.ndarray | None = None
+    dual_flops: float = 0.0
+    plain_flops: float = 0.0
+    px: np.ndarray | None = None
+    pt: Any = None
+    contenders: list[Contender] = field(default_factory=list)
+    runtime: list[Contender] = field(default_factory=list)
+    entries: list[dict] = field(default_factory=list)
+    probe_gflops: list[float] = field(default_factory=list)
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def threads_ort(self) -> int:
+        return self.cfg.threads or self.threads
+
+
+def start_run(cfg: BenchConfig, say: Callable[[str], None]) -> BenchRun:
+    """Threads, device, optional model configs and the results header."""
     import torch
 
-    say = log_fn or (lambda m: log.info(m))
-    plan = cfg.plan
-    started = datetime.now(timezone.utc)
-    t_run = time.perf_counter()
+    t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
     device = resolve_device(cfg.device)
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else None
     if cfg.model_config:
         from anoclip_core import register_model_configs
 
         register_model_configs(cfg.model_config)
-
     results: dict[str, Any] = {
         "format": "anoclip-bench",
         "format_version": RESULTS_FORMAT,
-        "started": started.isoformat(timespec="seconds"),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": cfg.command,
         "config": cfg.to_dict(),
         "machine": machine_summary(),
@@ -543,165 +571,191 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
         "device": device,
         "notes": [],
     }
-    say(f"GEMM peak ({device}, fp32, n={plan.gemm_size})")
-    g0 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)
-    results["gemm_start"] = g0.to_dict()
-    ort_peaks = []
+    return BenchRun(cfg=cfg, say=say, device=device, threads=threads, results=results, t_start=t_start)
 
-    def ort_gemm() -> None:
-        if cuda:
-            return
-        try:
-            ort_peaks.append(measure_gemm_peak_ort(plan.gemm_size, plan.gemm_repeats, cfg.threads or threads))
-        except Exception as err:  # noqa: BLE001 - the torch GEMM still gives a limit
-            results["notes"].append(f"ONNX Runtime GEMM peak not measured: {type(err).__name__}: {err}")
 
-    ort_gemm()
+def measure_ort_gemm(run: BenchRun) -> None:
+    """ONNX Runtime's MatMul peak (CPU only); a failure is a note, the torch GEMM still gives a limit."""
+    if run.cuda:
+        return
+    plan = run.cfg.plan
+    try:
+        run.ort_peaks.append(measure_gemm_peak_ort(plan.gemm_size, plan.gemm_repeats, run.threads_ort))
+    except Exception as err:  # noqa: BLE001
+        run.results["notes"].append(f"ONNX Runtime GEMM peak not measured: {type(err).__name__}: {err}")
 
-    # model and text ------------------------------------------------------------------------
+
+def gemm_at_start(run: BenchRun) -> None:
+    plan = run.cfg.plan
+    run.say(f"GEMM peak ({run.device}, fp32, n={plan.gemm_size})")
+    run.results["gemm_start"] = measure_gemm_peak(run.device, "float32", plan.gemm_size, plan.gemm_repeats).to_dict()
+    measure_ort_gemm(run)
+
+
+def load_model(run: BenchRun) -> None:
+    """The core model and its text prototypes (timed: load, text, from cache or not)."""
     from anoclip_core import AnoCLIP
     from anoclip_core.prompts import PromptCache, state_sentences
 
-    say(f"loading {cfg.backbone} (pretrained={cfg.pretrained}) on {device}")
+    cfg = run.cfg
+    run.say(f"loading {cfg.backbone} (pretrained={cfg.pretrained}) on {run.device}")
     t0 = time.perf_counter()
-    model = AnoCLIP.create(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size, device=device,
+    model = AnoCLIP.create(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size, device=run.device,
                            cache_dir=cfg.text_cache)
-    load_s = time.perf_counter() - t0
-    size = model.image_size
+    run.load_s = time.perf_counter() - t0
     domain = state_sentences(cfg.class_name).domain
     key = PromptCache.key(model.backbone, model.weights.cache_id, cfg.class_name, domain)
     text_cached = model.prompt_cache.load(key) is not None
-    say("text prototypes" + (" (from cache)" if text_cached else " (encoding 924 sentences once; cached afterwards)"))
+    run.say("text prototypes" + (" (from cache)" if text_cached else " (encoding 924 sentences once; cached afterwards)"))
     t0 = time.perf_counter()
     states = model.state_embeddings(cfg.class_name)
     text_s = time.perf_counter() - t0
-    prototypes = states.prototypes.float().cpu().numpy()
-    results["model"] = {
+    run.prototypes = states.prototypes.float().cpu().numpy()
+    run.model = model
+    run.results["model"] = {
         "backbone": cfg.backbone,
         "pretrained": model.weights.source,
         "random_weights": model.random_weights,
-        "image_size": size,
+        "image_size": model.image_size,
         "patch_grid": list(model.grid_size),
         "embed_dim": model.embed_dim,
         "dual_blocks": model.encoder.dual_blocks,
         "depth": model.encoder.depth,
         "class_name": cfg.class_name,
-        "load_s": load_s,
+        "load_s": run.load_s,
         "text_s": text_s,
         "text_from_cache": text_cached,
         "parameters_m": sum(p.numel() for p in model.clip.visual.parameters()) / 1e6,
     }
     if model.random_weights:
-        results["notes"].append("RANDOM WEIGHTS: outputs are not meaningful anomaly scores; speed figures hold, "
-                                "fidelity figures compare implementations only")
+        run.results["notes"].append("RANDOM WEIGHTS: outputs are not meaningful anomaly scores; speed figures hold, "
+                                    "fidelity figures compare implementations only")
 
-    # FLOPs ---------------------------------------------------------------------------------
+
+def count_flops(run: BenchRun) -> None:
+    """Analytical FLOPs of both paths, cross-checked with torch's FLOP counter."""
+    import torch
+
+    model, size = run.model, run.model.image_size
     spec = fl.ViTSpec.from_encoder(model.encoder)
-    dual_f, plain_f = fl.vit_flops(spec, True), fl.vit_flops(spec, False)
-    flops_info: dict[str, Any] = {
+    run.dual_flops, run.plain_flops = fl.vit_flops(spec, True), fl.vit_flops(spec, False)
+    info: dict[str, Any] = {
         "spec": spec.to_dict(),
-        "dual_gflops": dual_f / 1e9,
-        "plain_gflops": plain_f / 1e9,
+        "dual_gflops": run.dual_flops / 1e9,
+        "plain_gflops": run.plain_flops / 1e9,
         "dual_breakdown": fl.flop_breakdown(spec, True),
         "plain_breakdown": fl.flop_breakdown(spec, False),
     }
     try:
-        xc = torch.zeros(1, 3, size, size, device=device)
+        xc = torch.zeros(1, 3, size, size, device=run.device)
         counted_dual, _ = fl.torch_flops(lambda: model.encoder.forward_tokens(xc))
         counted_plain, _ = fl.torch_flops(lambda: model.clip.encode_image(xc))
-        flops_info["counter"] = {
+        info["counter"] = {
             "tool": "torch.utils.flop_counter.FlopCounterMode",
             "dual": counted_dual,
             "plain": counted_plain,
-            "dual_rel_diff": (counted_dual - dual_f) / dual_f,
-            "plain_rel_diff": (counted_plain - plain_f) / plain_f,
+            "dual_rel_diff": (counted_dual - run.dual_flops) / run.dual_flops,
+            "plain_rel_diff": (counted_plain - run.plain_flops) / run.plain_flops,
         }
     except Exception as err:  # noqa: BLE001 - the cross-check must not end a run
-        flops_info["counter"] = {"error": f"{type(err).__name__}: {err}"}
-    results["flops"] = flops_info
+        info["counter"] = {"error": f"{type(err).__name__}: {err}"}
+    run.results["flops"] = info
 
-    # inputs --------------------------------------------------------------------------------
-    n_inputs = max(max(cfg.batch_sizes), plan.fidelity_images)
+
+def make_inputs(run: BenchRun) -> None:
+    """Seeded synthetic images, pre-processed once and shared by every contender."""
+    import torch
+
     from anoclip_core.transform import preprocess_batch
 
+    cfg, size = run.cfg, run.model.image_size
+    n_inputs = max(max(cfg.batch_sizes), cfg.plan.fidelity_images)
     images = synthetic_images(n_inputs, size, size, cfg.seed)
-    px = np.ascontiguousarray(preprocess_batch(images, model.preprocess_config), dtype=np.float32)
-    pt = torch.from_numpy(px)
-    results["inputs"] = {"images": n_inputs, "kind": "synthetic textured RGB uint8, seeded", "seed": cfg.seed,
-                         "shape": list(px.shape)}
+    run.px = np.ascontiguousarray(preprocess_batch(images, run.model.preprocess_config), dtype=np.float32)
+    run.pt = torch.from_numpy(run.px)
+    run.results["inputs"] = {"images": n_inputs, "kind": "synthetic textured RGB uint8, seeded", "seed": cfg.seed,
+                             "shape": list(run.px.shape)}
 
-    # contenders ------------------------------------------------------------------------------
+
+def obtain_artifact(run: BenchRun) -> tuple[Path, dict, dict]:
+    """Reuse ``--artifact`` when it holds one, else export one (temporary unless ``--artifact`` names a folder)."""
+    cfg = run.cfg
+    if cfg.artifact and (Path(cfg.artifact) / "manifest.json").is_file():
+        art_dir = Path(cfg.artifact)
+        art_info: dict[str, Any] = {"built_in_run": False, "path": str(art_dir)}
+        run.say(f"reusing artifact {art_dir}")
+    else:
+        if cfg.artifact:
+            art_dir = Path(cfg.artifact)
+        else:
+            tmp_obj = tempfile.TemporaryDirectory(prefix="anoclip-bench-artifact-")
+            run.cleanup.append(tmp_obj.cleanup)
+            art_dir = Path(tmp_obj.name) / "artifact"
+        run.say(f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with export.api")
+        art_dir, art_info = build_artifact(cfg, art_dir, cfg.runtime_contenders, cfg.progress, run.say)
+        art_info["path"] = str(art_dir) if cfg.artifact else "(temporary, deleted after the run)"
+    manifest = load_artifact(art_dir)
+    check_artifact_matches(manifest, cfg, run.model.image_size, run.model.random_weights, run.model.weights.source)
+    art_info["models"] = {k: v.get("file") for k, v in (manifest.get("models") or {}).items()}
+    art_info["tensorrt"] = bool(manifest.get("tensorrt"))
+    return art_dir, manifest, art_info
+
+
+def add_contenders(run: BenchRun) -> None:
+    """The PyTorch contenders, then the runtime ones (each unavailable, with why, when it cannot run)."""
+    cfg = run.cfg
     order = [n for n in ("open_clip", "core", "reference") if n in cfg.torch_contenders]
-    all_cs: list[Contender] = list(torch_contenders(model, cfg.class_name, tuple(order), load_s))
+    run.contenders = list(torch_contenders(run.model, cfg.class_name, tuple(order), run.load_s))
+    if not cfg.runtime_contenders:
+        return
+    try:
+        art_dir, manifest, art_info = obtain_artifact(run)
+    except Exception as err:  # noqa: BLE001 - report every runtime contender as unavailable, with why
+        reason = f"no artifact: {type(err).__name__}: {err}"
+        log.warning(reason)
+        run.results["artifact"] = {"error": reason}
+        run.contenders += [Contender.unavailable(name, reason) for name in cfg.runtime_contenders]
+        return
+    run.results["artifact"] = art_info
+    for name in cfg.runtime_contenders:
+        run.say(f"loading runtime {name}")
+        # the runtime's defaults (no optimised-model cache): load time as a fresh user sees it
+        c = runtime_contender(name, art_dir, manifest, cfg.class_name, run.model.image_size, run.threads_ort,
+                              skipped=art_info.get("skipped"))
+        run.contenders.append(c)
+        if c.available:
+            run.runtime.append(c)
 
-    tmp_artifact: str | None = None
-    runtime_cs: list[Contender] = []
-    if cfg.runtime_contenders:
-        art_info: dict[str, Any] = {}
-        manifest = None
-        try:
-            if cfg.artifact and (Path(cfg.artifact) / "manifest.json").is_file():
-                art_dir = Path(cfg.artifact)
-                art_info = {"built_in_run": False, "path": str(art_dir)}
-                say(f"reusing artifact {art_dir}")
-            else:
-                if cfg.artifact:
-                    art_dir = Path(cfg.artifact)
-                else:
-                    # removed at the end of the run, or at interpreter exit if the run fails
-                    tmp_obj = tempfile.TemporaryDirectory(prefix="anoclip-bench-artifact-")
-                    tmp_artifact = tmp_obj.name
-                    art_dir = Path(tmp_artifact) / "artifact"
-                say(f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with export.api")
-                art_dir, art_info = build_artifact(cfg, art_dir, cfg.runtime_contenders, cfg.progress, say)
-                art_info["path"] = str(art_dir) if cfg.artifact else "(temporary, deleted after the run)"
-            manifest = load_artifact(art_dir)
-            check_artifact_matches(manifest, cfg, size, model.random_weights, model.weights.source)
-            art_info["models"] = {k: v.get("file") for k, v in (manifest.get("models") or {}).items()}
-            art_info["tensorrt"] = bool(manifest.get("tensorrt"))
-            results["artifact"] = art_info
-        except Exception as err:  # noqa: BLE001 - report every runtime contender as unavailable, with why
-            reason = f"no artifact: {type(err).__name__}: {err}"
-            log.warning(reason)
-            results["artifact"] = {"error": reason}
-            manifest = None
-            all_cs += [Contender.unavailable(name, reason) for name in cfg.runtime_contenders]
-        if manifest is not None:
-            for name in cfg.runtime_contenders:
-                say(f"loading runtime {name}")
-                # the runtime's defaults (no optimised-model cache): load time as a fresh user sees it
-                c = runtime_contender(name, art_dir, manifest, cfg.class_name, size, cfg.threads or threads,
-                                      skipped=art_info.get("skipped"))
-                all_cs.append(c)
-                if c.available:
-                    runtime_cs.append(c)
 
-    # per contender: first call, warm-up at every batch size, peak memory -------------------
+def warm_up(run: BenchRun) -> dict[str, dict]:
+    """First call, warm-up at every batch size and peak memory per contender; a failure marks it unavailable."""
     prepared: dict[str, dict] = {}
-    for c in all_cs:
+    for c in run.contenders:
         if not c.available:
             continue
-        say(f"first call and warm-up: {c.name}")
+        run.say(f"first call and warm-up: {c.name}")
         try:
-            prepared[c.name] = prepare_contender(c, px, pt, cfg, cuda)
+            prepared[c.name] = prepare_contender(c, run.px, run.pt, run.cfg, run.cuda)
         except Exception as err:  # noqa: BLE001 - a backend failing at run time is a result too
             c.available, c.reason = False, f"failed while running: {type(err).__name__}: {str(err)[:300]}"
-            if c in runtime_cs:
-                runtime_cs.remove(c)
-    ready = [c for c in all_cs if c.available]
+            if c in run.runtime:
+                run.runtime.remove(c)
+    return prepared
 
-    # interleaved timing ----------------------------------------------------------------------
+
+def time_contenders(run: BenchRun, prepared: dict[str, dict]) -> None:
+    """Interleaved latency/throughput rounds with a GEMM probe, then one entry per contender."""
+    cfg = run.cfg
+    ready = [c for c in run.contenders if c.available]
     measured: dict[str, Any] = {}
-    probe = gemm_probe(device, plan.gemm_size)
+    probe = gemm_probe(run.device, cfg.plan.gemm_size)
     if ready and ("latency" in cfg.sections or "throughput" in cfg.sections):
-        say(f"timing {len(ready)} contenders in interleaved rounds (+ a GEMM probe): "
-            f"{', '.join(c.name for c in ready)}")
-        measured = measure_all(ready, px, pt, cfg, prepared, probe)
-    probe_gflops = [probe.info["flops_per_call"] / t / 1e9 for t in measured.pop("_probe", [])]
-
-    entries: list[dict] = []
-    for c in all_cs:
-        gf = (dual_f if c.dual_path else plain_f) * c.forwards_per_image / 1e9
+        run.say(f"timing {len(ready)} contenders in interleaved rounds (+ a GEMM probe): "
+                f"{', '.join(c.name for c in ready)}")
+        measured = measure_all(ready, run.px, run.pt, cfg, prepared, probe)
+    run.probe_gflops = [probe.info["flops_per_call"] / t / 1e9 for t in measured.pop("_probe", [])]
+    for c in run.contenders:
+        gf = (run.dual_flops if c.dual_path else run.plain_flops) * c.forwards_per_image / 1e9
         e = {"name": c.name, "label": c.label, "group": c.group, "device": c.device, "precision": c.precision,
              "available": c.available, "reason": c.reason, "load_s": c.load_s, "load_note": c.load_note,
              "forwards_per_image": c.forwards_per_image, "gflops_per_image": gf, "info": c.info}
@@ -709,95 +763,146 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
             p = prepared[c.name]
             e.update(first_call_s=p["first_call_s"], warm_s=p["warm_s"], memory=p["memory"])
         e.update(measured.get(c.name, {}))
-        entries.append(e)
-    results["contenders"] = entries
+        run.entries.append(e)
+    run.results["contenders"] = run.entries
 
-    # TTA -------------------------------------------------------------------------------------
-    if "tta" in cfg.sections and "core" in cfg.torch_contenders:
-        say("AnoCLIP+ (TTA) cost")
-        results["tta"] = measure_tta(model, pt, cfg.class_name, plan.tta_repeats, cfg.progress, sync)
 
-    # fidelity: every runtime backend/precision vs the fp32 core on the same pixels ---------
-    if runtime_cs and "fidelity" in cfg.sections:
-        say("fidelity vs the fp32 core")
-        fid_px, fid_pt = px[: plan.fidelity_images], pt[: plan.fidelity_images]
-        with torch.no_grad():
-            maps, scores = model.predict(fid_pt, cfg.class_name)
-        core_ref = (maps.float().cpu().numpy(), scores.float().cpu().numpy())
-        fidelity: dict[str, Any] = {}
-        for c in runtime_cs:
-            try:
-                fidelity[c.name] = measure_fidelity(core_ref, c, fid_px, fid_pt)
-                art_protos = c.detector.prototypes(cfg.class_name).reshape(2, -1)
-                fidelity[c.name]["prototype_max_abs"] = float(np.abs(art_protos - prototypes).max())
-            except Exception as err:  # noqa: BLE001
-                fidelity[c.name] = {"error": f"{type(err).__name__}: {err}"}
-        results["fidelity"] = {"reference": "core fp32 (predict, views=False) on the same pixels",
-                               "images": int(fid_px.shape[0]), "by_contender": fidelity,
-                               "reference_maps": {"min": float(core_ref[0].min()), "max": float(core_ref[0].max()),
-                                                  "std": float(core_ref[0].std()),
-                                                  "std_within_image_mean": float(core_ref[0].reshape(
-                                                      core_ref[0].shape[0], -1).std(axis=1).mean())}}
+def section_tta(run: BenchRun) -> None:
+    if "tta" in run.cfg.sections and "core" in run.cfg.torch_contenders:
+        import torch
 
-    # line-scan -------------------------------------------------------------------------------
-    if "linescan" in cfg.sections:
-        if runtime_cs:
-            def best(c: Contender) -> float:
-                e = next(x for x in entries if x["name"] == c.name)
-                return best_throughput(e)[0] or 0.0
+        run.say("AnoCLIP+ (TTA) cost")
+        sync = torch.cuda.synchronize if run.cuda else None
+        run.results["tta"] = measure_tta(run.model, run.pt, run.cfg.class_name, run.cfg.plan.tta_repeats,
+                                         run.cfg.progress, sync)
 
-            fastest = max(runtime_cs, key=best)
-            say(f"line-scan strip {cfg.linescan_size[1]} x {cfg.linescan_size[0]} on {fastest.name}")
-            try:
-                results["linescan"] = measure_linescan(
-                    fastest, cfg.class_name, cfg.linescan_size, plan.linescan_repeats, cfg.seed,
-                    batch=max(cfg.batch_sizes), progress=cfg.progress)
-            except Exception as err:  # noqa: BLE001
-                results["linescan"] = {"error": f"{type(err).__name__}: {err}"}
-        else:
-            results["linescan"] = {"error": "no runtime contender ran (the line-scan figure uses the runtime tiler)"}
 
-    for c in runtime_cs:
+def section_fidelity(run: BenchRun) -> None:
+    """Every runtime backend/precision against the fp32 core on the same pixels."""
+    if not (run.runtime and "fidelity" in run.cfg.sections):
+        return
+    import torch
+
+    cfg = run.cfg
+    run.say("fidelity vs the fp32 core")
+    n = cfg.plan.fidelity_images
+    fid_px, fid_pt = run.px[:n], run.pt[:n]
+    with torch.no_grad():
+        maps, scores = run.model.predict(fid_pt, cfg.class_name)
+    core_ref = (maps.float().cpu().numpy(), scores.float().cpu().numpy())
+    by_contender: dict[str, Any] = {}
+    for c in run.runtime:
+        try:
+            by_contender[c.name] = measure_fidelity(core_ref, c, fid_px, fid_pt)
+            art_protos = c.detector.prototypes(cfg.class_name).reshape(2, -1)
+            by_contender[c.name]["prototype_max_abs"] = float(np.abs(art_protos - run.prototypes).max())
+        except Exception as err:  # noqa: BLE001
+            by_contender[c.name] = {"error": f"{type(err).__name__}: {err}"}
+    ref_maps = core_ref[0]
+    run.results["fidelity"] = {
+        "reference": "core fp32 (predict, views=False) on the same pixels",
+        "images": int(fid_px.shape[0]), "by_contender": by_contender,
+        "reference_maps": {"min": float(ref_maps.min()), "max": float(ref_maps.max()), "std": float(ref_maps.std()),
+                           "std_within_image_mean": float(ref_maps.reshape(ref_maps.shape[0], -1).std(axis=1).mean())},
+    }
+
+
+def section_linescan(run: BenchRun) -> None:
+    """One long strip through the runtime tiler on the fastest runtime contender."""
+    cfg = run.cfg
+    if "linescan" not in cfg.sections:
+        return
+    if not run.runtime:
+        run.results["linescan"] = {"error": "no runtime contender ran (the line-scan figure uses the runtime tiler)"}
+        return
+
+    def best(c: Contender) -> float:
+        e = next(x for x in run.entries if x["name"] == c.name)
+        return best_throughput(e)[0] or 0.0
+
+    fastest = max(run.runtime, key=best)
+    run.say(f"line-scan strip {cfg.linescan_size[1]} x {cfg.linescan_size[0]} on {fastest.name}")
+    try:
+        run.results["linescan"] = measure_linescan(
+            fastest, cfg.class_name, cfg.linescan_size, cfg.plan.linescan_repeats, cfg.seed,
+            batch=max(cfg.batch_sizes), progress=cfg.progress)
+    except Exception as err:  # noqa: BLE001
+        run.results["linescan"] = {"error": f"{type(err).__name__}: {err}"}
+
+
+def release(run: BenchRun) -> None:
+    """Close runtime backends and delete the temporary artifact."""
+    for c in run.runtime:
         if c.close:
             with contextlib.suppress(Exception):
                 c.close()
-    if tmp_artifact:
-        tmp_obj.cleanup()
+    for fn in run.cleanup:
+        fn()
 
-    say("GEMM peak again (end of run)")
-    g1 = measure_gemm_peak(device, "float32", plan.gemm_size, plan.gemm_repeats)
-    results["gemm_end"] = g1.to_dict()
-    ort_gemm()
-    results["gemm_onnxruntime"] = [g.to_dict() for g in ort_peaks]
-    results["gemm_during"] = {
-        "calls": len(probe_gflops),
-        "gflops_max": max(probe_gflops) if probe_gflops else None,
-        "gflops_p50": percentile(probe_gflops, 50) if probe_gflops else None,
-        "gflops_min": min(probe_gflops) if probe_gflops else None,
-    }
-    everything = [g0.gflops, g1.gflops] + probe_gflops + [g.gflops for g in ort_peaks]
+
+def hardware_limit(run: BenchRun) -> None:
+    """Second GEMM peak and the machine's limit over the whole run (its spread says how noisy it was)."""
+    plan, results, probe = run.cfg.plan, run.results, run.probe_gflops
+    run.say("GEMM peak again (end of run)")
+    g_end = measure_gemm_peak(run.device, "float32", plan.gemm_size, plan.gemm_repeats)
+    results["gemm_end"] = g_end.to_dict()
+    measure_ort_gemm(run)
+    results["gemm_onnxruntime"] = [g.to_dict() for g in run.ort_peaks]
+    g_start = results["gemm_start"]["gflops"]
+    everything = [g_start, g_end.gflops] + probe + [g.gflops for g in run.ort_peaks]
     peak = max(everything)
-    results["gemm_during"]["gflops_samples"] = [round(v, 1) for v in probe_gflops]
-    results["gemm_during"]["slow_fraction"] = (sum(v < 0.8 * peak for v in probe_gflops) / len(probe_gflops)
-                                               if probe_gflops else None)
+    results["gemm_during"] = {
+        "calls": len(probe),
+        "gflops_max": max(probe) if probe else None,
+        "gflops_p50": percentile(probe, 50) if probe else None,
+        "gflops_min": min(probe) if probe else None,
+        "gflops_samples": [round(v, 1) for v in probe],
+        "slow_fraction": sum(v < 0.8 * peak for v in probe) / len(probe) if probe else None,
+    }
     ort_note = (f", and ONNX Runtime's MatMul ({plan.gemm_repeats} calls at the start and at the end)"
-                if ort_peaks else "")
+                if run.ort_peaks else "")
     results["hardware_limit"] = {
-        "what": f"fp32 GEMM ({plan.gemm_size}x{plan.gemm_size}) on {device}, {threads} threads: the best rate of "
-                f"torch.mm ({plan.gemm_repeats} calls at the start, {len(probe_gflops)} calls interleaved with the "
+        "what": f"fp32 GEMM ({plan.gemm_size}x{plan.gemm_size}) on {run.device}, {run.threads} threads: the best "
+                f"rate of torch.mm ({plan.gemm_repeats} calls at the start, {len(probe)} calls interleaved with the "
                 f"contenders' timed rounds, {plan.gemm_repeats} at the end){ort_note}",
-        "torch_best_gflops": max([g0.gflops, g1.gflops] + probe_gflops),
-        "onnxruntime_best_gflops": max(g.gflops for g in ort_peaks) if ort_peaks else None,
+        "torch_best_gflops": max([g_start, g_end.gflops] + probe),
+        "onnxruntime_best_gflops": max(g.gflops for g in run.ort_peaks) if run.ort_peaks else None,
         "gflops": peak,
         "gflops_min": min(everything),
         "spread": (peak - min(everything)) / peak if peak else None,
     }
-    if cuda:
+    if run.cuda:
         with contextlib.suppress(Exception):
-            results["gemm_fp16"] = measure_gemm_peak(device, "float16", plan.gemm_size, plan.gemm_repeats).to_dict()
+            results["gemm_fp16"] = measure_gemm_peak(run.device, "float16", plan.gemm_size,
+                                                     plan.gemm_repeats).to_dict()
+
+
+def finish(run: BenchRun) -> dict:
+    """Derived ratios, the headline and the run's end stamps."""
+    results = run.results
     derive_ratios(results)
     results["headline"] = headline(results)
     results["machine"]["load_average_end"] = load_average()
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    results["wall_s"] = time.perf_counter() - t_run
+    results["wall_s"] = time.perf_counter() - run.t_start
     return results
+
+
+def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None) -> dict:
+    """Run everything ``cfg`` asks for; returns the results dict (see ``report.write_report``)."""
+    run = start_run(cfg, log_fn or (lambda m: log.info(m)))
+    gemm_at_start(run)
+    load_model(run)
+    count_flops(run)
+    make_inputs(run)
+    try:
+        add_contenders(run)
+        prepared = warm_up(run)
+        time_contenders(run, prepared)
+        section_tta(run)
+        section_fidelity(run)
+        section_linescan(run)
+    finally:
+        release(run)
+    hardware_limit(run)
+    return finish(run)
