@@ -50,7 +50,7 @@ def test_predict_bad_pixels_fail_before_text_encoding(tiny_model, monkeypatch, p
     def no_text(*args, **kwargs):
         raise AssertionError("text tower called before the input was validated")
 
-    monkeypatch.setattr(tiny_model.clip, "encode_text", no_text)
+    monkeypatch.setattr(tiny_model.clip.transformer, "forward", no_text)
     with pytest.raises(InputError, match=match) as info:
         fresh.predict(pixels, "bottle")
     _one_line(info)

@@ -195,7 +195,7 @@ def test_disk_cache_hit_skips_text_tower(tiny_model, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("text tower called although the disk cache holds this class")
 
-    monkeypatch.setattr(tiny_model.clip, "encode_text", boom)
+    monkeypatch.setattr(tiny_model.clip.transformer, "forward", boom)
     second = _fresh(tiny_model, tmp_path).state_embeddings("bottle")  # new instance: empty memory cache
     assert torch.equal(first.prototypes, second.prototypes)
     assert torch.equal(first.sentences, second.sentences)

@@ -44,13 +44,14 @@ def test_real_backbone_predict_cpu(backbone, size, grid, dim, first_dual, monkey
         assert model.encoder.dual_blocks == 12 and model.encoder.first_dual == first_dual
 
         seen = []
-        encode_text = model.clip.encode_text
+        text_transformer = model.clip.transformer  # both text paths (full context or cut) run it
+        forward = text_transformer.forward
 
-        def spy(tokens, *args, **kwargs):
-            seen.append(tokens.shape[0])
-            return encode_text(tokens, *args, **kwargs)
+        def spy(x, *args, **kwargs):
+            seen.append(x.shape[0] if text_transformer.batch_first else x.shape[1])
+            return forward(x, *args, **kwargs)
 
-        monkeypatch.setattr(model.clip, "encode_text", spy)
+        monkeypatch.setattr(text_transformer, "forward", spy)
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         cls = "carpet"  # texture domain
         maps, scores = model.predict(x, cls)
