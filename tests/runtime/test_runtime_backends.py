@@ -230,6 +230,16 @@ class FakeCudart:
         self.freed.append(p)
         return (0,)
 
+    def cudaMallocHost(self, n):
+        buf = np.zeros(n, np.uint8)
+        self.mem[buf.ctypes.data] = buf
+        self.calls.append(("mallochost", n))
+        return (0, buf.ctypes.data)
+
+    def cudaFreeHost(self, p):
+        self.freed.append(p)
+        return (0,)
+
     def cudaStreamCreate(self):
         return (0, 7)
 
@@ -347,21 +357,21 @@ def _trt(tmp_path, data=b"plan"):
 def test_trt_preallocates_max_profile_and_chunks_batches(tmp_path):
     be, cud, trt = _trt(tmp_path)
     mallocs = [c for c in cud.calls if c[0] == "malloc"]
-    assert len(mallocs) == 7  # one buffer per IO tensor, allocated once
+    assert len(mallocs) == 14  # one buffer per IO tensor per slot (2 slots), allocated once
     assert mallocs[0][1] == FakeEngine.MAXB * 3 * 16 * 16 * 4
     px = np.random.default_rng(0).standard_normal((7, 3, 16, 16)).astype(np.float32)
     pr = np.zeros((1, 2, 4), np.float32)
     out = be.run(px, pr, ("image_scores", "patch_probs"))
     np.testing.assert_allclose(out["image_scores"][:, 0], px.mean(axis=(1, 2, 3)), rtol=1e-5)
     assert out["patch_probs"].shape == (7, 1, 2, 2)
-    assert be.context.executions == 3  # 3 + 3 + 1 with max batch 3
-    assert len([c for c in cud.calls if c[0] == "malloc"]) == 7  # no allocation per call
+    assert sum(slot.context.executions for slot in be._slots) == 3  # 3 + 3 + 1 with max batch 3
+    assert len([c for c in cud.calls if c[0] == "malloc"]) == 14  # no allocation per call
     with pytest.raises(InputError, match="exceed"):
         be.run(px[:1], np.zeros((3, 2, 4), np.float32))
     with pytest.raises(InputError, match="expects 16"):
         be.run(np.zeros((1, 3, 32, 32), np.float32), pr)
     be.close()
-    assert len(cud.freed) == 7
+    assert len(cud.freed) == 28  # device + pinned host buffers of both slots
     with pytest.raises(BackendUnavailable, match="closed"):
         be.run(px[:1], pr)
 
