@@ -34,9 +34,11 @@ DEFAULT_MAX_BATCH = 32
 
 
 def max_batch_size(trt_profile: Sequence[int] | None, requested: int | None = None) -> int:
-    """Triton ``max_batch_size``: with a TensorRT plan, the engine profile's max (Triton's
-    tensorrt backend refuses a config whose max batch exceeds the engine's, and it sends batches
-    from 1 up, so the profile min must be 1); without a plan, ``requested`` or 32."""
+    """Triton ``max_batch_size``: with a TensorRT plan, the engine profile's max, because Triton's
+    tensorrt backend refuses a config whose max batch exceeds the engine's (tensorrt_backend
+    src/model_state.cc: "configuration specified max-batch N but TensorRT engine only supports
+    max-batch M"); the dynamic batcher forms batches from 1 up, which an engine whose profile min
+    is above 1 rejects, so the min must be 1. Without a plan, ``requested`` or 32."""
     if trt_profile is None:
         size = DEFAULT_MAX_BATCH if requested is None else int(requested)
         if size < 1:

@@ -60,7 +60,9 @@ def manifest_profile(manifest: Any) -> dict[str, Shapes]:
 
 
 def trt_profile_options(shapes: dict[str, Shapes]) -> dict[str, str]:
-    """ONNX Runtime TensorRT EP profile options: ``{"trt_profile_min_shapes": "pixels:1x3x224x224,..."}``."""
+    """ONNX Runtime TensorRT EP profile options: ``{"trt_profile_min_shapes": "pixels:1x3x224x224,..."}``
+    (names and ``input:d0xd1,...`` format: onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html,
+    "Explicit shape range for dynamic shape input")."""
     opts = {}
     for i, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
         opts[key] = ",".join(f"{name}:" + "x".join(str(int(v)) for v in dims[i]) for name, dims in shapes.items())

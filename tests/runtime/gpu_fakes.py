@@ -84,6 +84,8 @@ class FakeCudart:
 
     def cudaGetDeviceCount(self):  # noqa: N802
         err = self._err("cudaGetDeviceCount")
+        if not err and self.devices == 0:
+            err = cudaError_t.cudaErrorNoDevice  # "no CUDA-capable devices were detected"
         return (err, 0 if err else self.devices)
 
     def cudaSetDevice(self, d: int):  # noqa: N802
@@ -167,6 +169,7 @@ class FakeContext:
         self.e = engine
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addr: dict[str, int] = {}
+        self.active = 0
 
     def set_input_shape(self, n: str, shape) -> bool:
         lo, _, hi = self.e.get_tensor_profile_shape(n, 0)
@@ -192,10 +195,13 @@ class FakeContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         assert isinstance(stream_handle, int)
+        self.active += 1
+        assert self.active == 1, "IExecutionContext used by two threads at once (not thread-safe)"
         self.e.launches.append((self.e.cudart.current_device(), stream_handle))
         px, pr = self._arr("pixels"), self._arr("text_prototypes")
         self._arr("image_scores")[:] = px.mean(axis=(1, 2, 3))[:, None] + pr.sum(axis=(1, 2))[None, :]
         self._arr("patch_probs")[:] = px[:, :1, :2, :2].mean(axis=1)[:, None]
+        self.active -= 1
         return True
 
 
