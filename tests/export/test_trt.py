@@ -89,11 +89,14 @@ def test_build_engine_precision_api(artifact, tmp_path, version):
     assert entry["timing_cache"] == str(cache) and entry["file"] == "encoder.fp16.plan"
 
 
-def test_trt11_needs_reduced_graph():
+def test_trt11_without_reduced_graph_uses_an_engine_only_graph():
+    """TRT 11 is strongly typed: a bf16 engine is built from a bf16 graph converted for it alone
+    (not the ORT-verified model list), so --trt-precision bf16 works without ORT bf16 kernels."""
     from export import trt as trt_mod
 
-    with pytest.raises(AnoCLIPError, match="strongly typed"):
-        trt_mod.engine_source(fake_tensorrt("11.0.0"), "bf16", {"fp32": "encoder.onnx"})
+    graphs = {"fp32": "encoder.onnx"}
+    assert trt_mod.engine_source(fake_tensorrt("11.0.0"), "bf16", graphs) == ".encoder.bf16.engine-source.onnx"
+    assert trt_mod.engine_source(fake_tensorrt("10.9.0"), "bf16", graphs) == "encoder.onnx"
 
 
 def test_default_timing_cache_path(monkeypatch, tmp_path):

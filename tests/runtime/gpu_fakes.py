@@ -14,8 +14,10 @@ https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html :
   older than the CUDA runtime library"), ``cudaErrorInvalidDevice = 101``, ``cudaErrorNoDevice = 100``
   (100/101: from the CUDA Runtime API reference, not re-read in a header this session);
 * ``cudaStream_t`` supports ``int(stream)`` (the handle value) and ``getPtr()``, which returns
-  the address of the object's own storage of the handle -- NOT the stream (cuda-python docs:
-  "getPtr: Get memory address of class instance");
+  the address of the object's own storage of the handle -- NOT the stream (cuda-python docs,
+  https://nvidia.github.io/cuda-python/cuda-bindings/latest/tips_and_tricks.html: "int(instance_of_CUstream)
+  ... returns the address as a Python int, while ... getPtr() returns the pointer to the CUstream
+  C object (that is, &CUstream)");
 * ``cudaSetDevice`` sets the current device of the calling HOST THREAD (CUDA Runtime API,
   cudaSetDevice: "Sets device as the current device for the calling host thread").
 
