@@ -69,9 +69,10 @@ class ExportConfig:
     trt: bool = False
     trt_profile: tuple[int, int, int] = trt_mod.DEFAULT_PROFILE
     trt_timing_cache: str | os.PathLike | None = None
+    trt_precision: str | None = None  # engine precision; None: from ``precisions``
     triton: str | os.PathLike | None = None
     triton_model_name: str = triton_mod.DEFAULT_MODEL_NAME
-    triton_max_batch: int = 32
+    triton_max_batch: int | None = None  # None: the TensorRT profile max with --trt, else 32
     external_data_threshold: int = TWO_GB
     text_cache: str | os.PathLike | None = "default"
     weights_cache_dir: str | None = None
@@ -289,6 +290,14 @@ def _pretrained_entry(model, backbone: str, weights_cache_dir: str | None) -> di
     return entry
 
 
+def _remove_graph(folder: Path, name: str) -> None:
+    """Delete an engine-only ONNX graph (and its external data) before the manifest lists files."""
+    for f in folder.glob(name + "*"):
+        f.unlink()
+    for f in folder.glob(name.rsplit(".onnx", 1)[0] + "*.data"):
+        f.unlink()
+
+
 def export_artifact(cfg: ExportConfig) -> Path:
     """Write a verified artifact folder at ``cfg.out`` and return its path."""
     t0 = time.time()
@@ -296,8 +305,10 @@ def export_artifact(cfg: ExportConfig) -> Path:
     if "bf16" in precisions:
         quantize.require_bf16()
     trt_api = gpu = trt_precision = None
+    triton_batch = (triton_mod.max_batch_size(cfg.trt_profile if cfg.trt else None, cfg.triton_max_batch)
+                    if cfg.triton is not None else None)
     if cfg.trt:
-        trt_precision = trt_mod.choose_trt_precision(precisions)
+        trt_precision = trt_mod.choose_trt_precision(precisions, cfg.trt_precision)
         trt_api, gpu = trt_mod.require_tensorrt()
     out = Path(cfg.out).expanduser().absolute()
     _check_out(out, cfg.force)
@@ -379,6 +390,8 @@ def export_artifact(cfg: ExportConfig) -> Path:
             bbar = _bar(1, "engine build", cfg.progress)
             bbar.set_postfix_str(f"TensorRT {getattr(trt_api, '__version__', '?')} {trt_precision}")
             src = trt_mod.engine_source(trt_api, trt_precision, graph_files)
+            if src == trt_mod.engine_only_graph(trt_precision):
+                quantize.CONVERTERS[trt_precision](tmp / graph_files["fp32"], tmp / src, cfg.external_data_threshold)
             trt_entry = trt_mod.build_engine(
                 trt_api, tmp / src, tmp / trt_mod.plan_file(trt_precision), trt_precision,
                 model.image_size, model.embed_dim, len(classes), gpu, tuple(cfg.trt_profile), cfg.trt_timing_cache,
@@ -386,6 +399,8 @@ def export_artifact(cfg: ExportConfig) -> Path:
             bbar.update(1)
             bbar.close()
             extra_versions["tensorrt"] = str(trt_api.__version__)
+            if src == trt_mod.engine_only_graph(trt_precision) and cfg.triton is None:
+                _remove_graph(tmp, src)
 
         # Triton ---------------------------------------------------------------------------
         triton_entry = None
@@ -402,8 +417,10 @@ def export_artifact(cfg: ExportConfig) -> Path:
                 build_plan = _build_plan
             triton_staged, triton_entry = triton_mod.prepare_repository(
                 cfg.triton, cfg.triton_model_name, tmp / tsrc, protos, classes, model.image_size,
-                model.grid_size, model.embed_dim, cfg.triton_max_batch, build_plan, force=cfg.force,
+                model.grid_size, model.embed_dim, triton_batch, build_plan, force=cfg.force,
             )
+            if cfg.trt and tsrc == trt_mod.engine_only_graph(trt_precision):
+                _remove_graph(tmp, tsrc)
 
         # manifest -------------------------------------------------------------------------
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)

@@ -85,6 +85,8 @@ def cli() -> None:
               help="Folder (or file listing paths) of target-domain images for static int8 calibration.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt + a CUDA GPU).")
 @click.option("--trt-profile", default="1,8,32", show_default=True, help="TensorRT batch profile min,opt,max.")
+@click.option("--trt-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="TensorRT engine precision [default: the most reduced of --precision]; bf16 needs no ONNX Runtime bf16 support.")
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT timing cache file (default ~/.cache/anoclip/trt/timing-<trt>-<gpu>.cache).")
 @click.option("--triton", type=click.Path(file_okay=False), default=None, help="Also write a Triton model repository here.")
@@ -101,7 +103,7 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
 def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_opts, precisions, int8_mode,
-               calibration_images, trt, trt_profile,
+               calibration_images, trt, trt_profile, trt_precision,
                trt_timing_cache, triton, triton_name, out, force, model_config, opset, exporter, temperature,
                text_cache, quiet) -> None:
     """Export a backbone + classes to a verified artifact folder (the default command)."""
@@ -139,6 +141,7 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
         model_config=model_config,
         trt=trt,
         trt_profile=profile,
+        trt_precision=trt_precision,
         trt_timing_cache=trt_timing_cache,
         triton=triton,
         triton_model_name=triton_name,

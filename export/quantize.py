@@ -94,8 +94,8 @@ def require_bf16() -> None:
     if not ok:
         raise AnoCLIPError(
             f"--precision bf16 is not available: {reason}, so a bf16 graph could not be verified. "
-            "Use --precision fp16 (same memory, verified on CPU) or build a bf16 TensorRT engine from the fp32 graph "
-            "on a GPU machine"
+            "Use --precision fp16 (same memory, verified on CPU), or on a GPU machine build a bf16 TensorRT engine "
+            "without a bf16 ONNX graph: --precision fp32 --trt --trt-precision bf16"
         )
 
 

@@ -30,6 +30,26 @@ from .onnx_export import TWO_GB, save_onnx
 from .wrapper import INPUT_NAMES, OUTPUT_NAMES
 
 DEFAULT_MODEL_NAME = "anoclip"
+DEFAULT_MAX_BATCH = 32
+
+
+def max_batch_size(trt_profile: Sequence[int] | None, requested: int | None = None) -> int:
+    """Triton ``max_batch_size``: with a TensorRT plan, the engine profile's max, because Triton's
+    tensorrt backend refuses a config whose max batch exceeds the engine's (tensorrt_backend
+    src/model_state.cc: "configuration specified max-batch N but TensorRT engine only supports
+    max-batch M"); the dynamic batcher forms batches from 1 up, which an engine whose profile min
+    is above 1 rejects, so the min must be 1. Without a plan, ``requested`` or 32."""
+    if trt_profile is None:
+        size = DEFAULT_MAX_BATCH if requested is None else int(requested)
+        if size < 1:
+            raise AnoCLIPError(f"Triton max_batch_size must be >= 1, got {size}")
+        return size
+    bmin, _, bmax = (int(v) for v in trt_profile)
+    if bmin != 1:
+        raise AnoCLIPError(f"--triton with --trt needs --trt-profile min = 1 (Triton sends batches of 1 and up), got {bmin}")
+    if requested is not None and not 1 <= int(requested) <= bmax:
+        raise AnoCLIPError(f"Triton max_batch_size {requested} must be in [1, {bmax}] (the TensorRT profile max)")
+    return bmax if requested is None else int(requested)
 
 
 def fold_prototypes(src: str | os.PathLike, dst: str | os.PathLike, prototypes: np.ndarray,

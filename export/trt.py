@@ -6,15 +6,22 @@
   ``text_prototypes`` classes 1/<#classes>/max(64, 2 x #classes), fixed S and D.
 * Timing cache: loaded from and saved back to a file (default
   ``~/.cache/anoclip/trt/timing-<trt version>-<gpu>.cache``) so rebuilds are fast; it is a
-  machine-local cache, not part of the artifact.
+  machine-local cache, not part of the artifact. ``set_timing_cache`` returns False for a cache
+  from another device or version: the build then falls back to a fresh cache; a None from
+  ``get_timing_cache`` only skips saving. The plan is written to a temp file and renamed.
 * Precision, by TensorRT major version:
 
   - TensorRT >= 11 removed ``BuilderFlag.FP16``/``BF16``/``INT8`` ("weakly typed" networks):
-    the network is created STRONGLY_TYPED from the graph that already carries the reduced
-    precision (``encoder.fp16.onnx``, ``encoder.bf16.onnx``); types are the ONNX graph's.
+    every network is strongly typed (NvInfer.h 11.1: ``kSTRONGLY_TYPED = 0`` is "deprecated ...
+    always enabled ... ignored", and bit 1 is now ``kPREFER_JIT_PYTHON_PLUGINS``), so the network
+    is created with NO creation flags from the graph that already carries the reduced precision
+    (``encoder.fp16.onnx``, ``encoder.bf16.onnx``); types are the ONNX graph's.
   - TensorRT 10: the fp32 graph is parsed into a weakly typed network and ``BuilderFlag.FP16``
     (or ``BF16``) lets the builder choose reduced-precision kernels per layer (the classic path
     with the widest kernel choice); fp32 engines get no flag.
+  - ``BuilderFlag.TF32`` is ON by default in both (NvInfer.h 10.x/11.1: "Enabled by default"):
+    an fp32 engine would round its matmul inputs to 10-bit mantissas. It is cleared for fp32
+    engines so they meet the fp32 parity tolerance; the manifest records ``tf32``.
   - int8 (dynamic ``MatMulInteger``) graphs are ONNX Runtime graphs; TensorRT would need static
     QDQ, so ``--trt`` with int8 only is refused.
 
@@ -22,6 +29,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -30,6 +38,8 @@ from typing import Any
 from anoclip_core.errors import AnoCLIPError, BackendUnavailable
 
 from .onnx_export import ExportError
+
+log = logging.getLogger("anoclip.export")
 
 DEFAULT_PROFILE = (1, 8, 32)
 WORKSPACE_BYTES = 4 << 30
@@ -71,8 +81,14 @@ def trt_major(trt) -> int:
     return int(match.group(1)) if match else 0
 
 
-def choose_trt_precision(precisions: list[str]) -> str:
-    """The engine's precision: the most reduced float precision requested (fp16 > bf16 > fp32)."""
+def choose_trt_precision(precisions: list[str], requested: str | None = None) -> str:
+    """The engine's precision: ``requested`` (``--trt-precision``) when given, else the most reduced
+    float precision among the ONNX graphs (fp16 > bf16 > fp32). Independent of which ONNX graphs
+    ONNX Runtime can verify: a bf16 engine needs no ORT-verified bf16 graph."""
+    if requested is not None:
+        if requested not in TRT_PRECISIONS:
+            raise AnoCLIPError(f"--trt-precision must be one of {', '.join(TRT_PRECISIONS)}, got {requested!r}")
+        return requested
     for p in ("fp16", "bf16"):
         if p in precisions:
             return p
@@ -129,12 +145,7 @@ def build_engine(
     strongly_typed = major >= 11
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if strongly_typed:
-        st = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        if st is not None:
-            flags |= 1 << int(st)
-    network = builder.create_network(flags)
+    network = builder.create_network(0)  # 10: weakly typed + builder flags; 11: always strongly typed
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "unknown error"
@@ -146,6 +157,9 @@ def build_engine(
         if not hasattr(trt.BuilderFlag, flag):
             raise AnoCLIPError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag}")
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    tf32 = precision != "fp32"
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 engines must compute in fp32
     shapes = profile_shapes(image_size, embed_dim, num_classes, batch_profile)
     profile = builder.create_optimization_profile()
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
@@ -157,23 +171,13 @@ def build_engine(
     config.add_optimization_profile(profile)
 
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(trt, gpu)
-    blob = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, False)
-
+    attach_timing_cache(config, cache_path)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {Path(onnx_path).name} (see its log above)")
     plan_path = Path(plan_path)
-    with open(plan_path, "wb") as f:
-        f.write(bytes(plan))
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(cache_path.suffix + f".tmp{os.getpid()}")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, cache_path)
-    except OSError:
-        pass  # a cache we cannot write only costs build time next time
+    write_atomic(plan_path, bytes(plan))
+    save_timing_cache(config, cache_path)
     return {
         "file": plan_path.name,
         "precision": precision,
@@ -181,6 +185,7 @@ def build_engine(
         "trt_version": str(trt.__version__),
         "gpu": gpu,
         "strongly_typed": strongly_typed,
+        "tf32": tf32,
         "profile": {"min": batch_profile[0], "opt": batch_profile[1], "max": batch_profile[2]},
         "classes_profile": ({"min": shapes["text_prototypes"][0][0], "opt": shapes["text_prototypes"][1][0],
                              "max": shapes["text_prototypes"][2][0]} if "text_prototypes" in inputs else None),
@@ -188,13 +193,52 @@ def build_engine(
     }
 
 
+def attach_timing_cache(config, cache_path: Path) -> None:
+    """Load ``cache_path`` into ``config``; a cache TensorRT refuses (other GPU or version: ``set_timing_cache``
+    returns False) is replaced by a fresh one, so the build goes on and overwrites it afterwards."""
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(blob), False):
+        return
+    log.warning("TensorRT refused the timing cache %s (built on another GPU or TensorRT version); "
+                "starting a fresh one", cache_path)
+    if blob and not config.set_timing_cache(config.create_timing_cache(b""), False):
+        log.warning("TensorRT refused a fresh timing cache too; building without one")
+
+
+def save_timing_cache(config, cache_path: Path) -> None:
+    """Write the builder's timing cache back (temp file + rename); nothing when there is none."""
+    cache = config.get_timing_cache()
+    if cache is None:  # documented: None when no timing cache is set
+        return
+    try:
+        write_atomic(cache_path, bytes(cache.serialize()))
+    except OSError:
+        pass  # a cache we cannot write only costs build time next time
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file next to ``path`` and rename it: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def engine_source(trt, precision: str, graph_files: dict[str, str]) -> str:
-    """Which ONNX file the engine is built from: the precision's own graph on TRT >= 11, fp32 on TRT 10."""
+    """Which ONNX file the engine is built from: the precision's own graph on TRT >= 11, fp32 on TRT 10.
+    On TRT >= 11 without an exported graph of ``precision``, ``engine_only_graph(precision)``:
+    a graph converted for the engine alone (not verified by ONNX Runtime, not shipped)."""
     if trt_major(trt) >= 11 and precision != "fp32":
-        if precision not in graph_files:
-            raise AnoCLIPError(f"TensorRT {trt.__version__} builds strongly typed engines: export --precision {precision} too")
-        return graph_files[precision]
+        return graph_files.get(precision, engine_only_graph(precision))
     return graph_files["fp32"]
+
+
+def engine_only_graph(precision: str) -> str:
+    """Temp name of a reduced-precision graph converted only as a TensorRT >= 11 engine source."""
+    return f".encoder.{precision}.engine-source.onnx"
 
 
 def plan_file(precision: str) -> str:

@@ -69,11 +69,22 @@ def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision
         intra_threads=opts.get("threads"),
         optimized_cache_dir=opts.get("optimized_cache_dir") or (os.path.join(cache_root, "ort-opt") if cache_root else None),
         trt_cache_dir=trt_cache,
-        trt_fp16=(precision or manifest.get("default_model")) == "fp16",
+        trt_fp16=False,  # the fp16 graph is typed fp16 already; the flag would make the network weakly typed
+        trt_profile=_ort_trt_profile(manifest) if kind == "trt" else None,
         device_id=opts.get("device_id", 0),
         available=opts.get("available_providers"),
         session_factory=opts.get("session_factory"),
     )
+
+
+def _ort_trt_profile(manifest: Mapping[str, Any]) -> dict | None:
+    """The ORT TensorRT EP profile (same as the native engine's); None when the manifest lacks the sizes."""
+    from .ort import manifest_profile
+
+    try:
+        return manifest_profile(manifest)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping[str, Any],

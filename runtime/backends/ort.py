@@ -9,6 +9,12 @@ One class, ``OrtBackend``, three flavours (``kind``):
   ``IOBinding`` per call (outputs allocated on the device, copied back once).
 * ``"trt"``  - ``TensorrtExecutionProvider`` (+ CUDA + CPU) with an engine cache folder
   (``trt_engine_cache_enable``), so the first session builds engines and later ones reuse them.
+  It gets EXPLICIT profile ranges (``trt_profile_min_shapes`` / ``_opt_`` / ``_max_``, format
+  ``name:d0xd1x...,name2:...``), the same as the native engine's profile: without them the
+  provider sizes its profile from the shapes seen so far and rebuilds the engine whenever a call
+  falls outside (minutes on ViT-L). ``trt_fp16_enable`` stays OFF for the fp16 graph: it would make
+  ONNX Runtime build a weakly typed network in which TensorRT may override the graph's fp32
+  LayerNorm islands; the graph's own types already run it in fp16.
 
 Thread safety: ``InferenceSession.run`` (and ``run_with_iobinding`` with a fresh binding per
 call) may be called from several threads at once; nothing here is mutated after ``__init__``.
@@ -34,6 +40,33 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT = "TensorrtExecutionProvider"
 KINDS = {"cpu": "ort-cpu", "cuda": "ort-cuda", "trt": "ort-trt"}
+DEFAULT_BATCH_PROFILE = (1, 8, 32)  # export.trt.DEFAULT_PROFILE (runtime does not import export)
+
+Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def manifest_profile(manifest: Any) -> dict[str, Shapes]:
+    """min/opt/max shapes per graph input, as the native engine's profile (export.trt.profile_shapes):
+    pixels batch from ``manifest["tensorrt"]["profile"]`` (default 1/8/32), classes 1/C/max(64, 2C)."""
+    s, d = int(manifest["image_size"]), int(manifest["embed_dim"])
+    trt_entry = manifest.get("tensorrt") or {}
+    batch = trt_entry.get("profile") or dict(zip(("min", "opt", "max"), DEFAULT_BATCH_PROFILE))
+    c = max(1, len(manifest.get("text", {}).get("classes", {})))
+    classes = trt_entry.get("classes_profile") or {"min": 1, "opt": c, "max": max(64, 2 * c)}
+    return {
+        "pixels": tuple((int(batch[k]), 3, s, s) for k in ("min", "opt", "max")),  # type: ignore[misc]
+        "text_prototypes": tuple((int(classes[k]), 2, d) for k in ("min", "opt", "max")),  # type: ignore[misc]
+    }
+
+
+def trt_profile_options(shapes: dict[str, Shapes]) -> dict[str, str]:
+    """ONNX Runtime TensorRT EP profile options: ``{"trt_profile_min_shapes": "pixels:1x3x224x224,..."}``
+    (names and ``input:d0xd1,...`` format: onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html,
+    "Explicit shape range for dynamic shape input")."""
+    opts = {}
+    for i, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+        opts[key] = ",".join(f"{name}:" + "x".join(str(int(v)) for v in dims[i]) for name, dims in shapes.items())
+    return opts
 
 
 def physical_cores() -> int:
@@ -63,6 +96,7 @@ def select_providers(
     device_id: int = 0,
     trt_cache_dir: str | None = None,
     trt_fp16: bool = False,
+    trt_profile: dict[str, Shapes] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The provider list (with options) for ``kind``; ``BackendUnavailable`` when it cannot run here."""
     if kind not in KINDS:
@@ -86,6 +120,8 @@ def select_providers(
             "libraries for onnxruntime-gpu, or use --backend ort-cuda"
         )
     trt_opts: dict[str, Any] = {"device_id": int(device_id), "trt_fp16_enable": bool(trt_fp16)}
+    if trt_profile:
+        trt_opts.update(trt_profile_options(trt_profile))
     if trt_cache_dir:
         os.makedirs(trt_cache_dir, exist_ok=True)
         trt_opts.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir),
@@ -125,6 +161,7 @@ class OrtBackend:
         optimized_cache_dir: str | os.PathLike | None = None,
         trt_cache_dir: str | os.PathLike | None = None,
         trt_fp16: bool = False,
+        trt_profile: dict[str, Shapes] | None = None,
         device_id: int = 0,
         available: Sequence[str] | None = None,
         session_factory: Callable[[str, Any, list], Any] | None = None,
@@ -133,7 +170,7 @@ class OrtBackend:
         self.name = KINDS.get(kind, kind)
         self.device_id = int(device_id)
         providers = select_providers(kind, available, device_id, os.fspath(trt_cache_dir) if trt_cache_dir else None,
-                                     trt_fp16)
+                                     trt_fp16, trt_profile)
         model_path = os.fspath(model_path)
         load_path = model_path
         opt_path = None

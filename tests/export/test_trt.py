@@ -3,124 +3,13 @@ module (TensorRT 10 and 11 APIs), and a real-GPU build (marked ``gpu``)."""
 from __future__ import annotations
 
 import sys
-import types
-from pathlib import Path
 
 import pytest
 
 from anoclip_core.errors import AnoCLIPError, BackendUnavailable
 from runtime import manifest as mf
 
-
-def fake_tensorrt(version: str) -> types.ModuleType:
-    """Just enough of the tensorrt Python API to drive ``export.trt.build_engine``."""
-    major = int(version.split(".")[0])
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.calls = []
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            self.level = level
-
-    class Flag:
-        STRONGLY_TYPED = 1
-
-    class BuilderFlag:
-        pass
-
-    if major < 11:  # TensorRT 11 removed the weak-typing precision flags
-        BuilderFlag.FP16 = 0
-        BuilderFlag.BF16 = 17
-
-    class MemoryPoolType:
-        WORKSPACE = 0
-
-    class Input:
-        def __init__(self, name):
-            self.name = name
-
-    class Network:
-        def __init__(self, flags):
-            self.flags = flags
-            self.inputs = []
-
-        @property
-        def num_inputs(self):
-            return len(self.inputs)
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-    class Parser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            self.network = network
-
-        def parse_from_file(self, path):
-            import onnx
-
-            trt.calls.append(("parse", Path(path).name))
-            model = onnx.load(str(path), load_external_data=False)
-            self.network.inputs = [Input(i.name) for i in model.graph.input]
-            return True
-
-    class Cache:
-        def __init__(self, blob):
-            self.blob = blob
-
-        def serialize(self):
-            return b"timing:" + bytes(self.blob)
-
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            trt.calls.append(("shape", name, tuple(lo), tuple(opt), tuple(hi)))
-
-    class Config:
-        def set_memory_pool_limit(self, pool, size):
-            trt.calls.append(("workspace", size))
-
-        def set_flag(self, flag):
-            trt.calls.append(("flag", flag))
-
-        def add_optimization_profile(self, profile):
-            trt.calls.append(("profile",))
-
-        def create_timing_cache(self, blob):
-            trt.calls.append(("cache_in", bytes(blob)))
-            self._cache = Cache(blob)
-            return self._cache
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            trt.calls.append(("set_cache", ignore_mismatch))
-
-        def get_timing_cache(self):
-            return self._cache
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            trt.calls.append(("network", flags))
-            return Network(flags)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            trt.calls.append(("build",))
-            return b"PLAN-" + version.encode()
-
-    trt.Logger, trt.NetworkDefinitionCreationFlag, trt.BuilderFlag = Logger, Flag, BuilderFlag
-    trt.MemoryPoolType, trt.OnnxParser, trt.Builder = MemoryPoolType, Parser, Builder
-    return trt
+from trt_fakes import fake_tensorrt
 
 
 def _no_weights(monkeypatch):
@@ -176,34 +65,38 @@ def test_build_engine_precision_api(artifact, tmp_path, version):
     graphs = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx"}
     src = trt_mod.engine_source(trt, "fp16", graphs)
     cache = tmp_path / "t.cache"
-    cache.write_bytes(b"old")
+    old = f"TC|{version}|Fake GPU|old".encode()
+    cache.write_bytes(old)
     entry = trt_mod.build_engine(trt, artifact / src, tmp_path / "encoder.fp16.plan", "fp16", 64, 32, 2,
                                  "Fake GPU", (1, 4, 16), cache)
     calls = trt.calls
     if version.startswith("10"):
         # weak typing: fp32 graph + FP16 builder flag
-        assert src == "encoder.onnx" and ("flag", trt.BuilderFlag.FP16) in calls
+        assert src == "encoder.onnx" and trt.BuilderFlag.FP16 in calls[-1][1]
         assert ("network", 0) in calls and entry["strongly_typed"] is False
     else:
         # TensorRT 11: no FP16 flag; strongly typed network from the fp16 graph
-        assert src == "encoder.fp16.onnx" and not [c for c in calls if c[0] == "flag"]
-        assert ("network", 1 << 1) in calls and entry["strongly_typed"] is True
+        assert src == "encoder.fp16.onnx" and calls[-1] == ("build", frozenset({trt.BuilderFlag.TF32}))
+        assert ("network", 0) in calls and entry["strongly_typed"] is True
     assert ("parse", src) in calls
     assert ("shape", "pixels", (1, 3, 64, 64), (4, 3, 64, 64), (16, 3, 64, 64)) in calls
     assert ("shape", "text_prototypes", (1, 2, 32), (2, 2, 32), (64, 2, 32)) in calls
-    assert ("cache_in", b"old") in calls
-    assert cache.read_bytes() == b"timing:old"  # timing cache written back
+    assert ("cache_in", old) in calls
+    assert cache.read_bytes() == old + b"+t"  # timing cache written back
     assert (tmp_path / "encoder.fp16.plan").read_bytes() == b"PLAN-" + version.encode()
     assert entry["trt_version"] == version and entry["gpu"] == "Fake GPU"
     assert entry["profile"] == {"min": 1, "opt": 4, "max": 16}
     assert entry["timing_cache"] == str(cache) and entry["file"] == "encoder.fp16.plan"
 
 
-def test_trt11_needs_reduced_graph():
+def test_trt11_without_reduced_graph_uses_an_engine_only_graph():
+    """TRT 11 is strongly typed: a bf16 engine is built from a bf16 graph converted for it alone
+    (not the ORT-verified model list), so --trt-precision bf16 works without ORT bf16 kernels."""
     from export import trt as trt_mod
 
-    with pytest.raises(AnoCLIPError, match="strongly typed"):
-        trt_mod.engine_source(fake_tensorrt("11.0.0"), "bf16", {"fp32": "encoder.onnx"})
+    graphs = {"fp32": "encoder.onnx"}
+    assert trt_mod.engine_source(fake_tensorrt("11.0.0"), "bf16", graphs) == ".encoder.bf16.engine-source.onnx"
+    assert trt_mod.engine_source(fake_tensorrt("10.9.0"), "bf16", graphs) == "encoder.onnx"
 
 
 def test_default_timing_cache_path(monkeypatch, tmp_path):

@@ -1,7 +1,6 @@
 """Backend selection, fallbacks and errors (CPU-only fakes), the parity checker, GPU tests (skipped here)."""
 from __future__ import annotations
 
-import ctypes
 import threading
 import types
 
@@ -14,6 +13,7 @@ from runtime.backends.base import Backend
 from runtime.backends.ort import CPU, CUDA, TRT, OrtBackend, physical_cores, select_providers, session_options
 from runtime.backends.trt import TrtBackend
 
+from gpu_fakes import FakeCudart, FakeEngine, FakeTrt
 from rt_fakes import ConstantBackend, PatchMeanBackend
 
 
@@ -200,168 +200,33 @@ def test_trt_without_tensorrt_or_gpu(tmp_path):
         TrtBackend(tmp_path / "encoder.fp16.plan", trt=FakeTrt(), cudart=fake_cudart)
 
 
-# ---- native TensorRT logic with fake tensorrt + cuda modules --------------------------------
-class FakeCudart:
-    """Host memory pretending to be device memory; records calls."""
-
-    class cudaMemcpyKind:
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    def __init__(self, devices=1):
-        self.devices = devices
-        self.mem = {}
-        self.freed = []
-        self.calls = []
-
-    def cudaGetDeviceCount(self):
-        return (0, self.devices)
-
-    def cudaSetDevice(self, i):
-        return (0,)
-
-    def cudaMalloc(self, n):
-        buf = np.zeros(n, np.uint8)
-        self.mem[buf.ctypes.data] = buf
-        self.calls.append(("malloc", n))
-        return (0, buf.ctypes.data)
-
-    def cudaFree(self, p):
-        self.freed.append(p)
-        return (0,)
-
-    def cudaStreamCreate(self):
-        return (0, 7)
-
-    def cudaStreamDestroy(self, s):
-        return (0,)
-
-    def cudaStreamSynchronize(self, s):
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        assert stream == 7
-        ctypes.memmove(dst, src, n)
-        self.calls.append(("memcpy", kind, n))
-        return (0,)
-
-
-class FakeEngine:
-    S, D, MAXB, MAXC = 16, 4, 3, 2
-    names = ["pixels", "text_prototypes", "global_embedding", "local_embeddings", "local_tokens", "patch_probs",
-             "image_scores"]
-
-    def __init__(self, cudart):
-        self.cudart = cudart
-        self.num_io_tensors = len(self.names)
-        self.contexts = 0
-
-    def get_tensor_name(self, i):
-        return self.names[i]
-
-    def get_tensor_dtype(self, n):
-        return "f32"
-
-    def get_tensor_profile_shape(self, n, p):
-        if n == "pixels":
-            return (1, 3, self.S, self.S), (2, 3, self.S, self.S), (self.MAXB, 3, self.S, self.S)
-        return (1, 2, self.D), (1, 2, self.D), (self.MAXC, 2, self.D)
-
-    def create_execution_context(self):
-        self.contexts += 1
-        return FakeContext(self)
-
-
-class FakeContext:
-    def __init__(self, engine):
-        self.e = engine
-        self.shapes = {}
-        self.addr = {}
-        self.executions = 0
-        self.active = 0
-
-    def set_input_shape(self, n, shape):
-        self.shapes[n] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, n, p):
-        self.addr[n] = p
-
-    def get_tensor_shape(self, n):
-        b = self.shapes["pixels"][0]
-        c = self.shapes["text_prototypes"][0]
-        g, d = 2, self.e.D
-        return {"pixels": self.shapes["pixels"], "text_prototypes": self.shapes["text_prototypes"],
-                "global_embedding": (b, d), "local_embeddings": (b, g, g, d), "local_tokens": (b, g, g, d),
-                "patch_probs": (b, c, g, g), "image_scores": (b, c)}[n]
-
-    def _arr(self, n):
-        shape = self.get_tensor_shape(n)
-        return np.ctypeslib.as_array(ctypes.cast(self.addr[n], ctypes.POINTER(ctypes.c_float)),
-                                     shape=(int(np.prod(shape)),)).reshape(shape)
-
-    def execute_async_v3(self, stream):
-        self.active += 1
-        assert self.active == 1, "context used by two threads at once"
-        px = self._arr("pixels")
-        self._arr("image_scores")[:] = px.mean(axis=(1, 2, 3))[:, None]
-        self._arr("patch_probs")[:] = px[:, :1, :2, :2].mean(axis=1)[:, None]
-        self.executions += 1
-        self.active -= 1
-        return True
-
-
-class FakeTrt:
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    def __init__(self):
-        self.engine = None
-
-    def Runtime(self, logger):  # noqa: N802 - mirrors tensorrt
-        outer = self
-
-        class R:
-            def deserialize_cuda_engine(self, data):
-                return None if data == b"bad" else outer.engine
-
-        return R()
-
-    @staticmethod
-    def nptype(dtype):
-        return np.float32
-
-
+# ---- native TensorRT logic with fake tensorrt + cuda modules (gpu_fakes: cuda-python / TensorRT API) ----
 def _trt(tmp_path, data=b"plan"):
     plan = tmp_path / "e.plan"
     plan.write_bytes(data)
     cud = FakeCudart()
-    trt = FakeTrt()
-    trt.engine = FakeEngine(cud)
+    trt = FakeTrt(FakeEngine(cud))
     return TrtBackend(plan, trt=trt, cudart=cud), cud, trt
 
 
 def test_trt_preallocates_max_profile_and_chunks_batches(tmp_path):
     be, cud, trt = _trt(tmp_path)
-    mallocs = [c for c in cud.calls if c[0] == "malloc"]
-    assert len(mallocs) == 7  # one buffer per IO tensor, allocated once
-    assert mallocs[0][1] == FakeEngine.MAXB * 3 * 16 * 16 * 4
+    device = [len(buf) for buf, kind in cud.mem.values() if kind.startswith("device")]
+    assert len(device) == 14  # one buffer per IO tensor per slot (2 slots), allocated once
+    assert device[0] == FakeEngine.MAXB * 3 * 16 * 16 * 4
     px = np.random.default_rng(0).standard_normal((7, 3, 16, 16)).astype(np.float32)
     pr = np.zeros((1, 2, 4), np.float32)
     out = be.run(px, pr, ("image_scores", "patch_probs"))
     np.testing.assert_allclose(out["image_scores"][:, 0], px.mean(axis=(1, 2, 3)), rtol=1e-5)
     assert out["patch_probs"].shape == (7, 1, 2, 2)
-    assert be.context.executions == 3  # 3 + 3 + 1 with max batch 3
-    assert len([c for c in cud.calls if c[0] == "malloc"]) == 7  # no allocation per call
+    assert len(trt.engine.launches) == 3  # 3 + 3 + 1 with max batch 3
+    assert len(cud.mem) == 28  # no allocation per call (14 device + 14 pinned)
     with pytest.raises(InputError, match="exceed"):
         be.run(px[:1], np.zeros((3, 2, 4), np.float32))
     with pytest.raises(InputError, match="expects 16"):
         be.run(np.zeros((1, 3, 32, 32), np.float32), pr)
     be.close()
-    assert len(cud.freed) == 7
+    assert len(cud.freed) == 28  # device + pinned host buffers of both slots
     with pytest.raises(BackendUnavailable, match="closed"):
         be.run(px[:1], pr)
 
