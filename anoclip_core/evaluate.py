@@ -28,7 +28,7 @@ from .errors import AnoCLIPError, BackendUnavailable
 from .metrics import METRIC_KEYS, image_metrics, pixel_metrics
 from .model import RANDOM_WEIGHTS_WARNING, AnoCLIP, register_model_configs
 from .scores import anomaly_map, state_probs, two_crop_boxes
-from .tta import ClassAdaptation, TTAConfig, two_crop_loss
+from .tta import ClassAdaptation, TTAConfig, TTASource, two_crop_loss
 from .visualize import heatmap_overlay, save_png
 
 METRIC_TITLES = {
@@ -221,13 +221,16 @@ def _adapt_single(
     return maps, scores
 
 
-def class_adaptation(model: AnoCLIP, class_name: str, cfg: EvalConfig) -> Optional[ClassAdaptation]:
-    """The class's AnoCLIP+ state (None without TTA): reference mode carries AdamW over the class."""
+def class_adaptation(
+    model: AnoCLIP, class_name: str, cfg: EvalConfig, source: Optional[TTASource] = None
+) -> Optional[ClassAdaptation]:
+    """The class's AnoCLIP+ state (None without TTA): reference mode carries AdamW over the class.
+    ``source`` overrides the initial adapter weights and the noise (default: seeded per image index)."""
     tta = cfg.tta_config(model.temperature)
     if not isinstance(tta, TTAConfig):
         return None
     states = model.state_embeddings(class_name)
-    return ClassAdaptation(states.sentences, states.prototypes, tta, carry=cfg.tta_mode == "reference")
+    return ClassAdaptation(states.sentences, states.prototypes, tta, carry=cfg.tta_mode == "reference", source=source)
 
 
 def _predict_batch(
@@ -247,10 +250,13 @@ def _predict_batch(
     return list(maps.cpu().numpy().astype(np.float32)), scores.cpu().numpy()
 
 
-def predict_class(model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None) -> ClassOutputs:
-    """Maps, masks (resized to each map) and scores of one class's samples (in the given order), in batches."""
+def predict_class(
+    model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None, source: Optional[TTASource] = None
+) -> ClassOutputs:
+    """Maps, masks (resized to each map) and scores of one class's samples, in batches. With TTA the
+    images are adapted in the given (dataset) order; ``source`` as in :func:`class_adaptation`."""
     out = ClassOutputs(samples=list(samples))
-    adaptation = class_adaptation(model, samples[0].class_name, cfg) if samples else None
+    adaptation = class_adaptation(model, samples[0].class_name, cfg, source) if samples else None
     for i in range(0, len(samples), cfg.batch_size):
         batch = samples[i : i + cfg.batch_size]
         maps, scores = _predict_batch(model, batch, cfg, start_index=i, adaptation=adaptation)
