@@ -31,14 +31,24 @@ from .scores import anomaly_map, state_probs, two_crop_boxes
 from .tta import ClassAdaptation, TTAConfig, TTASource, two_crop_loss
 from .visualize import heatmap_overlay, save_png
 
+REFERENCE_KEYS = ("aupro_reference", "image_ap_reference")
 METRIC_TITLES = {
     "pixel_auroc": "pixel AUROC",
     "pixel_ap": "pixel AP",
     "pixel_f1_max": "pixel F1-max",
-    "aupro": "AUPRO",
+    "aupro_reference": "AUPRO",
+    "aupro": "AUPRO (exact)",
     "image_auroc": "image AUROC",
-    "image_ap": "image AP",
+    "image_ap_reference": "image AP",
+    "image_ap": "image AP (step-sum)",
     "image_f1_max": "image F1-max",
+}
+TABLE_KEYS = tuple(METRIC_TITLES)
+METRIC_DEFINITIONS = {
+    "aupro_reference": "AUPRO, FPR <= 0.3, 200 thresholds as the official cal_pro_score (paper-comparable)",
+    "aupro": "AUPRO, FPR <= 0.3, exact (every threshold)",
+    "image_ap_reference": "image AP as the official code: trapezoidal auc(recall, precision) (paper-comparable)",
+    "image_ap": "image AP, step-sum average precision (sklearn average_precision_score)",
 }
 TTA_MODES = ("reference", "per-image")
 
@@ -270,18 +280,17 @@ def predict_class(
 
 
 def class_metrics(outputs: ClassOutputs) -> dict[str, Any]:
-    """§6 metrics of one class (plus the official 200-threshold ``aupro_reference``, JSON only);
-    pixel metrics use only images whose pixel truth is known."""
+    """§6 metrics of one class, plus the official definitions (:data:`REFERENCE_KEYS`: the
+    200-threshold AUPRO and the trapezoidal image AP); pixel metrics use only images whose pixel
+    truth is known."""
     known = [i for i, m in enumerate(outputs.masks) if m is not None]
     labels = [s.label for s in outputs.samples]
     pixel, pixel_why = pixel_metrics(
         [outputs.maps[i] for i in known], [outputs.masks[i] for i in known], reference=True
     )
-    image, image_why = image_metrics(outputs.scores, labels)
-    result: dict[str, Any] = {key: float({**pixel, **image}[key]) for key in METRIC_KEYS}
-    result["aupro_reference"] = float(pixel["aupro_reference"])
-    result["reason"] = {**pixel_why, **image_why}
-    result["reason"].pop("aupro_reference", None)
+    image, image_why = image_metrics(outputs.scores, labels, reference=True)
+    result: dict[str, Any] = {key: float({**pixel, **image}[key]) for key in METRIC_KEYS + REFERENCE_KEYS}
+    result["reason"] = {k: v for k, v in {**pixel_why, **image_why}.items() if k not in REFERENCE_KEYS}
     unknown = len(outputs.samples) - len(known)
     if unknown:
         result["reason"]["pixel_truth"] = f"{unknown} anomalous image(s) without a mask left out of pixel metrics"
@@ -295,12 +304,10 @@ def mean_metrics(per_class: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean of each metric over the classes where it is defined (and how many those were)."""
     mean: dict[str, Any] = {}
     counted: dict[str, int] = {}
-    for key in METRIC_KEYS:
-        values = [r[key] for r in per_class.values() if not math.isnan(r[key])]
+    for key in METRIC_KEYS + REFERENCE_KEYS:
+        values = [r[key] for r in per_class.values() if not math.isnan(r.get(key, math.nan))]
         mean[key] = float(np.mean(values)) if values else math.nan
         counted[key] = len(values)
-    refs = [r["aupro_reference"] for r in per_class.values() if not math.isnan(r.get("aupro_reference", math.nan))]
-    mean["aupro_reference"] = float(np.mean(refs)) if refs else math.nan
     mean["classes_counted"] = counted
     mean["n_images"] = sum(r["n_images"] for r in per_class.values())
     return mean
@@ -358,21 +365,24 @@ def _fmt(value: float) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Per-class and mean table (percent, one decimal); n/a where a metric is undefined."""
+    """Per-class and mean table (percent, one decimal); n/a where a metric is undefined. The
+    headline AUPRO and image AP are the official definitions, the exact / step-sum ones beside."""
     lines = []
     if results["random_weights"]:
         lines += [f"> **{RANDOM_WEIGHTS_WARNING}**", ""]
     lines += [
         f"{results['dataset']} | {results['backbone']} ({results['pretrained']}) | {results['image_size']} px | "
-        f"TTA {'on' if results['tta'] else 'off'} | views {'on' if results['views'] else 'off'} | "
+        f"TTA {results.get('tta_mode') or 'on' if results['tta'] else 'off'} | views {'on' if results['views'] else 'off'} | "
         f"protocol {results['protocol']}",
         "",
-        "| class | images | " + " | ".join(METRIC_TITLES[k] for k in METRIC_KEYS) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in METRIC_KEYS) + " |",
+        "| class | images | " + " | ".join(METRIC_TITLES[k] for k in TABLE_KEYS) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in TABLE_KEYS) + " |",
     ]
     rows = list(results["classes"].items()) + [("**mean**", results["mean"])]
     for name, r in rows:
-        lines.append(f"| {name} | {r['n_images']} | " + " | ".join(_fmt(r[k]) for k in METRIC_KEYS) + " |")
+        lines.append(f"| {name} | {r['n_images']} | " + " | ".join(_fmt(r.get(k, math.nan)) for k in TABLE_KEYS) + " |")
+    lines += ["", "AUPRO and image AP are the paper-comparable definitions of the official code "
+              "(200-threshold AUPRO, trapezoidal AP); AUPRO (exact) and image AP (step-sum) are given beside them."]
     notes = [f"- {c}: {m}: {why}" for c, r in results["classes"].items() for m, why in r["reason"].items()]
     if notes:
         lines += ["", "Undefined or partial metrics:", *notes]
@@ -435,6 +445,7 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
         "protocol": "two-crop" if cfg.dataset == "visa" else "single",
         "classes": per_class,
         "mean": mean_metrics(per_class),
+        "metric_definitions": METRIC_DEFINITIONS,
         "overlays": overlays,
         "seconds": round(time.perf_counter() - started, 3),
         "config": asdict(cfg),
