@@ -368,13 +368,13 @@ def markdown_table(results: dict[str, Any]) -> str:
     """Per-class and mean table (percent, one decimal); n/a where a metric is undefined. The
     headline AUPRO and image AP are the official definitions, the exact / step-sum ones beside."""
     lines = []
-    tta = (results.get("tta_mode") or "on") if results["tta"] else "off"
+    mode = f" | TTA mode {results['tta_mode']}" if results["tta"] and results.get("tta_mode") else ""
     if results["random_weights"]:
         lines += [f"> **{RANDOM_WEIGHTS_WARNING}**", ""]
     lines += [
         f"{results['dataset']} | {results['backbone']} ({results['pretrained']}) | {results['image_size']} px | "
-        f"TTA {tta} | views {'on' if results['views'] else 'off'} | "
-        f"protocol {results['protocol']}",
+        f"TTA {'on' if results['tta'] else 'off'} | views {'on' if results['views'] else 'off'} | "
+        f"protocol {results['protocol']}{mode}",
         "",
         "| class | images | " + " | ".join(METRIC_TITLES[k] for k in TABLE_KEYS) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in TABLE_KEYS) + " |",

@@ -243,3 +243,20 @@ def test_reference_mode_does_not_depend_on_batch_size(tiny_model, visa_one_class
         cfg = EvalConfig("visa", str(visa_one_class), classes=("candle",), tta=True, progress=False, batch_size=bs)
         runs.append(np.stack(predict_class(tiny_model, samples, cfg).maps))
     np.testing.assert_allclose(runs[1], runs[0], atol=1e-6)
+
+
+def test_per_image_mode_equals_adapt_tokens(tiny_model) -> None:
+    """carry=False is the runtime's per-image adaptation: same seeded streams, same result."""
+    from anoclip_core.tta import ClassAdaptation, TTAConfig, adapt_tokens
+
+    states = tiny_model.state_embeddings("bottle")
+    _, local = tiny_model.encode_tokens(torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    cfg = TTAConfig(temperature=tiny_model.temperature)
+    batched = adapt_tokens(local, states.sentences, states.prototypes, cfg)
+    one = ClassAdaptation(states.sentences, states.prototypes, cfg, carry=False)
+    seq = torch.cat([one.adapt(local[i : i + 1], i) for i in range(3)])
+    torch.testing.assert_close(seq, batched, atol=1e-6, rtol=0)
+    ref = ClassAdaptation(states.sentences, states.prototypes, cfg, carry=True)
+    carried = torch.cat([ref.adapt(local[i : i + 1], i) for i in range(3)])
+    torch.testing.assert_close(carried[0], batched[0], atol=1e-6, rtol=0)
+    assert (carried[1:] - batched[1:]).abs().max() > 1e-4
