@@ -27,6 +27,9 @@ def _split_classes(text: Optional[str]) -> Optional[tuple[str, ...]]:
               help="open_clip pretrained tag, a local weights file, or 'none' for random weights.")
 @click.option("--image-size", type=int, default=None, help="Input size S (default: the backbone's).")
 @click.option("--tta", is_flag=True, help="AnoCLIP+ test-time adaptation.")
+@click.option("--tta-mode", type=click.Choice(["reference", "per-image"]), default="reference", show_default=True,
+              help="reference: one AdamW per class carried over its images in dataset order (official code); "
+                   "per-image: a fresh AdamW per image (order-free, as the runtime's --tta).")
 @click.option("--views/--no-views", default=None,
               help="Average image scores over the 22 reference views [default: on for mvtec, off otherwise].")
 @click.option("--classes", default=None, help="Comma-separated class names (default: all).")
@@ -46,6 +49,7 @@ def main(
     pretrained: str,
     image_size: Optional[int],
     tta: bool,
+    tta_mode: str,
     views: Optional[bool],
     classes: Optional[str],
     batch_size: int,
@@ -62,7 +66,7 @@ def main(
 
         cfg = EvalConfig(
             dataset=dataset, root=root, backbone=backbone, pretrained=pretrained, image_size=image_size,
-            tta=tta, views=views, classes=_split_classes(classes), batch_size=batch_size, out=out,
+            tta=tta, tta_mode=tta_mode, views=views, classes=_split_classes(classes), batch_size=batch_size, out=out,
             overlays=overlays, device=device, model_config=model_config, progress=progress,
             text_cache=None if text_cache.lower() == "none" else text_cache,
         )

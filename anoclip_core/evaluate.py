@@ -20,25 +20,37 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import transform
 from .datasets import DATASETS, Sample, load_mask, load_samples
 from .errors import AnoCLIPError, BackendUnavailable
 from .metrics import METRIC_KEYS, image_metrics, pixel_metrics
 from .model import RANDOM_WEIGHTS_WARNING, AnoCLIP, register_model_configs
-from .scores import two_crop_boxes
-from .tta import TTAConfig
+from .scores import anomaly_map, state_probs, two_crop_boxes
+from .tta import ClassAdaptation, TTAConfig, TTASource, two_crop_loss
 from .visualize import heatmap_overlay, save_png
 
+REFERENCE_KEYS = ("aupro_reference", "image_ap_reference")
 METRIC_TITLES = {
     "pixel_auroc": "pixel AUROC",
     "pixel_ap": "pixel AP",
     "pixel_f1_max": "pixel F1-max",
-    "aupro": "AUPRO",
+    "aupro_reference": "AUPRO",
+    "aupro": "AUPRO (exact)",
     "image_auroc": "image AUROC",
-    "image_ap": "image AP",
+    "image_ap_reference": "image AP",
+    "image_ap": "image AP (step-sum)",
     "image_f1_max": "image F1-max",
 }
+TABLE_KEYS = tuple(METRIC_TITLES)
+METRIC_DEFINITIONS = {
+    "aupro_reference": "AUPRO, FPR <= 0.3, 200 thresholds as the official cal_pro_score (paper-comparable)",
+    "aupro": "AUPRO, FPR <= 0.3, exact (every threshold)",
+    "image_ap_reference": "image AP as the official code: trapezoidal auc(recall, precision) (paper-comparable)",
+    "image_ap": "image AP, step-sum average precision (sklearn average_precision_score)",
+}
+TTA_MODES = ("reference", "per-image")
 
 
 @dataclass
@@ -47,6 +59,8 @@ class EvalConfig:
 
     ``views=None`` means the reference default: 22-view image scores on MVTec, none elsewhere.
     ``text_cache`` is the prompt-embedding cache ("default", a folder, or None to disable).
+    ``tta_mode``: "reference" (as the official code: one AdamW per class, its state carried over
+    the class's images in dataset order) or "per-image" (a fresh AdamW per image, as the runtime).
     """
 
     dataset: str
@@ -55,6 +69,7 @@ class EvalConfig:
     pretrained: Optional[str] = "laion400m_e32"
     image_size: Optional[int] = None
     tta: bool = False
+    tta_mode: str = "reference"
     views: Optional[bool] = None
     classes: Optional[tuple[str, ...]] = None
     batch_size: int = 8
@@ -69,6 +84,8 @@ class EvalConfig:
         self.dataset = self.dataset.lower()
         if self.dataset not in DATASETS:
             raise AnoCLIPError(f"unknown dataset {self.dataset!r} (expected one of {', '.join(DATASETS)})")
+        if self.tta_mode not in TTA_MODES:
+            raise AnoCLIPError(f"unknown TTA mode {self.tta_mode!r} (expected one of {', '.join(TTA_MODES)})")
         if self.batch_size < 1:
             raise AnoCLIPError(f"batch size must be >= 1, got {self.batch_size}")
         if self.overlays < 0:
@@ -145,18 +162,23 @@ def merge_crops(maps: np.ndarray, boxes: Sequence[Box], size: tuple[int, int]) -
 
 
 def predict_two_crop(
-    model: AnoCLIP, images: Sequence[transform.ImageLike], class_name: str, tta: TTAConfig | bool = False,
-    start_index: int = 0,
+    model: AnoCLIP, images: Sequence[transform.ImageLike], class_name: str,
+    adaptation: Optional[ClassAdaptation] = None, start_index: int = 0,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """VisA protocol (§4): short side -> S, two overlapping square crops, maps averaged in the
-    overlap (map size = the resized image), image score = mean of the two crops' scores; no views."""
+    overlap (map size = the resized image), image score = mean of the two crops' scores; no views.
+    With ``adaptation`` (AnoCLIP+, §5 VisA variant) image ``j`` adapts both crops with one adapter
+    on the merged-logit loss, with the seed/noise stream ``start_index + j``."""
     inputs, layouts = [], []
     for image in images:
         crops, boxes, size = two_crop_inputs(transform.load_rgb(image), model.preprocess_config)
         inputs.append(crops)
         layouts.append((boxes, size))
     pixels = torch.from_numpy(np.concatenate(inputs)).to(model.device)
-    maps, scores = model.predict(pixels, class_name, tta=tta, views=False, tta_start_index=2 * start_index)
+    if adaptation is None:
+        maps, scores = model.predict(pixels, class_name, views=False)
+    else:
+        maps, scores = _adapt_two_crop(model, pixels, class_name, layouts, adaptation, start_index)
     maps_np, scores_np = maps.cpu().numpy(), scores.cpu().numpy()
     out_maps, out_scores, k = [], [], 0
     for boxes, size in layouts:
@@ -167,25 +189,87 @@ def predict_two_crop(
     return out_maps, np.asarray(out_scores)
 
 
-def _predict_batch(
-    model: AnoCLIP, batch: list[Sample], cfg: EvalConfig, start_index: int = 0
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """One batch; ``start_index`` (the batch's offset in the class) keeps TTA independent of batch size."""
-    class_name = batch[0].class_name
+def _maps_and_scores(
+    model: AnoCLIP, glob: torch.Tensor, local: torch.Tensor, prototypes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§4 maps [B, S, S] from (adapted) local tokens and single-view scores [B] from global tokens."""
+    size = (model.image_size, model.image_size)
+    protos = prototypes.float()
+    maps = anomaly_map(F.normalize(local.float(), dim=-1), protos, size, model.temperature)
+    return maps, state_probs(F.normalize(glob.float(), dim=-1), protos, model.temperature)
+
+
+def _adapt_two_crop(
+    model: AnoCLIP, pixels: torch.Tensor, class_name: str, layouts: list[tuple[list[Box], tuple[int, int]]],
+    adaptation: ClassAdaptation, start_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop maps and scores with AnoCLIP+: image j's crops are adapted together, one image at a time."""
+    protos = model.state_embeddings(class_name).prototypes
+    glob, local = model.encode_tokens(pixels)
+    adapted, k = [], 0
+    for j, (boxes, size) in enumerate(layouts):
+        n = len(boxes)
+        loss = two_crop_loss(model.grid_size, boxes, size, protos.float(), model.temperature)
+        adapted.append(adaptation.adapt(local[k : k + n], start_index + j, loss))
+        k += n
+    with torch.no_grad():
+        return _maps_and_scores(model, glob, torch.cat(adapted), protos)
+
+
+def _adapt_single(
+    model: AnoCLIP, pixels: torch.Tensor, class_name: str, adaptation: ClassAdaptation, start_index: int,
+    views: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and scores of S x S inputs with AnoCLIP+, one image at a time (stream ``start_index + j``)."""
+    protos = model.state_embeddings(class_name).prototypes
+    glob, local = model.encode_tokens(pixels)
+    adapted = torch.cat([adaptation.adapt(local[j : j + 1], start_index + j) for j in range(local.shape[0])])
+    with torch.no_grad():
+        maps, scores = _maps_and_scores(model, glob, adapted, protos)
+    if views:
+        scores = model.view_scores(pixels, protos)
+    return maps, scores
+
+
+def class_adaptation(
+    model: AnoCLIP, class_name: str, cfg: EvalConfig, source: Optional[TTASource] = None
+) -> Optional[ClassAdaptation]:
+    """The class's AnoCLIP+ state (None without TTA): reference mode carries AdamW over the class.
+    ``source`` overrides the initial adapter weights and the noise (default: seeded per image index)."""
     tta = cfg.tta_config(model.temperature)
+    if not isinstance(tta, TTAConfig):
+        return None
+    states = model.state_embeddings(class_name)
+    return ClassAdaptation(states.sentences, states.prototypes, tta, carry=cfg.tta_mode == "reference", source=source)
+
+
+def _predict_batch(
+    model: AnoCLIP, batch: list[Sample], cfg: EvalConfig, start_index: int = 0,
+    adaptation: Optional[ClassAdaptation] = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """One batch; ``start_index`` (the batch's offset in the class) keeps TTA independent of batch
+    size (images are adapted one at a time, in dataset order, whatever the batch size)."""
+    class_name = batch[0].class_name
     if cfg.dataset == "visa":
-        return predict_two_crop(model, [s.path for s in batch], class_name, tta, start_index)
+        return predict_two_crop(model, [s.path for s in batch], class_name, adaptation, start_index)
     pixels = model.load_images([s.path for s in batch])
-    maps, scores = model.predict(pixels, class_name, tta=tta, views=cfg.use_views, tta_start_index=start_index)
+    if adaptation is None:
+        maps, scores = model.predict(pixels, class_name, views=cfg.use_views)
+    else:
+        maps, scores = _adapt_single(model, pixels, class_name, adaptation, start_index, cfg.use_views)
     return list(maps.cpu().numpy().astype(np.float32)), scores.cpu().numpy()
 
 
-def predict_class(model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None) -> ClassOutputs:
-    """Maps, masks (resized to each map) and scores of one class's samples, in batches."""
+def predict_class(
+    model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None, source: Optional[TTASource] = None
+) -> ClassOutputs:
+    """Maps, masks (resized to each map) and scores of one class's samples, in batches. With TTA the
+    images are adapted in the given (dataset) order; ``source`` as in :func:`class_adaptation`."""
     out = ClassOutputs(samples=list(samples))
+    adaptation = class_adaptation(model, samples[0].class_name, cfg, source) if samples else None
     for i in range(0, len(samples), cfg.batch_size):
         batch = samples[i : i + cfg.batch_size]
-        maps, scores = _predict_batch(model, batch, cfg, start_index=i)
+        maps, scores = _predict_batch(model, batch, cfg, start_index=i, adaptation=adaptation)
         for s, m, sc in zip(batch, maps, scores):
             out.maps.append(m)
             out.masks.append(load_mask(s, m.shape[0], m.shape[1]))
@@ -196,18 +280,17 @@ def predict_class(model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: A
 
 
 def class_metrics(outputs: ClassOutputs) -> dict[str, Any]:
-    """§6 metrics of one class (plus the official 200-threshold ``aupro_reference``, JSON only);
-    pixel metrics use only images whose pixel truth is known."""
+    """§6 metrics of one class, plus the official definitions (:data:`REFERENCE_KEYS`: the
+    200-threshold AUPRO and the trapezoidal image AP); pixel metrics use only images whose pixel
+    truth is known."""
     known = [i for i, m in enumerate(outputs.masks) if m is not None]
     labels = [s.label for s in outputs.samples]
     pixel, pixel_why = pixel_metrics(
         [outputs.maps[i] for i in known], [outputs.masks[i] for i in known], reference=True
     )
-    image, image_why = image_metrics(outputs.scores, labels)
-    result: dict[str, Any] = {key: float({**pixel, **image}[key]) for key in METRIC_KEYS}
-    result["aupro_reference"] = float(pixel["aupro_reference"])
-    result["reason"] = {**pixel_why, **image_why}
-    result["reason"].pop("aupro_reference", None)
+    image, image_why = image_metrics(outputs.scores, labels, reference=True)
+    result: dict[str, Any] = {key: float({**pixel, **image}[key]) for key in METRIC_KEYS + REFERENCE_KEYS}
+    result["reason"] = {k: v for k, v in {**pixel_why, **image_why}.items() if k not in REFERENCE_KEYS}
     unknown = len(outputs.samples) - len(known)
     if unknown:
         result["reason"]["pixel_truth"] = f"{unknown} anomalous image(s) without a mask left out of pixel metrics"
@@ -221,12 +304,10 @@ def mean_metrics(per_class: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean of each metric over the classes where it is defined (and how many those were)."""
     mean: dict[str, Any] = {}
     counted: dict[str, int] = {}
-    for key in METRIC_KEYS:
-        values = [r[key] for r in per_class.values() if not math.isnan(r[key])]
+    for key in METRIC_KEYS + REFERENCE_KEYS:
+        values = [r[key] for r in per_class.values() if not math.isnan(r.get(key, math.nan))]
         mean[key] = float(np.mean(values)) if values else math.nan
         counted[key] = len(values)
-    refs = [r["aupro_reference"] for r in per_class.values() if not math.isnan(r.get("aupro_reference", math.nan))]
-    mean["aupro_reference"] = float(np.mean(refs)) if refs else math.nan
     mean["classes_counted"] = counted
     mean["n_images"] = sum(r["n_images"] for r in per_class.values())
     return mean
@@ -284,21 +365,25 @@ def _fmt(value: float) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Per-class and mean table (percent, one decimal); n/a where a metric is undefined."""
+    """Per-class and mean table (percent, one decimal); n/a where a metric is undefined. The
+    headline AUPRO and image AP are the official definitions, the exact / step-sum ones beside."""
     lines = []
+    mode = f" | TTA mode {results['tta_mode']}" if results["tta"] and results.get("tta_mode") else ""
     if results["random_weights"]:
         lines += [f"> **{RANDOM_WEIGHTS_WARNING}**", ""]
     lines += [
         f"{results['dataset']} | {results['backbone']} ({results['pretrained']}) | {results['image_size']} px | "
         f"TTA {'on' if results['tta'] else 'off'} | views {'on' if results['views'] else 'off'} | "
-        f"protocol {results['protocol']}",
+        f"protocol {results['protocol']}{mode}",
         "",
-        "| class | images | " + " | ".join(METRIC_TITLES[k] for k in METRIC_KEYS) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in METRIC_KEYS) + " |",
+        "| class | images | " + " | ".join(METRIC_TITLES[k] for k in TABLE_KEYS) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in TABLE_KEYS) + " |",
     ]
     rows = list(results["classes"].items()) + [("**mean**", results["mean"])]
     for name, r in rows:
-        lines.append(f"| {name} | {r['n_images']} | " + " | ".join(_fmt(r[k]) for k in METRIC_KEYS) + " |")
+        lines.append(f"| {name} | {r['n_images']} | " + " | ".join(_fmt(r.get(k, math.nan)) for k in TABLE_KEYS) + " |")
+    lines += ["", "AUPRO and image AP are the paper-comparable definitions of the official code "
+              "(200-threshold AUPRO, trapezoidal AP); AUPRO (exact) and image AP (step-sum) are given beside them."]
     notes = [f"- {c}: {m}: {why}" for c, r in results["classes"].items() for m, why in r["reason"].items()]
     if notes:
         lines += ["", "Undefined or partial metrics:", *notes]
@@ -356,10 +441,12 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
         "image_size": model.image_size,
         "patch_grid": list(model.grid_size),
         "tta": bool(cfg.tta),
+        "tta_mode": cfg.tta_mode if cfg.tta else None,
         "views": cfg.use_views,
         "protocol": "two-crop" if cfg.dataset == "visa" else "single",
         "classes": per_class,
         "mean": mean_metrics(per_class),
+        "metric_definitions": METRIC_DEFINITIONS,
         "overlays": overlays,
         "seconds": round(time.perf_counter() - started, 3),
         "config": asdict(cfg),

@@ -3,7 +3,9 @@
 All curve metrics share one exact threshold sweep: positive and negative scores are sorted once,
 the distinct score values are visited from high to low in bounded chunks, and the counts of
 scores ``>= t`` come from binary searches. Results equal scikit-learn's ``roc_auc_score``,
-``average_precision_score`` and the F1 maximum over ``precision_recall_curve``.
+``average_precision_score`` (step sum) and the F1 maximum over ``precision_recall_curve``; the
+same sweep gives the trapezoidal AP ``auc(recall, precision)`` that the official code reports as
+image AP (the paper-comparable definition, ALGORITHM.md §6).
 
 The exact AUPRO is a weighted ROC: a defective pixel of ground-truth region ``r`` carries the
 weight ``1 / (|r| * R)`` (``R`` regions in all), so the weighted true-positive rate at a threshold
@@ -53,6 +55,7 @@ class CurveSummary:
 
     auroc: float = math.nan
     ap: float = math.nan
+    ap_trapezoid: float = math.nan
     f1_max: float = math.nan
     aupro: float = math.nan
 
@@ -110,8 +113,8 @@ def _sweep(s: _SortedScores, with_pro: bool) -> CurveSummary:
     """Exact AUROC, AP, F1-max (and AUPRO when weights are given) in one pass over thresholds."""
     n_pos, n_neg = s.pos.size, s.neg.size
     out = CurveSummary()
-    roc_area = ap_sum = pro_area = 0.0
-    f1_best = 0.0
+    roc_area = ap_sum = pro_area = trap_area = 0.0
+    f1_best, prev_prec = 0.0, 1.0
     prev_tp, prev_fp, prev_w = 0, 0, 0.0
     pro_done = not with_pro
     for thr in _thresholds_desc(s.pos, s.neg):
@@ -120,7 +123,11 @@ def _sweep(s: _SortedScores, with_pro: bool) -> CurveSummary:
         tp_prev = np.concatenate(([prev_tp], tp[:-1]))
         fp_prev = np.concatenate(([prev_fp], fp[:-1]))
         roc_area += float(np.sum((fp - fp_prev).astype(np.float64) * (tp + tp_prev).astype(np.float64)))
-        ap_sum += float(np.sum((tp - tp_prev) * (tp / (tp + fp))))
+        prec = tp / (tp + fp)
+        ap_sum += float(np.sum((tp - tp_prev) * prec))
+        prec_prev = np.concatenate(([prev_prec], prec[:-1]))
+        trap_area += float(np.sum((tp - tp_prev) * (prec + prec_prev) * 0.5))
+        prev_prec = float(prec[-1])
         f1_best = max(f1_best, float(np.max(2.0 * tp / (tp + fp + n_pos))))
         if not pro_done:
             w = _weights_at_or_above(s, thr)
@@ -132,6 +139,7 @@ def _sweep(s: _SortedScores, with_pro: bool) -> CurveSummary:
         prev_tp, prev_fp = int(tp[-1]), int(fp[-1])
     out.auroc = roc_area / (2.0 * n_pos * n_neg)
     out.ap = ap_sum / n_pos
+    out.ap_trapezoid = trap_area / n_pos
     out.f1_max = f1_best
     if with_pro:
         out.aupro = pro_area / FPR_LIMIT
@@ -275,6 +283,14 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return math.nan if s.pos.size == 0 else _sweep_or_trivial(s).ap
 
 
+def average_precision_trapezoid(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The official image AP: trapezoidal area under the precision-recall curve, i.e.
+    ``sklearn.metrics.auc(recall, precision)`` over ``precision_recall_curve`` (which starts at
+    (recall 0, precision 1)); not the step-sum :func:`average_precision`."""
+    s = _sorted_from_labels(scores, labels)
+    return math.nan if s.pos.size == 0 else _sweep_or_trivial(s).ap_trapezoid
+
+
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     """Best F1 over all thresholds ``score >= t``."""
     s = _sorted_from_labels(scores, labels)
@@ -284,7 +300,7 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
 def _sweep_or_trivial(s: _SortedScores) -> CurveSummary:
     """AP and F1 are defined without negatives (both 1.0); AUROC is not."""
     if s.neg.size == 0:
-        return CurveSummary(ap=1.0, f1_max=1.0)
+        return CurveSummary(ap=1.0, ap_trapezoid=1.0, f1_max=1.0)
     return _sweep(s, False)
 
 
@@ -361,15 +377,22 @@ def pixel_metrics(
 
 
 def image_metrics(
-    scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray
+    scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, reference: bool = False
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Image AUROC, AP, F1-max; NaN (with a reason) where undefined."""
+    """Image AUROC, AP (step sum), F1-max; NaN (with a reason) where undefined.
+
+    With ``reference`` also ``image_ap_reference``: the official trapezoidal AP from the same sweep.
+    """
+    keys = IMAGE_KEYS + (("image_ap_reference",) if reference else ())
     im = _sorted_from_labels(np.asarray(scores), np.asarray(labels))
     why = _undefined(im, "anomalous images", "normal images") if im.pos.size + im.neg.size else "no images"
     if why is None:
         r = _sweep(im, False)
-        return {"image_auroc": r.auroc, "image_ap": r.ap, "image_f1_max": r.f1_max}, {}
-    return {k: math.nan for k in IMAGE_KEYS}, {k: why for k in IMAGE_KEYS}
+        out = {"image_auroc": r.auroc, "image_ap": r.ap, "image_f1_max": r.f1_max}
+        if reference:
+            out["image_ap_reference"] = r.ap_trapezoid
+        return out, {}
+    return {k: math.nan for k in keys}, {k: why for k in keys}
 
 
 def compute_metrics(

@@ -3,7 +3,13 @@
 The ONLY runtime module that imports torch, and only when TTA is requested (``Detector``
 imports this module lazily inside ``infer_pixels(..., tta=True)``). The adaptation itself is the
 core's ``anoclip_core.tta.adapt_tokens`` (same adapter, seeds and optimiser), so the runtime's
-AnoCLIP+ maps equal the core's for the same tokens.
+AnoCLIP+ maps equal the core's per-image mode for the same tokens.
+
+Per image, on purpose: every image gets a fresh adapter AND a fresh AdamW, and no state is kept
+between images or calls, so results do not depend on which images came before and concurrent
+calls are safe. This differs from the official evaluation loop (``anoclip-eval --tta``, reference
+mode), which carries one AdamW per class over the class's images in dataset order; see the
+README's "AnoCLIP+ in evaluation vs. runtime" for how much the maps differ.
 """
 from __future__ import annotations
 
