@@ -22,7 +22,7 @@ import numpy as np
 from . import fidelity as fid
 from . import flops as fl
 from .config import BASELINE, BenchConfig
-from .contenders import Contender, runtime_contender, torch_contenders
+from .contenders import Contender, runtime_contender, static_int8_artifact, torch_contenders
 from .hardware import PeakMemory, load_average, machine_summary, measure_gemm_peak, measure_gemm_peak_ort, versions
 from .stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
 
@@ -667,11 +667,12 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
             manifest = None
             all_cs += [Contender.unavailable(name, reason) for name in cfg.runtime_contenders]
         if manifest is not None:
+            static = static_int8_artifact(cfg, art_dir, manifest, cfg.runtime_contenders, say)
             for name in cfg.runtime_contenders:
                 say(f"loading runtime {name}")
                 # the runtime's defaults (no optimised-model cache): load time as a fresh user sees it
                 c = runtime_contender(name, art_dir, manifest, cfg.class_name, size, cfg.threads or threads,
-                                      skipped=art_info.get("skipped"))
+                                      skipped=art_info.get("skipped"), static_int8=static)
                 all_cs.append(c)
                 if c.available:
                     runtime_cs.append(c)
