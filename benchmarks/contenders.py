@@ -143,6 +143,26 @@ def missing_precision_reason(precision: str, models) -> str:
     return f"no {precision} graph in the artifact (it has: {have})"
 
 
+def _missing_graph(backend_name: str, precision: str, graph_precision: str, manifest: dict, skipped: dict
+                   ) -> str | None:
+    """Why the artifact has nothing for this backend/precision to run (None: it has)."""
+    models = manifest.get("models", {})
+    if backend_name == "openvino":
+        return None  # the backend picks its graph (bf16 is a hint on fp32) and refuses with the reason itself
+    if backend_name == "trt":
+        trt = manifest.get("tensorrt") or {}
+        if not trt:
+            return skipped.get("tensorrt") or "the artifact has no TensorRT engine (export with TensorRT on a GPU)"
+        if trt.get("precision", precision) != precision:
+            return f"the artifact's TensorRT engine is {trt.get('precision')}, not {precision}"
+        return None
+    if graph_precision not in models:
+        if graph_precision in skipped:
+            return f"not exported: {skipped[graph_precision]}"
+        return missing_precision_reason(graph_precision, models)
+    return None
+
+
 def runtime_contender(
     name: str,
     artifact_dir,
@@ -156,8 +176,9 @@ def runtime_contender(
 ) -> Contender:
     """``runtime.Detector.load(ART, backend=..., precision=...)`` for ``name``; unavailable (with the
     reason) when that backend/precision cannot run here. Static-int8 contenders run the second
-    artifact ``static_int8`` = (folder, manifest) from ``static_int8_artifact`` (or its failure reason). The timed call is ``detector.infer_pixels``
-    plus the runtime's map post-processing at S x S, on the same normalised pixels as the core."""
+    artifact ``static_int8`` = (folder, manifest) from ``static_int8_artifact`` (or its failure
+    reason). The timed call is ``detector.infer_pixels`` plus the runtime's map post-processing at
+    S x S, on the same normalised pixels as the core."""
     import time
 
     backend_name, precision = split_runtime_name(name)
@@ -167,20 +188,9 @@ def runtime_contender(
         artifact_dir, manifest = static_int8
     graph_precision = GRAPH_PRECISION.get(precision, precision)
     models = manifest.get("models", {})
-    skipped = skipped or {}
-    if backend_name == "openvino":
-        pass  # the backend picks its graph (bf16 is a hint on fp32) and refuses with the reason itself
-    elif backend_name == "trt":
-        trt = manifest.get("tensorrt") or {}
-        if not trt:
-            why = skipped.get("tensorrt") or "the artifact has no TensorRT engine (export with TensorRT on a GPU)"
-            return Contender.unavailable(name, why)
-        if trt.get("precision", precision) != precision:
-            return Contender.unavailable(name, f"the artifact's TensorRT engine is {trt.get('precision')}, not {precision}")
-    elif graph_precision not in models:
-        if graph_precision in skipped:
-            return Contender.unavailable(name, f"not exported: {skipped[graph_precision]}")
-        return Contender.unavailable(name, missing_precision_reason(graph_precision, models))
+    why = _missing_graph(backend_name, precision, graph_precision, manifest, skipped or {})
+    if why:
+        return Contender.unavailable(name, why)
     from anoclip_core.errors import AnoCLIPError
     from runtime import postprocess
     from runtime.detector import Detector
