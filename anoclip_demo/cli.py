@@ -33,6 +33,11 @@ class DemoConfig:
     backend: str = "auto"
     force_export: bool = False
     model_config: str | None = None
+    int8: bool = False  # also export a static int8 graph calibrated on the bundled good images; infer with it
+
+    @property
+    def precision(self) -> str | None:
+        return "int8" if self.int8 else None
 
 
 def sample_images(n_test: int, n_calib: int) -> tuple[list[Path], list[Path], list[Path]]:
@@ -62,9 +67,10 @@ def _existing_artifact_matches(art: Path, cfg: DemoConfig) -> bool:
         return False
     source = str((m.get("pretrained") or {}).get("source", ""))
     wanted = "none" if cfg.pretrained.lower() == "none" else cfg.pretrained
+    int8 = (m.get("models", {}).get("int8") or {}).get("quantization", {})
     return m.get("backbone") == cfg.backbone and (source == wanted or source.endswith(wanted)) and CLASS_NAME in (
         m.get("text", {}).get("classes", {})
-    )
+    ) and (not cfg.int8 or int8.get("mode") == "static")
 
 
 def contact_sheet(results: list[dict], path: Path, random_weights: bool = False) -> Path | None:
@@ -113,14 +119,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     art = out / "artifact"
     if cfg.force_export or not _existing_artifact_matches(art, cfg):
         click.echo(f"[1/3] exporting {cfg.backbone} ({cfg.pretrained}) for class '{CLASS_NAME}' -> {art}", err=True)
+        if cfg.int8:
+            click.echo(f"      static int8 calibrated on the {len(calib)} bundled good calibration images", err=True)
         export_artifact(ExportConfig(
             backbone=cfg.backbone, classes=[CLASS_NAME], domains={CLASS_NAME: DOMAIN}, pretrained=cfg.pretrained,
-            out=art, force=True, model_config=cfg.model_config,
+            out=art, force=True, model_config=cfg.model_config, precisions=["int8"] if cfg.int8 else ["fp32"],
+            int8_mode="static" if cfg.int8 else "dynamic", calibration_images=[str(p) for p in calib] if cfg.int8 else (),
         ))
     else:
         click.echo(f"[1/3] reusing artifact {art} (pass --force-export to rebuild)", err=True)
     click.echo(f"[2/3] calibrating thresholds on {len(calib)} good images", err=True)
-    with Detector.load(art, backend=cfg.backend) as det:
+    with Detector.load(art, backend=cfg.backend, precision=cfg.precision) as det:
         entry = calibrate(det, [str(p) for p in calib], CLASS_NAME, quantile=0.99)
     click.echo(f"      image threshold {entry['image_threshold']:.4f}, pixel threshold {entry['pixel_threshold']:.4f}",
                err=True)
@@ -130,7 +139,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     click.echo(f"[3/3] inference on {len(good)} good and {len(defective)} defective images", err=True)
     for group, files in (("good", good), ("defect", defective)):
         gdir = results_dir / group
-        icfg = InferConfig(class_name=CLASS_NAME, backend=cfg.backend, out_dir=str(gdir))
+        icfg = InferConfig(class_name=CLASS_NAME, backend=cfg.backend, precision=cfg.precision, out_dir=str(gdir))
         summaries[group] = run_infer(str(art), [str(p) for p in files], icfg, progress=True)
         jsonl = gdir / "results.jsonl"
         if jsonl.is_file():
@@ -143,7 +152,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     rows.append(rec)
     sheet = contact_sheet(rows, out / "contact_sheet.png", random_weights=cfg.pretrained.lower() == "none")
     summary = {
-        "backbone": cfg.backbone, "pretrained": cfg.pretrained, "artifact": str(art),
+        "backbone": cfg.backbone, "pretrained": cfg.pretrained, "artifact": str(art), "precision": cfg.precision or "fp32",
         "calibration": {k: entry[k] for k in ("image_threshold", "pixel_threshold", "images")},
         "good": summaries["good"], "defect": summaries["defect"],
         "contact_sheet": str(sheet) if sheet else None,
@@ -160,7 +169,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 @click.option("--images", type=int, default=DemoConfig.images, show_default=True, help="test images per group")
 @click.option("--calibration-images", type=int, default=DemoConfig.calibration_images, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DemoConfig.out, show_default=True)
-@click.option("--backend", default="auto", show_default=True, help="auto|ort-cpu|ort-cuda|ort-trt|trt")
+@click.option("--backend", default="auto", show_default=True, help="auto|ort-cpu|openvino|ort-cuda|ort-trt|trt")
+@click.option("--int8", is_flag=True,
+              help="also export a static int8 graph calibrated on the bundled good images, and infer with it")
 @click.option("--force-export", is_flag=True, help="rebuild the artifact even if a matching one exists")
 @click.option("--model-config", default=None, help="extra open_clip model configs (file or folder)")
 def main(**kwargs) -> None:

@@ -41,7 +41,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sizes [quick: 1,2,4; full: 1,2,4,8,16,32].")
 @click.option("--contenders", default="all",
               help="Comma-separated names or groups (all, torch, runtime, cpu, gpu): reference, core, open_clip, "
-                   "ort-cpu-fp32, ort-cpu-int8, ort-cpu-bf16, ort-cpu-fp16, ort-cuda-fp32, ort-cuda-fp16, "
+                   "ort-cpu-fp32, ort-cpu-int8 (dynamic), ort-cpu-int8s (static QDQ), ort-cpu-bf16, ort-cpu-fp16, "
+                   "openvino-fp32, openvino-bf16, openvino-int8 (static QDQ), ort-cuda-fp32, ort-cuda-fp16, "
                    "ort-trt-fp32, ort-trt-fp16, trt-fp16.")
 @click.option("--skip", "skip", default="", help=f"Comma-separated sections to skip: {', '.join(SECTIONS)}.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -7,20 +7,26 @@ from pathlib import Path
 # (a) reference-style pipeline, (b) the core's fused forward, (c) plain open_clip (the floor)
 TORCH_CONTENDERS = ("reference", "core", "open_clip")
 BASELINE = "open_clip"
-# runtime contenders: "<backend>-<precision>"; GPU ones are listed as unavailable without a GPU
+# runtime contenders: "<backend>-<precision>"; GPU ones are listed as unavailable without a GPU.
+# CPU: ONNX Runtime fp32 / dynamic int8 ("int8") / static calibrated QDQ int8 ("int8s"), and
+# OpenVINO f32 / bf16 (hint; needs native bf16) / int8 (the static QDQ graph).
 RUNTIME_CONTENDERS = (
-    "ort-cpu-fp32", "ort-cpu-int8", "ort-cpu-bf16", "ort-cpu-fp16",
+    "ort-cpu-fp32", "ort-cpu-int8", "ort-cpu-int8s", "ort-cpu-bf16", "ort-cpu-fp16",
+    "openvino-fp32", "openvino-bf16", "openvino-int8",
     "ort-cuda-fp32", "ort-cuda-fp16",
     "ort-trt-fp32", "ort-trt-fp16",
     "trt-fp16",
 )
+CPU_BACKENDS = ("ort-cpu-", "openvino-")
+# contenders that run the static (calibrated QDQ) int8 graph, exported into a second artifact
+STATIC_INT8_CONTENDERS = ("ort-cpu-int8s", "openvino-int8")
 ALL_CONTENDERS = TORCH_CONTENDERS + RUNTIME_CONTENDERS
 GROUPS = {
     "all": ALL_CONTENDERS,
     "torch": TORCH_CONTENDERS,
     "runtime": RUNTIME_CONTENDERS,
-    "cpu": TORCH_CONTENDERS + tuple(c for c in RUNTIME_CONTENDERS if c.startswith("ort-cpu")),
-    "gpu": tuple(c for c in RUNTIME_CONTENDERS if not c.startswith("ort-cpu")),
+    "cpu": TORCH_CONTENDERS + tuple(c for c in RUNTIME_CONTENDERS if c.startswith(CPU_BACKENDS)),
+    "gpu": tuple(c for c in RUNTIME_CONTENDERS if not c.startswith(CPU_BACKENDS)),
 }
 SECTIONS = ("latency", "throughput", "fidelity", "linescan", "tta")
 
@@ -173,7 +179,7 @@ def default_batch_sizes(quick: bool) -> tuple[int, ...]:
 
 
 __all__ = [
-    "ALL_CONTENDERS", "BASELINE", "BenchConfig", "ConfigError", "Effort", "FULL", "GROUPS", "QUICK",
-    "RUNTIME_CONTENDERS", "SECTIONS", "TORCH_CONTENDERS", "default_batch_sizes", "parse_batch_sizes",
+    "ALL_CONTENDERS", "BASELINE", "BenchConfig", "CPU_BACKENDS", "ConfigError", "Effort", "FULL", "GROUPS", "QUICK",
+    "RUNTIME_CONTENDERS", "SECTIONS", "STATIC_INT8_CONTENDERS", "TORCH_CONTENDERS", "default_batch_sizes", "parse_batch_sizes",
     "parse_contenders",
 ]

@@ -8,11 +8,12 @@ as numpy for the fidelity comparison, or None for contenders without maps (plain
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .config import RUNTIME_CONTENDERS
+from .config import RUNTIME_CONTENDERS, STATIC_INT8_CONTENDERS
 
 DESCRIPTIONS = {
     "reference": "(a) reference-style PyTorch: 22-view image score + a forward for the map (23 dual forwards)",
@@ -56,15 +57,27 @@ def _one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+# what each contender's precision token means, where it is not just the graph's precision
+PRECISION_LABELS = {
+    "ort-cpu-int8": "int8 dynamic",
+    "ort-cpu-int8s": "int8 static QDQ (calibrated)",
+    "openvino-int8": "int8 static QDQ (calibrated)",
+    "openvino-bf16": "bf16 (inference hint on the fp32 graph)",
+}
+# the artifact graph a contender's precision token runs ("int8s": the static artifact's int8)
+GRAPH_PRECISION = {"int8s": "int8"}
+
+
 def runtime_label(name: str) -> str:
     backend, _, precision = name.rpartition("-")
     what = {
         "ort-cpu": "ONNX Runtime CPU EP",
+        "openvino": "OpenVINO CPU",
         "ort-cuda": "ONNX Runtime CUDA EP",
         "ort-trt": "ONNX Runtime TensorRT EP",
         "trt": "native TensorRT engine",
     }.get(backend, backend)
-    return f"(d) runtime, {what}, {precision}"
+    return f"(d) runtime, {what}, {PRECISION_LABELS.get(name, precision)}"
 
 
 def split_runtime_name(name: str) -> tuple[str, str]:
@@ -130,6 +143,26 @@ def missing_precision_reason(precision: str, models) -> str:
     return f"no {precision} graph in the artifact (it has: {have})"
 
 
+def _missing_graph(backend_name: str, precision: str, graph_precision: str, manifest: dict, skipped: dict
+                   ) -> str | None:
+    """Why the artifact has nothing for this backend/precision to run (None: it has)."""
+    models = manifest.get("models", {})
+    if backend_name == "openvino":
+        return None  # the backend picks its graph (bf16 is a hint on fp32) and refuses with the reason itself
+    if backend_name == "trt":
+        trt = manifest.get("tensorrt") or {}
+        if not trt:
+            return skipped.get("tensorrt") or "the artifact has no TensorRT engine (export with TensorRT on a GPU)"
+        if trt.get("precision", precision) != precision:
+            return f"the artifact's TensorRT engine is {trt.get('precision')}, not {precision}"
+        return None
+    if graph_precision not in models:
+        if graph_precision in skipped:
+            return f"not exported: {skipped[graph_precision]}"
+        return missing_precision_reason(graph_precision, models)
+    return None
+
+
 def runtime_contender(
     name: str,
     artifact_dir,
@@ -139,26 +172,25 @@ def runtime_contender(
     threads: int | None,
     cache_dir: str | None = None,
     skipped: dict | None = None,
+    static_int8: tuple[Path, dict] | str | None = None,
 ) -> Contender:
     """``runtime.Detector.load(ART, backend=..., precision=...)`` for ``name``; unavailable (with the
-    reason) when that backend/precision cannot run here. The timed call is ``detector.infer_pixels``
-    plus the runtime's map post-processing at S x S, on the same normalised pixels as the core."""
+    reason) when that backend/precision cannot run here. Static-int8 contenders run the second
+    artifact ``static_int8`` = (folder, manifest) from ``static_int8_artifact`` (or its failure
+    reason). The timed call is ``detector.infer_pixels`` plus the runtime's map post-processing at
+    S x S, on the same normalised pixels as the core."""
     import time
 
     backend_name, precision = split_runtime_name(name)
+    if name in STATIC_INT8_CONTENDERS:
+        if not isinstance(static_int8, tuple):
+            return Contender.unavailable(name, static_int8 or "no static int8 artifact was built in this run")
+        artifact_dir, manifest = static_int8
+    graph_precision = GRAPH_PRECISION.get(precision, precision)
     models = manifest.get("models", {})
-    skipped = skipped or {}
-    if backend_name == "trt":
-        trt = manifest.get("tensorrt") or {}
-        if not trt:
-            why = skipped.get("tensorrt") or "the artifact has no TensorRT engine (export with TensorRT on a GPU)"
-            return Contender.unavailable(name, why)
-        if trt.get("precision", precision) != precision:
-            return Contender.unavailable(name, f"the artifact's TensorRT engine is {trt.get('precision')}, not {precision}")
-    elif precision not in models:
-        if precision in skipped:
-            return Contender.unavailable(name, f"not exported: {skipped[precision]}")
-        return Contender.unavailable(name, missing_precision_reason(precision, models))
+    why = _missing_graph(backend_name, precision, graph_precision, manifest, skipped or {})
+    if why:
+        return Contender.unavailable(name, why)
     from anoclip_core.errors import AnoCLIPError
     from runtime import postprocess
     from runtime.detector import Detector
@@ -171,7 +203,7 @@ def runtime_contender(
     t0 = time.perf_counter()
     try:
         det = Detector.load(artifact_dir, backend=backend_name,
-                            precision=None if backend_name == "trt" else precision, **opts)
+                            precision=None if backend_name == "trt" else graph_precision, **opts)
     except AnoCLIPError as err:
         return Contender.unavailable(name, str(err))
     except Exception as err:  # noqa: BLE001 - ORT/TensorRT raise their own types (e.g. no kernel for a type)
@@ -189,12 +221,69 @@ def runtime_contender(
         maps, scores = call(px)
         return np.asarray(maps, dtype=np.float32), np.asarray(scores, dtype=np.float32)
 
-    device = "cpu" if backend_name == "ort-cpu" else "cuda"
+    device = "cpu" if backend_name in ("ort-cpu", "openvino") else "cuda"
     c = Contender(name, runtime_label(name), "runtime", device, precision, call=call, predict=predict,
                   close=det.close, engine=engine)
     c.load_s = load_s
     c.load_note = "Detector.load: manifest + sha256 of every file + backend start (session / engine)"
     c.info = {"backend": det.backend_name, "note": det.backend_note,
-              "providers": list(getattr(det.backend, "providers", []) or [])}
+              "providers": list(getattr(det.backend, "providers", []) or []),
+              "quantization": (models.get(graph_precision) or {}).get("quantization")}
     c.detector = det
     return c
+
+
+def static_int8_artifact(cfg: Any, main_dir: Path, main_manifest: dict, names: tuple[str, ...],
+                         say: Callable[[str], None] = lambda m: None) -> tuple[Path, dict] | str | None:
+    """The artifact with the static QDQ int8 graph for ``STATIC_INT8_CONTENDERS`` -> (folder, manifest),
+    or the reason it is unavailable, or None when no contender needs it.
+
+    One artifact holds one int8 graph, so the static one (the dynamic one stays in the main
+    artifact) goes to ``<main>-int8-static`` beside it: reused when present and of the same
+    backbone / size, else exported with ``export.api``, calibrated on 8 synthetic images like the
+    timed ones (seed + 1000, so not the timed inputs; the benchmark has no product images) written
+    as PNGs, read the way ``--calibration-images`` reads them.
+    """
+    import json
+    import tempfile
+
+    if not any(n in STATIC_INT8_CONTENDERS for n in names):
+        return None
+    folder = Path(main_dir).parent / f"{Path(main_dir).name}-int8-static"
+    try:
+        if not (folder / "manifest.json").is_file():
+            say(f"exporting the static int8 artifact (calibrated QDQ) -> {folder}")
+            with tempfile.TemporaryDirectory(prefix="anoclip-bench-calib-") as calib:
+                _export_static_int8(cfg, folder, _write_calibration_images(Path(calib) / "good", cfg.seed + 1000))
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except Exception as err:  # noqa: BLE001 - export/verification failures make the contenders unavailable
+        return _one_line(f"no static int8 artifact: {type(err).__name__}: {err}")
+    same = all(manifest.get(k) == main_manifest.get(k) for k in ("backbone", "image_size"))
+    mode = ((manifest.get("models", {}).get("int8") or {}).get("quantization") or {}).get("mode")
+    if not same or mode != "static":
+        return f"{folder} is not a static int8 artifact of this backbone/size (int8 mode {mode}); remove it"
+    return folder, manifest
+
+
+def _write_calibration_images(folder: Path, seed: int, n: int = 8) -> list[str]:
+    import cv2
+
+    from .runner import synthetic_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(synthetic_images(n, 256, 256, seed)):
+        path = folder / f"good_{i:02d}.png"
+        cv2.imwrite(str(path), img[:, :, ::-1])
+        paths.append(str(path))
+    return paths
+
+
+def _export_static_int8(cfg: Any, folder: Path, images: list[str]) -> None:
+    from export import api
+
+    api.export_artifact(api.ExportConfig(
+        backbone=cfg.backbone, classes=(cfg.class_name,), pretrained=cfg.pretrained, image_size=cfg.image_size,
+        precisions=("int8",), int8_mode="static", calibration_images=images, out=folder, force=False,
+        model_config=cfg.model_config, text_cache=cfg.text_cache, progress=cfg.progress,
+    ))

@@ -23,7 +23,7 @@ import numpy as np
 from . import fidelity as fid
 from . import flops as fl
 from .config import BASELINE, BenchConfig
-from .contenders import Contender, runtime_contender, torch_contenders
+from .contenders import Contender, runtime_contender, static_int8_artifact, torch_contenders
 from .hardware import PeakMemory, load_average, machine_summary, measure_gemm_peak, measure_gemm_peak_ort, versions
 from .stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
 
@@ -717,11 +717,12 @@ def add_contenders(run: BenchRun) -> None:
         run.contenders += [Contender.unavailable(name, reason) for name in cfg.runtime_contenders]
         return
     run.results["artifact"] = art_info
+    static = static_int8_artifact(cfg, art_dir, manifest, cfg.runtime_contenders, run.say)
     for name in cfg.runtime_contenders:
         run.say(f"loading runtime {name}")
         # the runtime's defaults (no optimised-model cache): load time as a fresh user sees it
         c = runtime_contender(name, art_dir, manifest, cfg.class_name, run.model.image_size, run.threads_ort,
-                              skipped=art_info.get("skipped"))
+                              skipped=art_info.get("skipped"), static_int8=static)
         run.contenders.append(c)
         if c.available:
             run.runtime.append(c)

@@ -212,6 +212,9 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
     for path in cfg.calibration_images:
         if not os.path.isfile(path):
             raise AnoCLIPError(f"calibration image not found: {path}")
+    if cfg.calibration_images and ("int8" not in precisions or cfg.int8_mode != "static"):
+        raise AnoCLIPError("--calibration-images calibrates the static int8 graph: add --precision int8 "
+                           "(with --int8-mode static)")
     unknown = sorted(set(cfg.domains) - set(classes))
     if unknown:
         raise AnoCLIPError(f"domain given for class(es) not exported: {', '.join(unknown)}")
@@ -248,13 +251,38 @@ def _ensure_backbone(data: Mapping[str, Any]) -> None:
         open_clip.add_model_config(path)
 
 
+RANDOM_CALIBRATION = {"images": 8, "seed": 1}
+
+
 def _calibration_pixels(model, images: Sequence[str | os.PathLike]) -> np.ndarray:
-    """Static-int8 calibration set: the given images preprocessed by the core, else 8 seeded random ones."""
+    """Static-int8 calibration set: the given images preprocessed exactly as the runtime does
+    (``anoclip_core.transform`` with the artifact's preprocess config), else 8 seeded random ones."""
+    from anoclip_core.transform import preprocess
+
     from .verify import make_pixels
 
-    if images:
-        return np.stack([np.asarray(model.load_images([p]).cpu().numpy()[0]) for p in images]).astype(np.float32)
-    return make_pixels(model.preprocess_config.to_dict(), n=8, seed=1)
+    if not images:
+        return make_pixels(model.preprocess_config.to_dict(), n=RANDOM_CALIBRATION["images"],
+                           seed=RANDOM_CALIBRATION["seed"])
+    pixels = []
+    for path in images:
+        try:
+            pixels.append(preprocess(os.fspath(path), model.preprocess_config))
+        except AnoCLIPError as err:
+            raise AnoCLIPError(f"calibration image {path}: {err}") from None
+    return np.stack(pixels).astype(np.float32)
+
+
+def calibration_record(images: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Where the static-int8 calibration came from, for the manifest: the image count, the folder
+    holding them (name only) and the sha256 of their sorted paths relative to that folder."""
+    if not images:
+        return {"source": "random", **RANDOM_CALIBRATION}
+    paths = [os.path.abspath(os.fspath(p)) for p in images]
+    folder = os.path.commonpath([os.path.dirname(p) for p in paths])
+    listing = "\n".join(sorted(os.path.relpath(p, folder).replace(os.sep, "/") for p in paths))
+    return {"source": "images", "images": len(paths), "folder": os.path.basename(folder) or folder,
+            "files_sha256": hashlib.sha256(listing.encode("utf-8")).hexdigest()}
 
 
 def _create_model(backbone: str, pretrained, image_size, dual_blocks, temperature, text_cache, weights_cache_dir, progress):
@@ -376,8 +404,7 @@ def export_artifact(cfg: ExportConfig) -> Path:
                 entry["quantization"] = {"mode": cfg.int8_mode, "weights": "int8", "ops": ["MatMul (Linear layers)"]}
                 if cfg.int8_mode == "static":
                     entry["quantization"]["format"] = "QDQ"
-                    entry["quantization"]["calibration"] = (
-                        f"{len(cfg.calibration_images)} images" if cfg.calibration_images else "random")
+                    entry["quantization"]["calibration"] = calibration_record(cfg.calibration_images)
             model_entries[precision] = entry
         ebar.close()
         vbar.close()

@@ -79,10 +79,11 @@ def cli() -> None:
               help="Prompt domain of a class (default: MVTec textures 'texture', others 'object'). Repeatable.")
 @click.option("--precision", "precisions", multiple=True, metavar="fp32|fp16|bf16|int8",
               help="Extra precision(s); repeatable or comma list. fp32 is always written as the reference.")
-@click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
-              help="int8: dynamic (no calibration) or static QDQ (calibrated on --calibration-images).")
+@click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default=None,
+              help="int8: dynamic (no calibration; the default) or static QDQ (calibrated on --calibration-images; "
+                   "the default when they are given).")
 @click.option("--calibration-images", type=click.Path(exists=True), default=None,
-              help="Folder (or file listing paths) of target-domain images for static int8 calibration.")
+              help="Folder (or file listing paths) of GOOD images of the product, to calibrate the static int8 graph.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt + a CUDA GPU).")
 @click.option("--trt-profile", default="1,8,32", show_default=True, help="TensorRT batch profile min,opt,max.")
 @click.option("--trt-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
@@ -131,7 +132,7 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
         image_size=image_size,
         domains=domains,
         precisions=list(precisions),
-        int8_mode=int8_mode,
+        int8_mode=int8_mode or ("static" if calibration_images else "dynamic"),
         calibration_images=_image_list(calibration_images),
         out=out,
         force=force,

@@ -28,8 +28,10 @@
 * ``int8`` with ``int8_mode="static"``: ``quantize_static`` in QDQ format, per-channel symmetric
   int8 weights, MinMax activations calibrated on ``calibration_images`` (preprocessed like the
   runtime does) or, without them, on the seeded random verification-style set (recorded as
-  ``calibration: "random"``: it verifies, but real images calibrate real activations). The same
-  MatMuls as dynamic are quantised; attention, Softmax, LayerNorm stay fp32.
+  ``calibration.source: "random"``: it verifies, but real images calibrate real activations; with
+  images the manifest records their count, folder name and the sha256 of the file list). The
+  same MatMuls as dynamic are quantised; attention, Softmax, LayerNorm stay fp32. The QDQ graph
+  runs in ONNX Runtime (CPU) and OpenVINO (``--backend openvino --precision int8``).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from anoclip_core.errors import AnoCLIPError, ArtifactError, InputError
 from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, read_image, to_rgb_float
 
 from . import manifest as mf
-from .backends import DEFAULT_OUTPUTS, BackendChoice, create_backend
+from .backends import DEFAULT_OUTPUTS, BackendChoice, check_precision, create_backend
 from .postprocess import Region, anomaly_map, find_regions
 from .tiler import StripOutput, StripStream, predict_tiled
 
@@ -202,13 +202,13 @@ class Detector:
              verify: bool = True, **backend_opts: Any) -> "Detector":
         """Validate the artifact (manifest, sha256 of every file) and start a backend.
 
-        ``backend``: auto | ort-cpu | ort-cuda | ort-trt | trt (auto picks the fastest available
+        ``backend``: auto | ort-cpu | openvino | ort-cuda | ort-trt | trt (auto picks the fastest available
         and ``detector.backend_note`` says which and why). ``backend_opts`` go to the backend
         (``threads``, ``cache_dir``, ``device_id``, ...).
         """
         root = Path(artifact)
         manifest = mf.read_manifest(root, check_files=verify)
-        mf.model_entry(manifest, precision)
+        check_precision(backend, manifest, precision)
         text_path = root / manifest["text"]["file"]
         try:
             with np.load(text_path) as npz:

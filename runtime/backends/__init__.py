@@ -1,8 +1,10 @@
-"""Backend registry: ``create_backend("auto" | "ort-cpu" | "ort-cuda" | "ort-trt" | "trt", ...)``.
+"""Backend registry: ``create_backend("auto" | "ort-cpu" | "openvino" | "ort-cuda" | "ort-trt" | "trt", ...)``.
 
-``auto`` tries the fastest first (trt > ort-trt > ort-cuda > ort-cpu) and returns the first that
-starts, with the reasons the others were skipped (``BackendChoice.skipped``), so the caller can
-say which one it picked and why.
+``auto`` tries the fastest first (trt > ort-trt > ort-cuda > openvino > ort-cpu) and returns the
+first that starts, with the reasons the others were skipped (``BackendChoice.skipped``), so the
+caller can say which one it picked and why. On a CPU, OpenVINO (when installed) comes before ONNX
+Runtime: it is the CPU engine with bf16 and static-int8 kernels; ``ort-cpu`` is the fallback
+that always works (and the fp32 reference).
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from .base import ALL_OUTPUTS, DEFAULT_OUTPUTS, Backend, ParityReport, parity_ch
 
 log = logging.getLogger("anoclip.runtime")
 
-BACKENDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")
+BACKENDS = ("trt", "ort-trt", "ort-cuda", "openvino", "ort-cpu")
 CHOICES = ("auto",) + BACKENDS
 
 __all__ = ["ALL_OUTPUTS", "DEFAULT_OUTPUTS", "BACKENDS", "CHOICES", "Backend", "BackendChoice", "ParityReport",
-           "create_backend", "parity_check"]
+           "check_precision", "create_backend", "parity_check"]
 
 
 @dataclass
@@ -36,7 +38,8 @@ class BackendChoice:
         if self.requested != "auto":
             return f"backend {self.name}"
         why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
-        return f"backend auto -> {self.name}" + (f" (skipped {why})" if why else "")
+        reason = f"first to start of {' > '.join(BACKENDS)}"
+        return f"backend auto -> {self.name}, {reason}" + (f" (skipped {why})" if why else "")
 
 
 def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision: str | None,
@@ -51,6 +54,8 @@ def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision
             raise BackendUnavailable("the artifact has no TensorRT engine (export it with anoclip-export --trt on a GPU machine)")
         return TrtBackend(artifact_dir / trt_entry["file"], trt=opts.get("trt_module"),
                           cudart=opts.get("cudart_module"), device_id=opts.get("device_id", 0))
+    if name == "openvino":
+        return _start_openvino(artifact_dir, manifest, precision, opts)
     from .ort import OrtBackend
 
     entry = model_entry(manifest, precision)
@@ -85,6 +90,31 @@ def _ort_trt_profile(manifest: Mapping[str, Any]) -> dict | None:
         return manifest_profile(manifest)
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _start_openvino(artifact_dir: Path, manifest: Mapping[str, Any], precision: str | None,
+                    opts: Mapping[str, Any]) -> Any:
+    from . import openvino as ov_backend
+
+    ov = ov_backend.load_openvino(opts.get("openvino_module"))  # not installed: refused before reading anything
+    key, hint = ov_backend.graph_plan(manifest, precision)
+    cache_root = opts.get("cache_dir")
+    return ov_backend.OpenVinoBackend(
+        artifact_dir / manifest["models"][key]["file"], hint, threads=opts.get("threads"),
+        cache_dir=opts.get("openvino_cache_dir") or (os.path.join(cache_root, "openvino") if cache_root else None),
+        openvino=ov, core_factory=opts.get("openvino_core_factory"),
+    )
+
+
+def check_precision(name: str, manifest: Mapping[str, Any], precision: str | None) -> None:
+    """Refuse early a precision the artifact has no graph for (bf16 is OpenVINO's hint on the fp32 graph)."""
+    from ..manifest import model_entry
+    from .openvino import HINT_ONLY
+
+    if name in ("auto", "openvino") and precision in HINT_ONLY:
+        model_entry(manifest, "fp32")
+        return
+    model_entry(manifest, precision)
 
 
 def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping[str, Any],

@@ -346,8 +346,9 @@ def test_static_int8_qdq(make_config, register_tiny, tmp_path):
                                       calibration_images=imgs, exporter="legacy"))
     data = mf.read_manifest(out)
     entry = data["models"]["int8"]
-    assert entry["quantization"] == {"mode": "static", "weights": "int8", "ops": ["MatMul (Linear layers)"],
-                                     "format": "QDQ", "calibration": "2 images"}
+    assert {k: v for k, v in entry["quantization"].items() if k != "calibration"} == {
+        "mode": "static", "weights": "int8", "ops": ["MatMul (Linear layers)"], "format": "QDQ"}
+    assert entry["quantization"]["calibration"]["images"] == 2
     assert entry["verification"]["passed"] and entry["verification"]["map_max_abs"] <= 5e-2
     graph = onnx.load(str(out / "encoder.int8.onnx")).graph
     ops = [n.op_type for n in graph.node]

@@ -168,7 +168,7 @@ def test_auto_picks_fastest_available_and_says_why(tmp_path):
     assert choice.name == "ort-trt"
     assert choice.backend.session.requested[0][1]["trt_engine_cache_path"].startswith(str(tmp_path / "cache"))
     choice = create_backend("auto", tmp_path, _manifest(), available_providers=[CPU], session_factory=factory)
-    assert choice.name == "ort-cpu" and set(choice.skipped) == {"trt", "ort-trt", "ort-cuda"}
+    assert choice.name == "ort-cpu" and set(choice.skipped) == {"trt", "ort-trt", "ort-cuda", "openvino"}
 
 
 def test_auto_falls_back_when_gpu_provider_fails(tmp_path):

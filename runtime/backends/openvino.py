@@ -1,0 +1,152 @@
+"""OpenVINO backend (CPU): the artifact's own ONNX graph, compiled once, shared across threads.
+
+OpenVINO's ONNX frontend reads ``encoder.onnx`` / ``encoder.int8.onnx`` directly (no separate IR
+export); with a cache folder the compiled blob is kept (``CACHE_DIR``) so later starts skip the
+compilation. Precisions (``--precision``):
+
+* ``fp32``: ``encoder.onnx`` with ``INFERENCE_PRECISION_HINT=f32`` set explicitly: the CPU plugin
+  defaults to bf16 on CPUs with native bf16, which would silently change the numbers.
+* ``bf16``: ``encoder.onnx`` with ``INFERENCE_PRECISION_HINT=bf16``. Refused (``BackendUnavailable``)
+  when the CPU's ``OPTIMIZATION_CAPABILITIES`` lack ``"BF16"`` (AVX512_BF16 / AMX): OpenVINO
+  accepts the hint there and quietly runs something else, so the user would not get what they asked.
+* ``int8``: the artifact's static QDQ int8 graph (``models.int8.quantization.mode == "static"``,
+  exported with ``--int8-mode static``); OpenVINO folds the QDQ pairs into int8 kernels. The
+  dynamic int8 graph (``MatMulInteger``/``DynamicQuantizeLinear``) is an ONNX Runtime graph and is
+  refused with the re-export command.
+
+Thread safety (OpenVINO docs, "Inference Request"): a ``CompiledModel`` may be shared by threads,
+an ``InferRequest`` may not. Each thread gets its own request (``threading.local``), reused across
+its calls; outputs are copied out of the request's tensors before returning.
+
+Torch-free: numpy and (lazily) ``openvino``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from anoclip_core.errors import ArtifactError, BackendUnavailable
+
+from .base import DEFAULT_OUTPUTS, INPUT_NAMES, check_inputs, check_outputs
+from .ort import physical_cores
+
+NAME = "openvino"
+DEVICE = "CPU"
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+HINT_ONLY = ("bf16",)  # precisions OpenVINO makes from the fp32 graph (no graph of their own)
+INSTALL = "pip install 'anoclip[openvino]'"
+
+
+def load_openvino(module: Any = None) -> Any:
+    """The ``openvino`` module (or an injected fake); ``BackendUnavailable`` when not installed."""
+    if module is not None:
+        return module
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailable(f"backend openvino needs the openvino package, which is not installed ({INSTALL})"
+                                 ) from None
+    return openvino
+
+
+def graph_plan(manifest: Mapping[str, Any], precision: str | None) -> tuple[str, str]:
+    """(manifest model key, OpenVINO inference precision hint) for a requested precision."""
+    wanted = precision or manifest["default_model"]
+    if wanted not in HINTS:
+        raise BackendUnavailable(
+            f"backend openvino runs precision fp32, bf16 or int8, not {wanted!r}; use --backend ort-cpu for it")
+    key = "fp32" if wanted in HINT_ONLY else wanted
+    models = manifest.get("models", {})
+    if key not in models:
+        raise ArtifactError(f"artifact has no {key!r} model (available: {', '.join(sorted(models))})")
+    if key == "int8":
+        mode = (models[key].get("quantization") or {}).get("mode", "dynamic")
+        if mode != "static":
+            raise BackendUnavailable(
+                f"backend openvino needs the static QDQ int8 graph, this artifact's int8 graph is {mode} (an ONNX "
+                "Runtime graph); re-export with --precision int8 --int8-mode static --calibration-images DIR")
+    return key, HINTS[wanted]
+
+
+def cpu_capabilities(core: Any) -> list[str]:
+    """The CPU device's ``OPTIMIZATION_CAPABILITIES`` (e.g. ``['FP32', 'INT8', 'BIN', 'EXPORT_IMPORT']``)."""
+    try:
+        return [str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")]
+    except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+        raise BackendUnavailable(f"backend openvino: cannot query the CPU device: {type(err).__name__}: {err}"
+                                 ) from None
+
+
+def require_hint(hint: str, capabilities: Sequence[str]) -> None:
+    """Refuse a bf16 hint on a CPU without native bf16 (OpenVINO would not honour it)."""
+    if hint == "bf16" and "BF16" not in capabilities:
+        raise BackendUnavailable(
+            "backend openvino --precision bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); this CPU offers "
+            f"{', '.join(capabilities) or 'nothing'}: use --precision fp32, or int8 with a static int8 graph")
+
+
+def compile_config(hint: str, threads: int | None) -> dict[str, str]:
+    """Compile-time properties: precision hint, latency mode, one stream's worth of threads."""
+    return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": str(int(threads) if threads else physical_cores())}
+
+
+class OpenVinoBackend:
+    """One compiled OpenVINO model of the artifact's graph (see module docstring)."""
+
+    def __init__(self, model_path: str | os.PathLike, hint: str = "f32", threads: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, openvino: Any = None,
+                 core_factory: Callable[[], Any] | None = None) -> None:
+        ov = load_openvino(openvino)
+        self.name = NAME
+        self.hint = hint
+        self.model_path = os.fspath(model_path)
+        if not os.path.isfile(self.model_path):
+            raise ArtifactError(f"graph file not found: {self.model_path}")
+        core = core_factory() if core_factory else ov.Core()
+        self.capabilities = cpu_capabilities(core)
+        require_hint(hint, self.capabilities)
+        if cache_dir:
+            os.makedirs(cache_dir, exist_ok=True)
+            core.set_property({"CACHE_DIR": os.fspath(cache_dir)})
+        self.config = compile_config(hint, threads)
+        try:
+            self.compiled = core.compile_model(self.model_path, DEVICE, self.config)
+        except Exception as err:  # noqa: BLE001 - OpenVINO's own exception types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise BackendUnavailable(f"backend openvino could not compile {os.path.basename(self.model_path)}: "
+                                     f"{type(err).__name__}: {first}") from None
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        if sorted(self.input_names) != sorted(INPUT_NAMES):
+            raise ArtifactError(f"{os.path.basename(self.model_path)} has inputs {self.input_names}, "
+                                f"expected {list(INPUT_NAMES)}")
+        self._local = threading.local()
+        self.version = str(getattr(ov, "__version__", "?"))
+
+    def _request(self) -> Any:
+        """This thread's infer request (created on its first call)."""
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self._local.request = self.compiled.create_infer_request()
+        return req
+
+    def run(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: Sequence[str] = DEFAULT_OUTPUTS
+            ) -> dict[str, np.ndarray]:
+        outs = check_outputs(outputs)
+        px, pr = check_inputs(pixels, prototypes)
+        missing = [o for o in outs if o not in self.output_names]
+        if missing:
+            raise ArtifactError(f"{os.path.basename(self.model_path)} has no output {missing[0]!r}")
+        res = self._request().infer({"pixels": px, "text_prototypes": pr})
+        return {name: np.array(res[name], dtype=np.float32, copy=True) for name in outs}
+
+    def close(self) -> None:
+        self._local = threading.local()
+        self.compiled = None
+
+    def __repr__(self) -> str:
+        return f"OpenVinoBackend({os.path.basename(self.model_path)}, hint={self.hint})"

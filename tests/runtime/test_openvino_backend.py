@@ -1,0 +1,344 @@
+"""The OpenVINO backend: precision plan, bf16 refusal, threading, ``auto`` selection (CPU fakes),
+and real OpenVINO runs on the tiny artifact (skipped where openvino is not installed)."""
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from anoclip_core.errors import ArtifactError, BackendUnavailable
+from runtime.backends import check_precision, create_backend
+from runtime.backends.openvino import OpenVinoBackend, compile_config, graph_plan, require_hint
+
+CAPS_AVX2 = ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]  # what OpenVINO 2026.4 reports on this AVX2-only EPYC
+CAPS_BF16 = ["FP32", "BF16", "INT8", "BIN", "EXPORT_IMPORT"]  # + "BF16" on AVX512_BF16 / AMX CPUs
+OUTPUTS = ("global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores")
+
+
+def _manifest(int8_mode: str | None = "static") -> dict:
+    models = {"fp32": {"file": "encoder.onnx", "precision": "fp32"},
+              "fp16": {"file": "encoder.fp16.onnx", "precision": "fp16"}}
+    if int8_mode:
+        models["int8"] = {"file": "encoder.int8.onnx", "precision": "int8", "quantization": {"mode": int8_mode}}
+    return {"models": models, "default_model": "fp32"}
+
+
+# --- precision plan (pure logic) ---------------------------------------------------------------
+@pytest.mark.parametrize("precision,expected", [(None, ("fp32", "f32")), ("fp32", ("fp32", "f32")),
+                                                ("bf16", ("fp32", "bf16")), ("int8", ("int8", "f32"))])
+def test_graph_plan_maps_precision_to_graph_and_hint(precision, expected):
+    assert graph_plan(_manifest(), precision) == expected
+
+
+def test_graph_plan_refusals_name_the_problem():
+    with pytest.raises(BackendUnavailable, match="int8 graph is dynamic.*--int8-mode static"):
+        graph_plan(_manifest("dynamic"), "int8")
+    with pytest.raises(BackendUnavailable, match="fp32, bf16 or int8, not 'fp16'"):
+        graph_plan(_manifest(), "fp16")
+    with pytest.raises(ArtifactError, match="no 'int8' model"):
+        graph_plan(_manifest(None), "int8")
+
+
+def test_check_precision_lets_bf16_through_only_for_openvino():
+    m = _manifest()
+    check_precision("openvino", m, "bf16")
+    check_precision("auto", m, "bf16")
+    with pytest.raises(ArtifactError, match="no 'bf16' model"):
+        check_precision("ort-cpu", m, "bf16")
+
+
+def test_bf16_hint_refused_without_native_bf16_and_accepted_with_it():
+    with pytest.raises(BackendUnavailable, match="native bf16.*FP32, INT8, BIN, EXPORT_IMPORT"):
+        require_hint("bf16", CAPS_AVX2)
+    require_hint("bf16", CAPS_BF16)
+    require_hint("f32", CAPS_AVX2)
+
+
+def test_compile_config_sets_f32_explicitly_and_threads():
+    cfg = compile_config("f32", 3)
+    assert cfg == {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "3"}
+
+
+# --- fake OpenVINO -------------------------------------------------------------------------------
+class FakePort:
+    """``openvino.ConstOutput``: ``get_any_name()`` returns the tensor name (OpenVINO Python API)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def get_any_name(self) -> str:
+        return self._name
+
+
+class FakeRequest:
+    """``openvino.InferRequest``: ``infer(dict)`` returns an ``OVDict`` indexable by output name; the
+    arrays are views of the request's own output tensors, overwritten by its next call."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def infer(self, inputs):
+        px, pr = inputs["pixels"], inputs["text_prototypes"]
+        self.log.append((threading.get_ident(), id(self)))
+        b, c = px.shape[0], pr.shape[0]
+        value = float(px.mean())
+        shapes = {"global_embedding": (b, 4), "local_embeddings": (b, 2, 2, 4), "local_tokens": (b, 4, 4),
+                  "patch_probs": (b, c, 2, 2), "image_scores": (b, c)}
+        for name, shape in shapes.items():
+            buf = self.buffers.setdefault(name, np.empty(shape, np.float32))
+            buf[...] = value
+        return dict(self.buffers)
+
+
+class FakeCompiled:
+    """``openvino.CompiledModel``: ``inputs`` / ``outputs`` ports and ``create_infer_request()``."""
+
+    def __init__(self, log: list, inputs=("pixels", "text_prototypes")) -> None:
+        self.inputs = [FakePort(n) for n in inputs]
+        self.outputs = [FakePort(n) for n in OUTPUTS]
+        self.log = log
+        self.requests: list[FakeRequest] = []
+
+    def create_infer_request(self) -> FakeRequest:
+        req = FakeRequest(self.log)
+        self.requests.append(req)
+        return req
+
+
+class FakeCore:
+    """``openvino.Core``: ``get_property("CPU", "OPTIMIZATION_CAPABILITIES")`` (ov::device::capabilities,
+    values from ov::device::capability: "FP32", "BF16", "INT8", ...), ``set_property(dict)`` and
+    ``compile_model(path, "CPU", config)``."""
+
+    def __init__(self, caps=CAPS_AVX2, fail: str | None = None, inputs=("pixels", "text_prototypes")) -> None:
+        self.caps, self.fail, self.inputs = list(caps), fail, inputs
+        self.compiled: list[tuple[str, str, dict]] = []
+        self.properties: dict = {}
+        self.log: list = []
+
+    def get_property(self, device: str, name: str):
+        assert (device, name) == ("CPU", "OPTIMIZATION_CAPABILITIES")
+        return self.caps
+
+    def set_property(self, props: dict) -> None:
+        self.properties.update(props)
+
+    def compile_model(self, path: str, device: str, config: dict):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.compiled.append((path, device, dict(config)))
+        self.model = FakeCompiled(self.log, self.inputs)
+        return self.model
+
+
+class FakeOpenVINO:
+    __version__ = "2026.4.1-fake"
+
+    def __init__(self, core: FakeCore) -> None:
+        self._core = core
+
+    def Core(self) -> FakeCore:  # noqa: N802 - mirrors openvino.Core
+        return self._core
+
+
+@pytest.fixture()
+def graph(tmp_path):
+    (tmp_path / "encoder.onnx").write_bytes(b"onnx")
+    (tmp_path / "encoder.int8.onnx").write_bytes(b"onnx")
+    return tmp_path
+
+
+def test_bf16_backend_refused_on_cpu_without_bf16_before_compiling(graph):
+    core = FakeCore(CAPS_AVX2)
+    with pytest.raises(BackendUnavailable, match="native bf16"):
+        OpenVinoBackend(graph / "encoder.onnx", "bf16", openvino=FakeOpenVINO(core))
+    assert core.compiled == []
+
+
+def test_bf16_backend_accepted_on_cpu_with_bf16(graph):
+    core = FakeCore(CAPS_BF16)
+    choice = create_backend("openvino", graph, _manifest(), "bf16", openvino_module=FakeOpenVINO(core), threads=2,
+                            cache_dir=str(graph / "cache"))
+    path, device, config = core.compiled[0]
+    assert path.endswith("encoder.onnx") and device == "CPU"
+    assert config["INFERENCE_PRECISION_HINT"] == "bf16" and config["INFERENCE_NUM_THREADS"] == "2"
+    assert core.properties["CACHE_DIR"] == str(graph / "cache" / "openvino") and (graph / "cache" / "openvino").is_dir()
+    assert choice.name == "openvino"
+
+
+def test_fp32_and_int8_pick_their_graph_with_f32_hint(graph):
+    for precision, file in ((None, "encoder.onnx"), ("int8", "encoder.int8.onnx")):
+        core = FakeCore(CAPS_BF16)  # a bf16 CPU: OpenVINO would default to bf16 without the explicit hint
+        create_backend("openvino", graph, _manifest(), precision, openvino_module=FakeOpenVINO(core))
+        path, _, config = core.compiled[0]
+        assert path.endswith(file) and config["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_compile_failure_and_wrong_inputs_are_one_line_errors(graph):
+    with pytest.raises(BackendUnavailable, match="could not compile encoder.onnx: RuntimeError: bad op"):
+        OpenVinoBackend(graph / "encoder.onnx", openvino=FakeOpenVINO(FakeCore(fail="bad op\nstack...")))
+    with pytest.raises(ArtifactError, match="has inputs"):
+        OpenVinoBackend(graph / "encoder.onnx", openvino=FakeOpenVINO(FakeCore(inputs=("images",))))
+    with pytest.raises(ArtifactError, match="graph file not found"):
+        OpenVinoBackend(graph / "missing.onnx", openvino=FakeOpenVINO(FakeCore()))
+
+
+def test_one_request_per_thread_and_outputs_copied(graph):
+    core = FakeCore()
+    be = OpenVinoBackend(graph / "encoder.onnx", openvino=FakeOpenVINO(core))
+    pr = np.ones((2, 2, 4), np.float32)
+    first = be.run(np.full((1, 3, 8, 8), 1.0, np.float32), pr)
+    second = be.run(np.full((1, 3, 8, 8), 2.0, np.float32), pr)
+    assert float(first["patch_probs"].max()) == 1.0 and float(second["patch_probs"].max()) == 2.0  # not aliased
+    assert set(first) == {"patch_probs", "image_scores"}
+    results: dict[int, float] = {}
+    barrier = threading.Barrier(3)
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            out = be.run(np.full((1, 3, 8, 8), float(k), np.float32), pr, ["image_scores"])
+            assert float(out["image_scores"][0, 0]) == float(k)
+        results[k] = 1.0
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (3, 4, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3
+    assert len(core.model.requests) == 4  # main thread + 3 workers, each reusing its own request
+    by_thread: dict[int, set] = {}
+    for tid, rid in core.log:
+        by_thread.setdefault(tid, set()).add(rid)
+    assert all(len(r) == 1 for r in by_thread.values())
+
+
+def test_bad_inputs_and_outputs_rejected(graph):
+    be = OpenVinoBackend(graph / "encoder.onnx", openvino=FakeOpenVINO(FakeCore()))
+    from anoclip_core.errors import InputError
+
+    with pytest.raises(InputError, match="pixels must be"):
+        be.run(np.zeros((3, 8, 8), np.float32), np.ones((1, 2, 4), np.float32))
+    with pytest.raises(InputError, match="unknown graph output"):
+        be.run(np.zeros((1, 3, 8, 8), np.float32), np.ones((1, 2, 4), np.float32), ["maps"])
+
+
+# --- selection: auto and a missing openvino --------------------------------------------------
+def test_auto_on_cpu_picks_openvino_and_says_why(graph):
+    choice = create_backend("auto", graph, _manifest(), openvino_module=FakeOpenVINO(FakeCore()),
+                            available_providers=["CPUExecutionProvider"])
+    assert choice.name == "openvino"
+    assert set(choice.skipped) == {"trt", "ort-trt", "ort-cuda"}
+    assert "auto -> openvino, first to start of trt > ort-trt > ort-cuda > openvino > ort-cpu" in choice.describe()
+
+
+def test_without_openvino_auto_keeps_ort_cpu_and_explicit_is_refused(tiny_artifact, monkeypatch):
+    from runtime import Detector
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError, as when not installed
+    with pytest.raises(BackendUnavailable, match=r"openvino package, which is not installed \(pip install"):
+        Detector.load(tiny_artifact, backend="openvino")
+    det = Detector.load(tiny_artifact, backend="auto")
+    try:
+        assert det.backend_name == "ort-cpu" and "openvino: backend openvino needs the openvino package" in det.backend_note
+    finally:
+        det.close()
+
+
+def test_auto_falls_back_to_ort_cpu_for_a_graph_openvino_refuses(graph):
+    class Session:
+        def __init__(self, path, so, providers):
+            self.path = path
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+        def get_inputs(self):
+            return []
+
+        get_outputs = get_inputs
+
+    choice = create_backend("auto", graph, _manifest("dynamic"), "int8", openvino_module=FakeOpenVINO(FakeCore()),
+                            available_providers=["CPUExecutionProvider"], session_factory=Session)
+    assert choice.name == "ort-cpu" and "dynamic" in choice.skipped["openvino"]
+
+
+# --- real OpenVINO ---------------------------------------------------------------------------------
+def _real_openvino():
+    return pytest.importorskip("openvino", reason="openvino not installed (pip install 'anoclip[openvino]')")
+
+
+def _pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 64, 64)).astype(np.float32)
+
+
+def test_real_openvino_f32_matches_ort_cpu_within_fp32_tolerance(tiny_artifact):
+    _real_openvino()
+    from runtime import Detector
+    from runtime.backends import parity_check
+
+    ref = Detector.load(tiny_artifact, backend="ort-cpu")
+    ov = Detector.load(tiny_artifact, backend="openvino", verify=False)
+    try:
+        report = parity_check(ref.backend, ov.backend, _pixels(3), ref.prototypes("bottle"))
+        assert report.passed, str(report)
+        assert report.outputs["patch_probs"].max_abs <= 1e-5, str(report)  # fp32 vs fp32: far inside 1e-4
+    finally:
+        ref.close()
+        ov.close()
+
+
+def test_real_openvino_threads_match_single_thread(tiny_artifact):
+    _real_openvino()
+    from runtime import Detector
+
+    det = Detector.load(tiny_artifact, backend="openvino", verify=False)
+    pr = det.prototypes("carpet")
+    inputs = [_pixels(2, seed) for seed in range(4)]
+    expected = [det.backend.run(px, pr)["patch_probs"] for px in inputs]
+    got: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            got[i] = det.backend.run(inputs[i], pr)["patch_probs"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    det.close()
+    for i in range(4):
+        np.testing.assert_array_equal(got[i], expected[i])
+
+
+def test_real_bf16_on_this_cpu_refused_or_close(tiny_artifact):
+    ov = _real_openvino()
+    from runtime import Detector
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in caps:
+        with pytest.raises(BackendUnavailable, match="native bf16"):
+            Detector.load(tiny_artifact, backend="openvino", precision="bf16")
+        return
+    ref = Detector.load(tiny_artifact, backend="ort-cpu")
+    det = Detector.load(tiny_artifact, backend="openvino", precision="bf16")
+    px = _pixels(2)
+    a = ref.backend.run(px, ref.prototypes("bottle"))["patch_probs"]
+    b = det.backend.run(px, ref.prototypes("bottle"))["patch_probs"]
+    assert np.abs(a - b).max() <= 5e-3
+
+
+def test_real_cli_parity_ort_cpu_vs_openvino(tiny_artifact):
+    _real_openvino()
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    res = CliRunner().invoke(main, ["parity", str(tiny_artifact), "--a", "ort-cpu", "--b", "openvino"])
+    assert res.exit_code == 0, res.output
+    assert "PASSED" in res.output
