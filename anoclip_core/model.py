@@ -349,4 +349,19 @@ def register_model_configs(path: str | os.PathLike) -> None:
     p = Path(path)
     if not p.exists():
         raise ModelError(f"model config path not found: {p}")
+    for f in ([p] if p.is_file() else sorted(p.glob("*.json"))):
+        _check_model_config(f)
     open_clip.add_model_config(p)
+
+
+def _check_model_config(f: Path) -> None:
+    """A model config must be a JSON object with open_clip's three keys (else it is skipped silently)."""
+    import json
+
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"model config {f} is not valid JSON: {err}") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ModelError(f"model config {f} lacks {', '.join(missing)} (an open_clip model config is needed)")

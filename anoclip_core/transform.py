@@ -133,15 +133,62 @@ def resize_bilinear_antialias(image: np.ndarray, height: int, width: int) -> np.
     return np.ascontiguousarray(np.swapaxes(out, 0, 1))
 
 
-def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read an image file as it is stored (8/16-bit, gray/BGR/BGRA); clear error if unreadable."""
-    import cv2
+#: Largest image (width x height) decoded by default: 40 Mpx keeps a float32 RGB copy under 0.5 GB.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+_max_pixels = int(os.environ.get("ANOCLIP_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
 
+
+def set_max_image_pixels(n: int) -> None:
+    """Set the decode limit (pixels) for ``read_image``, and OpenCV's own limit to match."""
+    global _max_pixels
+    if int(n) < 4:
+        raise InputError(f"max image pixels must be >= 4, got {n}")
+    _max_pixels = int(n)
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max(_max_pixels, 1 << 20))
+
+
+def max_image_pixels() -> int:
+    """The current decode limit in pixels."""
+    return _max_pixels
+
+
+def image_header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file header without decoding pixels; None if unknown."""
+    try:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # we apply our own limit; PIL only reads the header here
+        with Image.open(path) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Exception:  # not a format PIL knows: OpenCV's limit still applies at decode
+        return None
+
+
+def _check_decode_limit(p: str) -> None:
+    size = image_header_size(p)
+    if size and size[0] * size[1] > _max_pixels:
+        raise InputError(
+            f"image {p} is {size[0]} x {size[1]} ({size[0] * size[1]} pixels), over the decode limit of "
+            f"{_max_pixels} pixels (raise it with --max-pixels / ANOCLIP_MAX_IMAGE_PIXELS)")
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read an image file as it is stored (8/16-bit, gray/BGR/BGRA); clear error if unreadable.
+
+    Images over the decode limit (``set_max_image_pixels``) are refused from their header,
+    before any pixel is decoded, so memory stays bounded whatever the file claims.
+    """
     p = os.fspath(path)
+    if os.path.isdir(p):
+        raise InputError(f"{p} is a directory, not an image file")
     if not os.path.isfile(p):
         raise InputError(f"image file not found: {p}")
     if os.path.getsize(p) == 0:
         raise InputError(f"image file is empty: {p}")
+    _check_decode_limit(p)
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max(_max_pixels, 1 << 20)))
+    import cv2
+
     data = np.fromfile(p, dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import click
 
+from anoclip_core.cli_errors import OneLineGroup
 from anoclip_core.errors import AnoCLIPError
 
 DEFAULT_COMMAND = "export"
 
 
-class DefaultGroup(click.Group):
+class DefaultGroup(OneLineGroup):
     """A group that runs ``export`` when the first argument is not a sub-command."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
-from anoclip_core.errors import AnoCLIPError
+from anoclip_core.cli_errors import OneLineCommand, OneLineGroup
+from anoclip_core.errors import AnoCLIPError, InputError
 
 from .backends import CHOICES
 from .detector import RANDOM_WEIGHTS_WARNING, Detector, InferConfig, Result
@@ -58,6 +59,40 @@ def _visualize():
         return heatmap_overlay, save_png
 
 
+#: Longest side of written overlays: bounds the overlay's memory whatever the image size.
+OVERLAY_MAX_SIDE = 2048
+
+
+def _bounded(path: str, amap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image and its map, shrunk (area interpolation) so the long side is <= OVERLAY_MAX_SIDE."""
+    import cv2
+
+    from anoclip_core.transform import read_image, to_rgb_float
+
+    img = read_image(path)
+    h, w = img.shape[:2]
+    f = OVERLAY_MAX_SIDE / max(h, w)
+    if f < 1:
+        size = (max(2, round(w * f)), max(2, round(h * f)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        amap = cv2.resize(np.asarray(amap, np.float32), size, interpolation=cv2.INTER_AREA)
+    return to_rgb_float(img, "RGB", name=path), amap
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Fail early (before loading a model) when ``out_dir`` cannot be created or written."""
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--out {out_dir} exists and is not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".anoclip-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"--out {out_dir} is not writable: {err.strerror or err}") from None
+
+
 class _Writer:
     """JSON lines to stdout or ``out/results.jsonl``; overlays and masks as PNG in ``out``."""
 
@@ -86,10 +121,8 @@ class _Writer:
         if self.out and res.ok and (self.cfg.overlays or self.cfg.masks):
             stem = self._stem(res, i)
             if self.cfg.overlays and res.path:
-                from anoclip_core.transform import load_rgb
-
-                rgb = load_rgb(res.path)
-                self._save(self.out / f"{stem}_overlay.png", self._overlay(rgb, res.anomaly_map, self.cfg.alpha))
+                rgb, amap = _bounded(res.path, res.anomaly_map)
+                self._save(self.out / f"{stem}_overlay.png", self._overlay(rgb, amap, self.cfg.alpha))
                 d["overlay"] = f"{stem}_overlay.png"
             if self.cfg.masks:
                 import cv2
@@ -112,6 +145,8 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
     """Library entry of the CLI: returns the summary dict (also printed to stderr)."""
     from tqdm import tqdm
 
+    if cfg.out_dir:
+        check_out_dir(cfg.out_dir)
     files = collect_inputs(inputs)
     det = Detector.load(artifact, backend=cfg.backend, precision=cfg.precision, verify=cfg.verify,
                         threads=cfg.threads)
@@ -123,7 +158,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
     latencies: list[float] = []
     t0 = time.perf_counter()
     try:
-        bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress or None)
+        bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress or not sys.stderr.isatty())
         for i, res in enumerate(det.iter_predict(files, cfg.class_name, cfg)):
             n += 1
             if res.ok:
@@ -178,21 +213,28 @@ def _infer_options(f):
         click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
         click.option("--no-verify", is_flag=True, default=False, help="skip the sha256 check of artifact files"),
         click.option("--quiet", is_flag=True, default=False, help="no progress bar"),
+        click.option("--max-pixels", type=int, default=None,
+                     help="largest image decoded, in pixels (default 40000000 or $ANOCLIP_MAX_IMAGE_PIXELS)"),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-@click.command("infer")
+@click.command("infer", cls=OneLineCommand)
 @_infer_options
 def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir: str | None, batch: int, tile: bool,
                tile_size: int | None, overlap: int | None, backend: str, precision: str | None,
                threshold: float | None, pixel_threshold: float | None, min_area: int, tta: bool, channel_order: str,
-               no_overlays: bool, no_masks: bool, threads: int | None, no_verify: bool, quiet: bool) -> None:
+               no_overlays: bool, no_masks: bool, threads: int | None, no_verify: bool, quiet: bool,
+               max_pixels: int | None) -> None:
     """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if max_pixels is not None:
+            from anoclip_core.transform import set_max_image_pixels
+
+            set_max_image_pixels(max_pixels)
         cfg = InferConfig(class_name=class_name, backend=backend, precision=precision, batch=batch, tile=tile,
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
@@ -203,7 +245,7 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
     sys.exit(1 if summary["errors"] else 0)
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 def main() -> None:
     """AnoCLIP torch-free runtime: inference, calibration and backend parity checks."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -249,6 +291,8 @@ def parity_cmd(artifact: str, backend_a: str, backend_b: str, class_name: str | 
     from .backends import parity_check
 
     try:
+        if batch < 1:
+            raise InputError(f"--batch must be >= 1, got {batch}")
         a = Detector.load(artifact, backend=backend_a)
         b = Detector.load(artifact, backend=backend_b, verify=False)
         cls = class_name or a.classes[0]

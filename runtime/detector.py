@@ -72,6 +72,14 @@ class InferConfig:
     def __post_init__(self) -> None:
         if self.batch < 1:
             raise InputError(f"batch must be >= 1, got {self.batch}")
+        if self.tile_size is not None and self.tile_size < 2:
+            raise InputError(f"tile size must be >= 2 pixels (leave it out for the default), got {self.tile_size}")
+        if self.overlap is not None and self.overlap < 0:
+            raise InputError(f"overlap must be >= 0 pixels, got {self.overlap}")
+        if self.overlap is not None and self.tile_size is not None and self.overlap > self.tile_size // 2:
+            raise InputError(f"overlap {self.overlap} is over half the tile size {self.tile_size}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads}")
         for name in ("threshold", "pixel_threshold"):
             v = getattr(self, name)
             if v is not None and not (0.0 <= float(v) <= 1.0):

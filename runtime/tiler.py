@@ -223,15 +223,16 @@ class StripStream:
         if raw.ndim not in (2, 3) or raw.shape[0] < 1 or raw.shape[1] < 2:
             raise InputError(f"strip {self._count}: expected H x W or H x W x C, got shape {list(raw.shape)}")
         sig = (raw.dtype.str, raw.shape[2:])
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise InputError(f"strip {self._count}: contains NaN or infinite values (strip skipped)")
         if self.width is None:
-            self.width, self._sig = raw.shape[1], sig
-            t = min(int(self._tile_req or raw.shape[0]), self.width)
+            t = min(int(self._tile_req or raw.shape[0]), raw.shape[1])
             if t < 2:
                 raise InputError(f"strip {self._count}: tile side {t} is too small (strips need 2 rows or a tile=)")
             o = t // 4 if self._overlap_req is None else int(self._overlap_req)
             if o < 0 or o > t // 2:
                 raise InputError(f"tile overlap must be between 0 and half the tile side ({t // 2}), got {o}")
-            self.t, self.o = t, o
+            self.width, self._sig, self.t, self.o = raw.shape[1], sig, t, o
             self._lx = axis_layout(self.width, self.t, self.o)
         elif raw.shape[1] != self.width or sig != self._sig:
             raise InputError(
@@ -297,8 +298,19 @@ class StripStream:
 
     # public --------------------------------------------------------------------------------
     def push(self, strip: Any) -> list[Any]:
-        """Add the next strip; returns the results of every strip finished by it (maybe none)."""
+        """Add the next strip; returns the results of every strip finished by it (maybe none).
+
+        A strip refused by its checks (NaN, width, dtype) raises ``InputError`` and leaves the
+        stream as it was; a failure while processing resets the stream (the scan restarts).
+        """
         raw = self._check(strip)
+        try:
+            return self._push(raw)
+        except Exception:
+            self._reset()
+            raise
+
+    def _push(self, raw: np.ndarray) -> list[Any]:
         index, y0 = self._count, self._rows
         self._count += 1
         self._rows += raw.shape[0]
@@ -320,6 +332,12 @@ class StripStream:
         if not self.stitch or self._rows == 0:
             self._reset()
             return []
+        try:
+            return self._flush()
+        finally:
+            self._reset()
+
+    def _flush(self) -> list[Any]:
         if self._row_end == 0 and self._rows < self.t:
             # the whole scan is shorter than one tile: tile it as one image
             whole = self._raw_rows(0, self._rows)
@@ -330,9 +348,7 @@ class StripStream:
             if self._rows > self._row_end:
                 self._accumulate(self._rows - self.t, self._next_y, down=False)
             self._finalize(self._rows)
-        out = self._emit()
-        self._reset()
-        return out
+        return self._emit()
 
     def run(self, strips: Iterable[Any]) -> Iterator[Any]:
         """Generator: push every strip, yield results as they finish, flush at the end."""

@@ -1,0 +1,52 @@
+"""One error rule for every CLI: ``error: <one line>`` on stderr and exit status 2.
+
+Click's own usage errors (unknown option, bad integer, missing argument) print a usage block
+and "Error: ..." by default; ``OneLineCommand`` / ``OneLineGroup`` print one line instead, as
+our own errors do. The full traceback of an unexpected error is kept for ``ANOCLIP_DEBUG=1``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .errors import AnoCLIPError
+
+
+def one_line(message: str) -> str:
+    """Collapse a message to a single line (newlines and runs of spaces become one space)."""
+    return " ".join(str(message).split())
+
+
+def fail(message: Any) -> None:
+    """Print ``error: <message>`` on stderr and exit 2."""
+    click.echo(f"error: {one_line(str(message))}", err=True)
+    sys.exit(2)
+
+
+class _OneLineMixin:
+    """``main`` in non-standalone mode, with click's exceptions turned into one error line."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as err:
+            fail(err.format_message())
+        except AnoCLIPError as err:
+            fail(err)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class OneLineCommand(_OneLineMixin, click.Command):
+    """A click command that follows the one-line error rule."""
+
+
+class OneLineGroup(_OneLineMixin, click.Group):
+    """A click group that follows the one-line error rule."""
