@@ -37,6 +37,7 @@ CALIB_TESTS = ("tests/runtime/test_calibration_values.py", "tests/runtime/test_r
 MANIFEST_TESTS = ("tests/runtime/test_manifest.py", "tests/runtime/test_artifact_integrity.py")
 TILER_TESTS = ("tests/runtime/test_runtime_tiler.py",)
 POST_TESTS = ("tests/runtime/test_runtime_postprocess.py",)
+TTA_TESTS = ("tests/runtime/test_tta_pinned.py", "tests/anoclip_core/test_tta.py")
 
 
 @dataclass(frozen=True)
