@@ -106,6 +106,14 @@ MUTANTS: tuple[Mutant, ...] = (
            POST_TESTS, "zero padding instead of edge padding"),
     Mutant("post-lam-flip", "runtime/postprocess.py", "o += cols[y1] * ly", "o += cols[y1] * (1.0 - ly)", POST_TESTS,
            "row blend uses the wrong tap weight"),
+    Mutant("tta-lr", "anoclip_core/tta.py", "lr: float = 1e-3", "lr: float = 2e-3", TTA_TESTS,
+           "TTA learning rate default 2e-3 instead of 1e-3"),
+    Mutant("tta-wd", "anoclip_core/tta.py", "weight_decay: float = 0.01", "weight_decay: float = 0.0", TTA_TESTS,
+           "TTA without weight decay"),
+    Mutant("tta-noise", "anoclip_core/tta.py", "noise_std: float = 0.055", "noise_std: float = 0.05", TTA_TESTS,
+           "TTA noise std 0.05 instead of 0.055"),
+    Mutant("tta-runtime-t", "runtime/tta.py", "cfg = config or TTAConfig(temperature=float(temperature))",
+           "cfg = config or TTAConfig()", TTA_TESTS, "runtime TTA ignores the artifact's temperature"),
 )
 
 
