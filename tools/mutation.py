@@ -34,9 +34,8 @@ SCORES_TESTS = ("tests/anoclip_core/test_scores.py", "tests/anoclip_core/test_sc
 WRAPPER_TESTS = ("tests/export/test_graph_checks.py", "tests/export/test_export.py")
 VERIFY_TESTS = ("tests/export/test_graph_checks.py", "tests/export/test_export.py")
 CALIB_TESTS = ("tests/runtime/test_calibration_values.py", "tests/runtime/test_runtime_detector.py")
-MANIFEST_TESTS = ("tests/runtime/test_manifest.py",
-                  "tests/export/test_graph_checks.py::test_tampered_external_data_is_refused")
-TILER_TESTS = ("tests/runtime/test_runtime_tiler.py",)
+MANIFEST_TESTS = ("tests/runtime/test_artifact_integrity.py", "tests/runtime/test_manifest.py")
+TILER_TESTS = ("tests/runtime/test_tiler_blend.py", "tests/runtime/test_runtime_tiler.py")
 POST_TESTS = ("tests/runtime/test_runtime_postprocess.py",)
 TTA_TESTS = ("tests/runtime/test_tta_pinned.py", "tests/anoclip_core/test_tta.py")
 
