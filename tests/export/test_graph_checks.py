@@ -221,3 +221,24 @@ def test_tolerances_pinned_to_the_documented_table():
     assert tolerance_for("fp32", 1.0) == pytest.approx({"map": 1e-4, "score": 1e-4, "embedding": 1e-4})
     assert tolerance_for("fp16", 2.0) == pytest.approx({"map": 1e-2, "score": 1e-2, "embedding": 2e-2})
     assert tolerance_for("int8", 0.5) == pytest.approx({"map": 1e-1, "score": 1e-1, "embedding": 1.5e-1})
+
+
+def test_runtime_tta_uses_the_artifact_temperature(t_art, t_model):
+    """AnoCLIP+ through the runtime (T from the manifest) equals the core's AnoCLIP+ at T = 0.5."""
+    from runtime import Detector
+    from runtime.postprocess import anomaly_map
+
+    px = _pixels(t_model)[:1]
+    det = Detector.load(t_art, backend="ort-cpu")
+    try:
+        assert det.temperature == T
+        probs, _ = det.infer_pixels(px, "bottle", tta=True)
+    finally:
+        det.close()
+    import torch
+
+    core_maps, _ = t_model.predict(torch.from_numpy(px), "bottle", tta=True)
+    spread = float(core_maps.max() - core_maps.min())
+    assert spread > 5e-3
+    got = anomaly_map(probs, (t_model.image_size,) * 2)
+    np.testing.assert_allclose(got, core_maps.numpy(), atol=0.01 * spread, rtol=0)
