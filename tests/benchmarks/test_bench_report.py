@@ -6,12 +6,15 @@ contenders say why, and that the fp32 runtime agrees with the fp32 core as an ex
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import math
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from benchmarks.cli import main
+from benchmarks.cli import bench
 from benchmarks.config import BenchConfig, Effort
 from benchmarks.report import JSON_NAME, MD_NAME, PNG_NAME, write_report
 from benchmarks.runner import run_benchmark
@@ -129,7 +132,9 @@ def test_cli_quick_torch_only(register_tiny, text_cache, tmp_path, monkeypatch):
     args = ["--backbone", register_tiny, "--pretrained", "none", "--quick", "--batch-sizes", "1,2",
             "--contenders", "core,open_clip", "--skip", "linescan,tta,fidelity", "--model-config", str(CONFIGS),
             "--out", str(out), "--no-progress", "--device", "cpu"]
-    main(args, standalone_mode=False)
+    res = CliRunner().invoke(bench, args, prog_name="anoclip-bench", obj={"argv": args, "prog": "anoclip-bench"})
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
     md = (out / MD_NAME).read_text()
     assert "anoclip-bench --backbone anoclip-tiny --pretrained none --quick --batch-sizes 1,2" in md
     data = json.loads((out / JSON_NAME).read_text())
@@ -137,10 +142,15 @@ def test_cli_quick_torch_only(register_tiny, text_cache, tmp_path, monkeypatch):
     assert (out / PNG_NAME).is_file()
 
 
-def test_cli_rejects_bad_options(tmp_path):
-    import click
-
-    with pytest.raises(click.UsageError, match="unknown contender"):
-        main(["--contenders", "core,warp-drive", "--out", str(tmp_path)], standalone_mode=False)
-    with pytest.raises(click.UsageError, match="unknown section"):
-        main(["--skip", "everything", "--out", str(tmp_path)], standalone_mode=False)
+@pytest.mark.parametrize("args,message", [
+    (["--contenders", "core,warp-drive"], "unknown contender"),
+    (["--skip", "everything"], "unknown section"),
+])
+def test_cli_rejects_bad_options(tmp_path, args, message):
+    """As the user sees it: exit status 2, the problem named on an error line, no traceback, nothing written."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.cli", *args, "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Error" in res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert not (tmp_path / "out").exists()

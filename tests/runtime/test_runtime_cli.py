@@ -5,6 +5,8 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -42,7 +44,8 @@ def test_infer_to_stdout_with_folder_glob_and_bad_file(tiny_artifact, tmp_path):
     assert {"path", "score", "label", "regions", "timing", "backend"} <= set(ok[0])
     assert "cannot decode" in lines[-1]["error"]
     assert "WARNING" in res.stderr and "RANDOM WEIGHTS" in res.stderr
-    assert "3 anomal" in res.stderr or "anomal" in res.stderr
+    n_anom = sum(l["label"] == "anomaly" for l in ok)
+    assert f"{n_anom} anomal{'y' if n_anom == 1 else 'ies'}, 1 error(s)" in res.stderr
     cpu_backend = "openvino" if importlib.util.find_spec("openvino") else "ort-cpu"  # auto on a CPU
     assert f"backend {cpu_backend}" in res.stderr
 
@@ -109,20 +112,63 @@ def test_calibrate_then_infer_uses_calibration(artifact_copy, tmp_path):
     assert sum(l["label"] == "anomaly" for l in lines) == 2  # median threshold: 2 of 4 above
 
 
-def test_parity_command(tiny_artifact):
-    res = CliRunner().invoke(main, ["parity", str(tiny_artifact), "--a", "ort-cpu", "--b", "auto"])
-    assert res.exit_code == 0, res.output
-    assert _lines(res.stdout)[0]["passed"] is True
+class _Shifted:
+    """A backend proxy whose ``patch_probs`` are shifted by ``delta`` (everything else as is)."""
+
+    def __init__(self, inner, delta: float) -> None:
+        self.inner, self.delta, self.name = inner, delta, f"shifted({inner.name})"
+
+    def run(self, pixels, prototypes, outputs):
+        out = dict(self.inner.run(pixels, prototypes, outputs))
+        if "patch_probs" in out:
+            out["patch_probs"] = np.asarray(out["patch_probs"]) + np.float32(self.delta)
+        return out
+
+
+@pytest.mark.parametrize("delta,code", [(1e-7, 0), (1e-2, 1)])
+def test_parity_command(tiny_artifact, monkeypatch, delta, code):
+    """Backend b differs from a by ``delta`` on patch_probs only: below tolerance passes, 1e-2 fails (exit 1)."""
+    from runtime import Detector
+
+    real_load = Detector.load.__func__
+
+    def load(cls, artifact, backend="auto", *args, verify=True, **kw):
+        det = real_load(cls, artifact, backend, *args, verify=verify, **kw)
+        if not verify:  # parity loads backend b with verify=False
+            det.backend = _Shifted(det.backend, delta)
+        return det
+
+    monkeypatch.setattr(Detector, "load", classmethod(load))
+    res = CliRunner().invoke(main, ["parity", str(tiny_artifact), "--a", "ort-cpu", "--b", "ort-cpu"])
+    assert res.exit_code == code, res.output
+    report = _lines(res.stdout)[0]
+    assert report["passed"] is (code == 0)
+    assert report["a"] == "ort-cpu" and report["b"] == "shifted(ort-cpu)"
+    assert report["outputs"]["patch_probs"]["max_abs"] == pytest.approx(delta, rel=0.1, abs=2e-7)
+    assert all(d["passed"] for k, d in report["outputs"].items() if k != "patch_probs")
 
 
 def test_console_scripts_installed(tiny_artifact, tmp_path):
-    exe = shutil.which("anoclip-infer")
-    if exe is None:
-        pytest.skip("console scripts not installed (pip install -e .)")
+    """The declared entry points exist and run; executed from PATH when installed, else via the declared target."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[2] / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert scripts["anoclip-infer"] == "runtime.cli:infer_main" and scripts["anoclip"] == "runtime.cli:main"
+
+    def command(name: str) -> list[str]:
+        exe = shutil.which(name)
+        if exe is not None:
+            return [exe]
+        mod, attr = scripts[name].split(":")
+        return [sys.executable, "-c", f"import sys; from {mod} import {attr}; sys.exit({attr}())"]
+
+    exe = command("anoclip-infer")
     imgs = _write_images(tmp_path / "imgs", 1)
-    out = subprocess.run([exe, str(tiny_artifact), str(imgs), "--class", "bottle"], capture_output=True, text=True,
+    out = subprocess.run([*exe, str(tiny_artifact), str(imgs), "--class", "bottle"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert len(_lines(out.stdout)) == 1
-    out = subprocess.run([shutil.which("anoclip"), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*command("anoclip"), "--help"], capture_output=True, text=True, timeout=120)
     assert "calibrate" in out.stdout and "infer" in out.stdout
