@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -28,17 +29,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from anoclip_core.choices import DEFAULT_OPSET, DOMAINS, MAX_OPSET, MIN_OPSET
 from anoclip_core.errors import AnoCLIPError, ArtifactError
 from anoclip_core.fileio import swap_dir
+from anoclip_core.prompt_grammar import SENTENCES_PER_STATE
 from runtime import manifest as mf
 
 from . import quantize, text, trt as trt_mod, triton as triton_mod
 from .onnx_export import EXPORTERS, TWO_GB, ExportError, export_onnx, onnx_opset
-from .verify import BATCH_SIZES, Verifier
+from .verify import BATCH_SIZES, VERIFY_PROBE_CLASS, Verifier
 from .wrapper import INPUT_NAMES, OUTPUT_NAMES, AnoCLIPExportWrapper
 
 PAPER_DEFAULT_TAGS = {"ViT-B-16-plus-240": "laion400m_e32"}
-MIN_OPSET, MAX_OPSET = 17, 23
 
 RANDOM_BANNER = (
     "\n" + "!" * 78 + "\n"
@@ -59,9 +61,9 @@ class ExportConfig:
     image_size: int | None = None
     domains: Mapping[str, str] = field(default_factory=dict)
     precisions: Sequence[str] = ("fp32",)
-    out: str | os.PathLike = "artifact"
+    out: str | os.PathLike | None = None  # None: default_out(backbone), a folder named after it
     force: bool = False
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     exporter: str = "dynamo"
     temperature: float = 1.0
     dual_blocks: int | None = None
@@ -196,8 +198,8 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
     from anoclip_core.prompts import default_domain
 
     classes = sorted(text.parse_classes(cfg.classes))
-    if not classes:
-        raise AnoCLIPError("no classes given: pass --classes bottle,carpet or --classes-file FILE")
+    if not classes and cfg.triton is not None:
+        raise AnoCLIPError("--triton folds the classes' prototypes into the model: pass --classes too")
     precisions = quantize.check_precisions(cfg.precisions)
     if cfg.exporter not in EXPORTERS:
         raise AnoCLIPError(f"unknown exporter {cfg.exporter!r} (expected one of {EXPORTERS})")
@@ -221,8 +223,8 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
     domains = {}
     for name in classes:
         dom = cfg.domains.get(name) or default_domain(name)
-        if dom not in ("object", "texture"):
-            raise AnoCLIPError(f"unknown prompt domain {dom!r} for class {name!r} (expected object or texture)")
+        if dom not in DOMAINS:
+            raise AnoCLIPError(f"unknown prompt domain {dom!r} for class {name!r} (expected one of {', '.join(DOMAINS)})")
         domains[name] = dom
     return classes, precisions, domains
 
@@ -326,9 +328,64 @@ def _remove_graph(folder: Path, name: str) -> None:
         f.unlink()
 
 
+@dataclass
+class _Stage:
+    """What the export steps hand each other, built in ``tmp`` until the commit."""
+
+    cfg: ExportConfig
+    out: Path
+    tmp: Path
+    classes: list[str]
+    precisions: list[str]
+    domains: dict[str, str]
+    pretrained: str | None
+    started: float
+    model: Any = None
+    pretrained_entry: dict[str, Any] = field(default_factory=dict)
+    protos: np.ndarray | None = None
+    graph_files: dict[str, str] = field(default_factory=dict)
+    model_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    opset: int = DEFAULT_OPSET
+    trt_api: Any = None
+    gpu: str | None = None
+    trt_precision: str | None = None
+    trt_entry: dict[str, Any] | None = None
+    triton_staged: Path | None = None
+    triton_entry: dict[str, Any] | None = None
+    triton_batch: int | None = None
+    extra_versions: dict[str, str] = field(default_factory=dict)
+
+
+def default_out(backbone: str) -> Path:
+    """The folder an export writes to when ``--out`` is not given: named after the backbone."""
+    return Path(re.sub(r"[^A-Za-z0-9_.+-]+", "-", backbone).strip("-.") or "artifact")
+
+
 def export_artifact(cfg: ExportConfig) -> Path:
-    """Write a verified artifact folder at ``cfg.out`` and return its path."""
-    t0 = time.time()
+    """Write a verified artifact folder at ``cfg.out`` (default: named after the backbone) and return its path."""
+    stage = _prepare(cfg)
+    try:
+        _load_weights(stage)
+        _write_text(stage)
+        _write_graphs(stage)
+        _write_engine(stage)
+        _write_triton(stage)
+        _write_manifest(stage)
+        _commit(stage.tmp, stage.out, cfg.force)
+    except BaseException:
+        shutil.rmtree(stage.tmp, ignore_errors=True)
+        if stage.triton_staged is not None:
+            shutil.rmtree(stage.triton_staged, ignore_errors=True)
+        raise
+    if stage.triton_staged is not None:
+        # after the artifact: a failed export never replaces a Triton model
+        triton_mod.commit_repository(stage.triton_staged, Path(cfg.triton) / cfg.triton_model_name, cfg.force)
+    return stage.out
+
+
+def _prepare(cfg: ExportConfig) -> _Stage:
+    """Every cheap refusal before any weights load: config, bf16/TensorRT probes, --out, backbone, tag."""
+    started = time.time()
     classes, precisions, domains = _validate(cfg)
     if "bf16" in precisions:
         quantize.require_bf16()
@@ -338,7 +395,7 @@ def export_artifact(cfg: ExportConfig) -> Path:
     if cfg.trt:
         trt_precision = trt_mod.choose_trt_precision(precisions, cfg.trt_precision)
         trt_api, gpu = trt_mod.require_tensorrt()
-    out = Path(cfg.out).expanduser().absolute()
+    out = Path(cfg.out if cfg.out is not None else default_out(cfg.backbone)).expanduser().absolute()
     _check_out(out, cfg.force)
     if cfg.triton is not None:
         tdir = Path(cfg.triton) / cfg.triton_model_name
@@ -352,165 +409,190 @@ def export_artifact(cfg: ExportConfig) -> Path:
 
     _check_backbone(cfg.backbone)  # before 'auto' tag resolution, so a typo reads as a typo
     pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is shared like any folder
-    triton_staged: Path | None = None
-    try:
-        model = _create_model(cfg.backbone, pretrained, cfg.image_size, cfg.dual_blocks, cfg.temperature,
-                              cfg.text_cache, cfg.weights_cache_dir, cfg.progress)
-        if model.random_weights:
-            _say(RANDOM_BANNER)
-        pretrained_entry = _pretrained_entry(model, cfg.backbone, cfg.weights_cache_dir)
+    stage = _Stage(cfg, out, tmp, classes, precisions, domains, pretrained, started)
+    stage.trt_api, stage.gpu, stage.trt_precision = trt_api, gpu, trt_precision
+    stage.triton_batch = triton_batch
+    return stage
 
-        # text ---------------------------------------------------------------------------
-        encoded = text.encode_classes(model, domains, cfg.progress)
-        text.write_npz(tmp / text.TEXT_FILE, encoded)
-        protos = text.prototypes_array(encoded, classes)
 
-        # graphs + verification ------------------------------------------------------------
-        wrapper = AnoCLIPExportWrapper(model.encoder, model.temperature).eval()
-        graph_files: dict[str, str] = {}
-        model_entries: dict[str, dict[str, Any]] = {}
-        verifier = Verifier(model, classes, domains, protos, batch_sizes=cfg.verify_batch_sizes)
-        nb = len(verifier.batch_sizes)
-        ebar = _bar(len(precisions), "export", cfg.progress, unit="graph")
-        vbar = _bar(len(precisions) * nb, "verification", cfg.progress, unit="run")
-        for precision in precisions:
-            name = quantize.graph_file(precision)
-            ebar.set_postfix_str(precision)
-            if precision == "fp32":
-                written = export_onnx(wrapper, tmp / name, model.image_size, model.embed_dim, cfg.opset,
-                                      cfg.exporter, cfg.external_data_threshold)
-                opset = onnx_opset(tmp / name)
-                if opset != int(cfg.opset):
-                    raise ExportError(f"asked for opset {cfg.opset}, the {cfg.exporter} exporter wrote opset {opset}")
-            elif precision == "int8" and cfg.int8_mode == "static":
-                calib = _calibration_pixels(model, cfg.calibration_images)
-                written = quantize.quantize_int8_static(tmp / graph_files["fp32"], tmp / name, calib, protos,
-                                                        cfg.external_data_threshold)
-            else:
-                written = quantize.CONVERTERS[precision](tmp / graph_files["fp32"], tmp / name,
-                                                         cfg.external_data_threshold)
-            ebar.update(1)
-            vbar.set_postfix_str(precision)
-            result = verifier.verify(tmp / name, precision, progress=vbar)
-            graph_files[precision] = name
-            entry: dict[str, Any] = {"file": name, "precision": precision, "verification": result}
-            if len(written) > 1:
-                entry["external_data"] = [f for f in written if f != name]
-            if precision == "int8":
-                entry["quantization"] = {"mode": cfg.int8_mode, "weights": "int8", "ops": ["MatMul (Linear layers)"]}
-                if cfg.int8_mode == "static":
-                    entry["quantization"]["format"] = "QDQ"
-                    entry["quantization"]["calibration"] = calibration_record(cfg.calibration_images)
-            model_entries[precision] = entry
-        ebar.close()
-        vbar.close()
-        del verifier
+def _load_weights(stage: _Stage) -> None:
+    cfg = stage.cfg
+    stage.model = _create_model(cfg.backbone, stage.pretrained, cfg.image_size, cfg.dual_blocks, cfg.temperature,
+                                cfg.text_cache, cfg.weights_cache_dir, cfg.progress)
+    if stage.model.random_weights:
+        _say(RANDOM_BANNER)
+    stage.pretrained_entry = _pretrained_entry(stage.model, cfg.backbone, cfg.weights_cache_dir)
 
-        # TensorRT --------------------------------------------------------------------------
-        trt_entry = None
-        extra_versions: dict[str, str] = {}
-        if cfg.trt:
-            bbar = _bar(1, "engine build", cfg.progress)
-            bbar.set_postfix_str(f"TensorRT {getattr(trt_api, '__version__', '?')} {trt_precision}")
-            src = trt_mod.engine_source(trt_api, trt_precision, graph_files)
-            if src == trt_mod.engine_only_graph(trt_precision):
-                quantize.CONVERTERS[trt_precision](tmp / graph_files["fp32"], tmp / src, cfg.external_data_threshold)
-            trt_entry = trt_mod.build_engine(
-                trt_api, tmp / src, tmp / trt_mod.plan_file(trt_precision), trt_precision,
-                model.image_size, model.embed_dim, len(classes), gpu, tuple(cfg.trt_profile), cfg.trt_timing_cache,
-            )
-            bbar.update(1)
-            bbar.close()
-            extra_versions["tensorrt"] = str(trt_api.__version__)
-            if src == trt_mod.engine_only_graph(trt_precision) and cfg.triton is None:
-                _remove_graph(tmp, src)
 
-        # Triton ---------------------------------------------------------------------------
-        triton_entry = None
-        if cfg.triton is not None:
-            tsrc = graph_files["fp32"]
-            build_plan: Callable | None = None
-            if cfg.trt:
-                tsrc = trt_mod.engine_source(trt_api, trt_precision, graph_files)
+def _write_text(stage: _Stage) -> None:
+    """Encode the classes' prompts into the npz; an export without classes writes an empty one."""
+    encoded = text.encode_classes(stage.model, stage.domains, stage.cfg.progress)
+    text.write_npz(stage.tmp / text.TEXT_FILE, encoded)
+    if stage.classes:
+        stage.protos = text.prototypes_array(encoded, stage.classes)
 
-                def _build_plan(onnx_path: Path, plan_path: Path) -> None:
-                    trt_mod.build_engine(trt_api, onnx_path, plan_path, trt_precision, model.image_size,
-                                         model.embed_dim, len(classes), gpu, tuple(cfg.trt_profile), cfg.trt_timing_cache)
 
-                build_plan = _build_plan
-            triton_staged, triton_entry = triton_mod.prepare_repository(
-                cfg.triton, cfg.triton_model_name, tmp / tsrc, protos, classes, model.image_size,
-                model.grid_size, model.embed_dim, triton_batch, build_plan, force=cfg.force,
-            )
-            if cfg.trt and tsrc == trt_mod.engine_only_graph(trt_precision):
-                _remove_graph(tmp, tsrc)
+def _verifier(stage: _Stage) -> Verifier:
+    """The core's reference outputs for the export's classes, or for the probe class when it has none."""
+    classes, domains, protos = stage.classes, stage.domains, stage.protos
+    if not classes:
+        classes, domains = [VERIFY_PROBE_CLASS], {VERIFY_PROBE_CLASS: "object"}
+        protos = text.prototypes_array(text.encode_classes(stage.model, domains, False), classes)
+    return Verifier(stage.model, classes, domains, protos, batch_sizes=stage.cfg.verify_batch_sizes)
 
-        # manifest -------------------------------------------------------------------------
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)
-        manifest: dict[str, Any] = {
-            "format": mf.FORMAT,
-            "format_version": mf.FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
-            "backbone": cfg.backbone,
-            "pretrained": pretrained_entry,
-            "open_clip_config": _open_clip_config(cfg.backbone),
-            "image_size": int(model.image_size),
-            "preprocess": model.preprocess_config.to_dict(),
-            "patch_grid": [int(v) for v in model.grid_size],
-            "patch_size": [int(v) for v in model.encoder.patch_size],
-            "embed_dim": int(model.embed_dim),
-            "depth": int(model.encoder.depth),
-            "dual_blocks": int(model.encoder.dual_blocks),
-            "temperature": float(model.temperature),
-            "opset": int(opset),
-            "exporter": cfg.exporter,
-            "precisions": list(precisions),
-            "models": model_entries,
-            "default_model": "fp32",
-            "io": {
-                "inputs": list(INPUT_NAMES),
-                "outputs": list(OUTPUT_NAMES),
-                "shapes": {
-                    "pixels": ["B", 3, int(model.image_size), int(model.image_size)],
-                    "text_prototypes": ["C", 2, int(model.embed_dim)],
-                    "global_embedding": ["B", int(model.embed_dim)],
-                    "local_embeddings": ["B", *model.grid_size, int(model.embed_dim)],
-                    "local_tokens": ["B", *model.grid_size, int(model.embed_dim)],
-                    "patch_probs": ["B", "C", *model.grid_size],
-                    "image_scores": ["B", "C"],
-                },
+
+def _write_graphs(stage: _Stage) -> None:
+    """The fp32 graph, then each reduced precision from it; every graph verified against the core."""
+    cfg, model, tmp = stage.cfg, stage.model, stage.tmp
+    wrapper = AnoCLIPExportWrapper(model.encoder, model.temperature).eval()
+    verifier = _verifier(stage)
+    nb = len(verifier.batch_sizes)
+    ebar = _bar(len(stage.precisions), "export", cfg.progress, unit="graph")
+    vbar = _bar(len(stage.precisions) * nb, "verification", cfg.progress, unit="run")
+    for precision in stage.precisions:
+        name = quantize.graph_file(precision)
+        ebar.set_postfix_str(precision)
+        if precision == "fp32":
+            written = export_onnx(wrapper, tmp / name, model.image_size, model.embed_dim, cfg.opset,
+                                  cfg.exporter, cfg.external_data_threshold)
+            stage.opset = onnx_opset(tmp / name)
+            if stage.opset != int(cfg.opset):
+                raise ExportError(f"asked for opset {cfg.opset}, the {cfg.exporter} exporter wrote opset {stage.opset}")
+        elif precision == "int8" and cfg.int8_mode == "static":
+            calib = _calibration_pixels(model, cfg.calibration_images)
+            written = quantize.quantize_int8_static(tmp / stage.graph_files["fp32"], tmp / name, calib,
+                                                    verifier.prototypes, cfg.external_data_threshold)
+        else:
+            written = quantize.CONVERTERS[precision](tmp / stage.graph_files["fp32"], tmp / name,
+                                                     cfg.external_data_threshold)
+        ebar.update(1)
+        vbar.set_postfix_str(precision)
+        result = verifier.verify(tmp / name, precision, progress=vbar)
+        stage.graph_files[precision] = name
+        stage.model_entries[precision] = _model_entry(cfg, name, precision, written, result)
+    ebar.close()
+    vbar.close()
+
+
+def _model_entry(cfg: ExportConfig, name: str, precision: str, written: Sequence[str], result: dict) -> dict[str, Any]:
+    """The manifest's ``models.<precision>`` entry: file, verification, external data, quantization."""
+    entry: dict[str, Any] = {"file": name, "precision": precision, "verification": result}
+    if len(written) > 1:
+        entry["external_data"] = [f for f in written if f != name]
+    if precision == "int8":
+        entry["quantization"] = {"mode": cfg.int8_mode, "weights": "int8", "ops": ["MatMul (Linear layers)"]}
+        if cfg.int8_mode == "static":
+            entry["quantization"]["format"] = "QDQ"
+            entry["quantization"]["calibration"] = calibration_record(cfg.calibration_images)
+    return entry
+
+
+def _build_plan(stage: _Stage, onnx_path: Path, plan_path: Path) -> dict[str, Any]:
+    model = stage.model
+    return trt_mod.build_engine(stage.trt_api, onnx_path, plan_path, stage.trt_precision, model.image_size,
+                                model.embed_dim, len(stage.classes), stage.gpu, tuple(stage.cfg.trt_profile),
+                                stage.cfg.trt_timing_cache)
+
+
+def _write_engine(stage: _Stage) -> None:
+    """The TensorRT engine (``--trt``), from the graph of its precision (an engine-only graph is removed)."""
+    cfg, tmp = stage.cfg, stage.tmp
+    if not cfg.trt:
+        return
+    bbar = _bar(1, "engine build", cfg.progress)
+    bbar.set_postfix_str(f"TensorRT {getattr(stage.trt_api, '__version__', '?')} {stage.trt_precision}")
+    src = trt_mod.engine_source(stage.trt_api, stage.trt_precision, stage.graph_files)
+    engine_only = src == trt_mod.engine_only_graph(stage.trt_precision)
+    if engine_only:
+        quantize.CONVERTERS[stage.trt_precision](tmp / stage.graph_files["fp32"], tmp / src,
+                                                 cfg.external_data_threshold)
+    stage.trt_entry = _build_plan(stage, tmp / src, tmp / trt_mod.plan_file(stage.trt_precision))
+    bbar.update(1)
+    bbar.close()
+    stage.extra_versions["tensorrt"] = str(stage.trt_api.__version__)
+    if engine_only and cfg.triton is None:
+        _remove_graph(tmp, src)
+
+
+def _write_triton(stage: _Stage) -> None:
+    """A Triton model repository (``--triton``), staged beside its target until the artifact commits."""
+    cfg, model = stage.cfg, stage.model
+    if cfg.triton is None:
+        return
+    tsrc = stage.graph_files["fp32"]
+    build_plan: Callable | None = None
+    if cfg.trt:
+        tsrc = trt_mod.engine_source(stage.trt_api, stage.trt_precision, stage.graph_files)
+
+        def build_plan(onnx_path: Path, plan_path: Path) -> None:
+            _build_plan(stage, onnx_path, plan_path)
+
+    stage.triton_staged, stage.triton_entry = triton_mod.prepare_repository(
+        cfg.triton, cfg.triton_model_name, stage.tmp / tsrc, stage.protos, stage.classes, model.image_size,
+        model.grid_size, model.embed_dim, stage.triton_batch, build_plan, force=cfg.force,
+    )
+    if cfg.trt and tsrc == trt_mod.engine_only_graph(stage.trt_precision):
+        _remove_graph(stage.tmp, tsrc)
+
+
+def _write_manifest(stage: _Stage) -> None:
+    """The manifest last (sha256 of every file), then read back exactly as the runtime will."""
+    cfg, model, tmp = stage.cfg, stage.model, stage.tmp
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)
+    manifest: dict[str, Any] = {
+        "format": mf.FORMAT,
+        "format_version": mf.FORMAT_VERSION,
+        "created": _now(),
+        "backbone": cfg.backbone,
+        "pretrained": stage.pretrained_entry,
+        "open_clip_config": _open_clip_config(cfg.backbone),
+        "image_size": int(model.image_size),
+        "preprocess": model.preprocess_config.to_dict(),
+        "patch_grid": [int(v) for v in model.grid_size],
+        "patch_size": [int(v) for v in model.encoder.patch_size],
+        "embed_dim": int(model.embed_dim),
+        "depth": int(model.encoder.depth),
+        "dual_blocks": int(model.encoder.dual_blocks),
+        "temperature": float(model.temperature),
+        "opset": int(stage.opset),
+        "exporter": cfg.exporter,
+        "precisions": list(stage.precisions),
+        "models": stage.model_entries,
+        "default_model": "fp32",
+        "io": {
+            "inputs": list(INPUT_NAMES),
+            "outputs": list(OUTPUT_NAMES),
+            "shapes": {
+                "pixels": ["B", 3, int(model.image_size), int(model.image_size)],
+                "text_prototypes": ["C", 2, int(model.embed_dim)],
+                "global_embedding": ["B", int(model.embed_dim)],
+                "local_embeddings": ["B", *model.grid_size, int(model.embed_dim)],
+                "local_tokens": ["B", *model.grid_size, int(model.embed_dim)],
+                "patch_probs": ["B", "C", *model.grid_size],
+                "image_scores": ["B", "C"],
             },
-            "text": {
-                "file": text.TEXT_FILE,
-                "classes": {name: domains[name] for name in classes},
-                "prompt_set": _prompt_set(),
-                "sentences_per_state": text.SENTENCES_PER_STATE,
-            },
-            "tensorrt": trt_entry,
-            "triton": triton_entry,
-            "versions": tool_versions(extra_versions),
-            "export_seconds": None,
-            "files": mf.file_hashes(tmp, files),
-        }
-        manifest["export_seconds"] = round(time.time() - t0, 1)
-        mf.write_manifest(tmp, manifest)
-        mf.read_manifest(tmp, check_files=True)  # what the runtime will see
+        },
+        "text": {
+            "file": text.TEXT_FILE,
+            "classes": {name: stage.domains[name] for name in stage.classes},
+            "prompt_set": _prompt_set(),
+            "sentences_per_state": SENTENCES_PER_STATE,
+        },
+        "tensorrt": stage.trt_entry,
+        "triton": stage.triton_entry,
+        "versions": tool_versions(stage.extra_versions),
+        "export_seconds": round(time.time() - stage.started, 1),
+        "files": mf.file_hashes(tmp, files),
+    }
+    mf.write_manifest(tmp, manifest)
+    mf.read_manifest(tmp, check_files=True)  # what the runtime will see
 
-        # commit ----------------------------------------------------------------------------
-        _commit(tmp, out, cfg.force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if triton_staged is not None:
-            shutil.rmtree(triton_staged, ignore_errors=True)
-        raise
-    if triton_staged is not None:
-        # after the artifact: a failed export never replaces a Triton model
-        triton_mod.commit_repository(triton_staged, Path(cfg.triton) / cfg.triton_model_name, cfg.force)
-    return out
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _umask() -> int:
@@ -575,8 +657,8 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
     if name in data["text"]["classes"]:
         raise AnoCLIPError(f"class {name!r} is already in {root} (domain {data['text']['classes'][name]})")
     dom = domain or default_domain(name)
-    if dom not in ("object", "texture"):
-        raise AnoCLIPError(f"unknown prompt domain {dom!r} (expected object or texture)")
+    if dom not in DOMAINS:
+        raise AnoCLIPError(f"unknown prompt domain {dom!r} (expected one of {', '.join(DOMAINS)})")
     if model_config:
         from anoclip_core.model import register_model_configs
 
@@ -608,7 +690,7 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
     classes[name] = dom
     data["text"]["classes"] = {k: classes[k] for k in sorted(classes)}
     data["files"][text_file] = digest
-    data["modified"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    data["modified"] = _now()
     if data.get("triton"):
         data["triton"]["stale"] = True  # its folded prototypes predate this class
     mf.write_manifest(root, data)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import click
 
+from anoclip_core.choices import (
+    DEFAULT_OPSET, DEFAULT_TRT_PROFILE, DOMAINS, TRT_PRECISIONS, Exporter, Int8Mode, Precision, values,
+)
 from anoclip_core.cli_errors import OneLineGroup
 from anoclip_core.errors import AnoCLIPError
 
@@ -76,29 +79,31 @@ def cli() -> None:
 @click.option("--image-size", type=int, default=None, help="Input size S (default: the backbone's).")
 @click.option("--classes", "classes", default=None, help="Comma-separated class names, e.g. bottle,carpet.")
 @click.option("--classes-file", type=click.Path(dir_okay=False), default=None, help="One class per line.")
-@click.option("--domain", "domain_opts", multiple=True, metavar="CLASS=object|texture",
+@click.option("--domain", "domain_opts", multiple=True, metavar=f"CLASS={'|'.join(DOMAINS)}",
               help="Prompt domain of a class (default: MVTec textures 'texture', others 'object'). Repeatable.")
-@click.option("--precision", "precisions", multiple=True, metavar="fp32|fp16|bf16|int8",
+@click.option("--precision", "precisions", multiple=True, metavar="|".join(values(Precision)),
               help="Extra precision(s); repeatable or comma list. fp32 is always written as the reference.")
-@click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default=None,
+@click.option("--int8-mode", type=click.Choice(values(Int8Mode)), default=None,
               help="int8: dynamic (no calibration; the default) or static QDQ (calibrated on --calibration-images; "
                    "the default when they are given).")
 @click.option("--calibration-images", type=click.Path(exists=True), default=None,
               help="Folder (or file listing paths) of GOOD images of the product, to calibrate the static int8 graph.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt + a CUDA GPU).")
-@click.option("--trt-profile", default="1,8,32", show_default=True, help="TensorRT batch profile min,opt,max.")
-@click.option("--trt-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+@click.option("--trt-profile", default=",".join(map(str, DEFAULT_TRT_PROFILE)), show_default=True,
+              help="TensorRT batch profile min,opt,max.")
+@click.option("--trt-precision", type=click.Choice(TRT_PRECISIONS), default=None,
               help="TensorRT engine precision [default: the most reduced of --precision]; bf16 needs no ONNX Runtime bf16 support.")
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT timing cache file (default ~/.cache/anoclip/trt/timing-<trt>-<gpu>.cache).")
 @click.option("--triton", type=click.Path(file_okay=False), default=None, help="Also write a Triton model repository here.")
 @click.option("--triton-name", default="anoclip", show_default=True, help="Triton model name.")
-@click.option("--out", default="artifact", show_default=True, type=click.Path(), help="Artifact folder.")
+@click.option("--out", default=None, type=click.Path(),
+              help="Artifact folder [default: a folder named after the backbone, e.g. ./ViT-L-14].")
 @click.option("--force", is_flag=True, help="Replace an existing --out (atomically, only after success).")
 @click.option("--model-config", type=click.Path(exists=False), default=None,
               help="Extra open_clip model config JSON file or folder (e.g. tests/configs).")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
-@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--exporter", type=click.Choice(values(Exporter)), default=Exporter.DYNAMO.value, show_default=True,
               help="torch.onnx exporter (see export/onnx_export.py for the measured comparison).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature baked into the graph.")
 @click.option("--text-cache", default=None, help="Text-embedding cache folder ('none' disables; default $ANOCLIP_CACHE or ~/.cache/anoclip/text).")
@@ -118,7 +123,7 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
     domains = {}
     for item in domain_opts:
         if "=" not in item:
-            raise AnoCLIPError(f"--domain expects CLASS=object|texture, got {item!r}")
+            raise AnoCLIPError(f"--domain expects CLASS={'|'.join(DOMAINS)}, got {item!r}")
         k, v = item.split("=", 1)
         domains[k.strip()] = v.strip()
     try:
@@ -188,12 +193,15 @@ def _summary(path: Path, seconds: float) -> None:
         click.echo(f"  tensorrt {t['file']} ({t['precision']}, TensorRT {t['trt_version']}, {t['gpu']})")
     if data.get("triton"):
         click.echo(f"  triton {data['triton']['repository']}/{data['triton']['model']} ({data['triton']['platform']})")
+    if not data["text"]["classes"]:
+        click.echo(f"  no classes yet: add one with `anoclip-export add-class {path} bottle`, "
+                   f"then run `anoclip-infer {path} IMAGES --class bottle`")
 
 
 @cli.command("add-class")
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.argument("class_name")
-@click.option("--domain", type=click.Choice(["object", "texture"]), default=None,
+@click.option("--domain", type=click.Choice(DOMAINS), default=None,
               help="Prompt domain (default: MVTec textures 'texture', others 'object').")
 @click.option("--model-config", type=click.Path(), default=None, help="Extra open_clip model config JSON file or folder.")
 @click.option("--text-cache", default=None, help="Text-embedding cache folder ('none' disables).")

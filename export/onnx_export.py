@@ -57,11 +57,12 @@ from pathlib import Path
 
 import torch
 
+from anoclip_core.choices import DEFAULT_OPSET, Exporter, values
 from anoclip_core.errors import AnoCLIPError
 
 from .wrapper import INPUT_NAMES, OUTPUT_NAMES, AnoCLIPExportWrapper
 
-EXPORTERS = ("dynamo", "legacy")
+EXPORTERS = values(Exporter)
 TWO_GB = 2 * 1024**3
 MAX_BATCH = 4096
 MAX_CLASSES = 65536
@@ -123,7 +124,7 @@ def export_onnx(
     path: str | os.PathLike,
     image_size: int,
     embed_dim: int,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     exporter: str = "dynamo",
     external_data_threshold: int = TWO_GB,
 ) -> list[str]:

@@ -44,11 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
+from anoclip_core.choices import Int8Mode, Precision, values
 from anoclip_core.errors import AnoCLIPError
 
 from .onnx_export import TWO_GB, ExportError, save_onnx
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = values(Precision)
 FP16_KEEP_FP32_OPS = ("LayerNormalization",)
 
 
@@ -306,7 +307,7 @@ def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
     return save_onnx(model, dst, external=_size(model) > external_data_threshold)
 
 
-INT8_MODES = ("dynamic", "static")
+INT8_MODES = values(Int8Mode)
 CONVERTERS = {"fp16": convert_fp16, "bf16": convert_bf16, "int8": quantize_int8}
 
 

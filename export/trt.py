@@ -35,15 +35,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from anoclip_core.choices import DEFAULT_TRT_PROFILE, TRT_PRECISIONS
 from anoclip_core.errors import AnoCLIPError, BackendUnavailable
 
 from .onnx_export import ExportError
 
 log = logging.getLogger("anoclip.export")
 
-DEFAULT_PROFILE = (1, 8, 32)
+DEFAULT_PROFILE = DEFAULT_TRT_PROFILE
 WORKSPACE_BYTES = 4 << 30
-TRT_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def require_tensorrt() -> tuple[Any, str]:

@@ -42,6 +42,8 @@ from .wrapper import INPUT_NAMES, OUTPUT_NAMES
 VERIFY_SEED = 0
 VERIFY_IMAGES = 3
 BATCH_SIZES = (1, 3)
+# An export without classes verifies its graphs with this class's prompts (not stored in the artifact).
+VERIFY_PROBE_CLASS = "object"
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"map": 1e-4, "score": 1e-4, "embedding": 1e-4},

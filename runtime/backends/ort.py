@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from anoclip_core.choices import DEFAULT_TRT_PROFILE
 from anoclip_core.errors import BackendUnavailable
 
 from .base import DEFAULT_OUTPUTS, check_inputs, check_outputs
@@ -40,7 +41,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT = "TensorrtExecutionProvider"
 KINDS = {"cpu": "ort-cpu", "cuda": "ort-cuda", "trt": "ort-trt"}
-DEFAULT_BATCH_PROFILE = (1, 8, 32)  # export.trt.DEFAULT_PROFILE (runtime does not import export)
+DEFAULT_BATCH_PROFILE = DEFAULT_TRT_PROFILE
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 

@@ -266,3 +266,33 @@ def test_text_is_encoded_in_float32_under_autocast(tiny_model, tmp_path):
     torch.testing.assert_close(got.prototypes, ref.prototypes, atol=1e-6, rtol=0)
     cached = _fresh(tiny_model, tmp_path).state_embeddings("bottle")  # from disk
     torch.testing.assert_close(cached.sentences, ref.sentences, atol=1e-6, rtol=0)
+
+
+def test_grammar_is_torch_free_and_the_sentence_count_derives_from_it():
+    """ALGORITHM.md §3: 22 patterns x 3 domain words x 7 states = 462 sentences per state."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import anoclip_core.prompt_grammar as g, anoclip_core.choices as c; "
+            "assert 'torch' not in sys.modules; print(g.SENTENCES_PER_STATE, ','.join(c.DOMAINS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["462", "object,texture"]
+    from anoclip_core.prompt_grammar import SENTENCES_PER_STATE, state_sentences
+
+    assert len(state_sentences("bottle").normal) == len(state_sentences("carpet", "texture").abnormal) == SENTENCES_PER_STATE
+
+
+def test_cli_choices_come_from_the_choice_enums():
+    """One source: the export CLI offers exactly the enums' values (adding one is one edit)."""
+    import click
+
+    from anoclip_core.choices import DOMAINS, Exporter, Int8Mode, values
+    from export.cli import add_class_cmd, export_cmd
+
+    opts = {p.name: p for p in export_cmd.params}
+    assert tuple(opts["exporter"].type.choices) == values(Exporter) == ("dynamo", "legacy")
+    assert tuple(opts["int8_mode"].type.choices) == values(Int8Mode) == ("dynamic", "static")
+    assert isinstance(opts["opset"].default, int) and opts["opset"].default == 18
+    assert opts["trt_profile"].default == "1,8,32"
+    dom = {p.name: p for p in add_class_cmd.params}["domain"]
+    assert isinstance(dom.type, click.Choice) and tuple(dom.type.choices) == DOMAINS

@@ -73,12 +73,44 @@ def test_cli_precision_and_classes_errors(runner, configs, tmp_path):
     assert result.exit_code == 2 and "unknown precision 'fp8'" in _error_line(result)
     result = runner.invoke(main, base + ["--classes", "a", "--precision", "fp16,bf16"])
     assert result.exit_code == 2 and "bf16 is not available" in _error_line(result)
-    result = runner.invoke(main, base)
-    assert result.exit_code == 2 and "no classes given" in _error_line(result)
+    result = runner.invoke(main, base + ["--triton", str(tmp_path / "tr")])
+    assert result.exit_code == 2 and "--triton folds the classes' prototypes" in _error_line(result)
     result = runner.invoke(main, ["--backbone", "ViT-Nope", "--classes", "a", "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "unknown backbone" in _error_line(result)
     result = runner.invoke(main, ["add-class", str(tmp_path / "missing"), "carpet"])
     assert result.exit_code == 2 and "artifact folder not found" in _error_line(result)
+
+
+def test_backbone_alone_exports_a_classless_artifact_named_after_it(runner, configs, tmp_path, monkeypatch):
+    """Issue 11 item 8: `anoclip-export --backbone X` (no --out, no classes) writes ./X, then add-class + infer work."""
+    import numpy as np
+
+    from export.cli import main
+    from runtime import Detector
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, ["--backbone", "anoclip-tiny", "--pretrained", "none", "--model-config", configs,
+                                  "--text-cache", "none", "--quiet", "--exporter", "legacy"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "anoclip-tiny"
+    data = mf.read_manifest(out)
+    assert data["text"]["classes"] == {} and data["models"]["fp32"]["verification"]["passed"] is True
+    assert f"add-class {out} bottle" in result.output and "anoclip-infer" in result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+    with pytest.raises(Exception, match="text.classes: none"):
+        Detector.load(out).predict(np.zeros((64, 64, 3), np.uint8), "bottle")
+    result = runner.invoke(main, ["add-class", str(out), "bottle", "--text-cache", "none", "--quiet"])
+    assert result.exit_code == 0, result.output
+    res = Detector.load(out).predict(np.zeros((64, 64, 3), np.uint8), "bottle")
+    assert res.anomaly_map.shape == (64, 64) and 0.0 <= float(res.score) <= 1.0
+
+
+def test_default_out_is_a_safe_folder_name():
+    from export.api import default_out
+
+    assert str(default_out("ViT-L-14")) == "ViT-L-14"
+    assert str(default_out("hf-hub:org/model")) == "hf-hub-org-model"
 
 
 def test_classes_file(tmp_path):
