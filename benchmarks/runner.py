@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import fidelity as fid
+from anoclip_core.compare import compare
+
 from . import flops as fl
 from .config import BASELINE, BenchConfig
 from .contenders import Contender, runtime_contender, static_int8_artifact, torch_contenders
@@ -469,7 +470,7 @@ def measure_tta(model, px_t, class_name: str, repeats: int, progress: bool, sync
 
 def measure_fidelity(ref: tuple[np.ndarray, np.ndarray], c: Contender, px: np.ndarray, pt: Any) -> dict:
     maps, scores = c.predict(px, pt)
-    return fid.compare(maps, scores, ref[0], ref[1])
+    return compare(maps, scores, ref[0], ref[1])
 
 
 def measure_linescan(c: Contender, class_name: str, size: tuple[int, int], repeats: int, seed: int,

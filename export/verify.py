@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from anoclip_core.compare import compare as compare_maps, diff
 from anoclip_core.errors import AnoCLIPError
 
 from .wrapper import INPUT_NAMES, OUTPUT_NAMES
@@ -125,25 +126,28 @@ def run_graph(session, pixels: np.ndarray, prototypes: np.ndarray, image_size: i
 
 def compare(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Error figures of one output set against a reference set."""
-    def mabs(a, b):
-        return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-
     tok_scale = float(np.max(np.abs(ref["local_tokens"]))) or 1.0
+    maps = diff(got["maps"], ref["maps"])
+    s = ref["maps"].shape[-1]
+    agreement = compare_maps(got["maps"].reshape(-1, s, s), got["image_scores"], ref["maps"].reshape(-1, s, s),
+                        ref["image_scores"])
     return {
-        "map_max_abs": mabs(got["maps"], ref["maps"]),
-        "map_mean_abs": float(np.mean(np.abs(got["maps"].astype(np.float64) - ref["maps"]))),
-        "score_max_abs": mabs(got["image_scores"], ref["image_scores"]),
+        "map_pearson_min": agreement["pearson"]["worst"],
+        "map_top_iou_min": agreement["top_iou"]["worst"],
+        "map_max_abs": maps.max_abs,
+        "map_mean_abs": maps.mean_abs,
+        "score_max_abs": diff(got["image_scores"], ref["image_scores"]).max_abs,
         "embedding_max_abs": max(
-            mabs(got["global_embedding"], ref["global_embedding"]),
-            mabs(got["local_embeddings"], ref["local_embeddings"]),
+            diff(got["global_embedding"], ref["global_embedding"]).max_abs,
+            diff(got["local_embeddings"], ref["local_embeddings"]).max_abs,
         ),
-        "tokens_max_rel": mabs(got["local_tokens"], ref["local_tokens"]) / tok_scale,
+        "tokens_max_rel": diff(got["local_tokens"], ref["local_tokens"]).max_abs / tok_scale,
     }
 
 
 def _worst(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     keys = rows[0].keys()
-    return {k: max(r[k] for r in rows) for k in keys}
+    return {k: (min if k.endswith("_min") else max)(r[k] for r in rows) for k in keys}
 
 
 def _finite(outputs: Mapping[str, np.ndarray]) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from anoclip_core.compare import diff, pearson
 from anoclip_core.errors import InputError
 
 INPUT_NAMES = ("pixels", "text_prototypes")
@@ -67,6 +68,7 @@ class OutputDiff:
     mean_abs: float
     tolerance: float
     passed: bool
+    pearson: float | None = None  # of the two outputs, flattened (None on a shape mismatch)
 
 
 @dataclass
@@ -89,7 +91,8 @@ class ParityReport:
     def __str__(self) -> str:
         lines = [f"parity {self.a} vs {self.b} (batch {self.batch}): {'PASSED' if self.passed else 'FAILED'}"]
         for k, d in self.outputs.items():
-            lines.append(f"  {k:17s} max_abs={d.max_abs:.3g} mean_abs={d.mean_abs:.3g} tol={d.tolerance:g} "
+            corr = "" if d.pearson is None else f" pearson={d.pearson:.6f}"
+            lines.append(f"  {k:17s} max_abs={d.max_abs:.3g} mean_abs={d.mean_abs:.3g}{corr} tol={d.tolerance:g} "
                          f"{'ok' if d.passed else 'FAIL'}")
         return "\n".join(lines)
 
@@ -123,14 +126,7 @@ def parity_check(
             tol = float(tolerance)
         else:
             tol = DEFAULT_TOLERANCE[name]
-        xa = np.asarray(ra[name], dtype=np.float64)
-        xb = np.asarray(rb[name], dtype=np.float64)
-        if xa.shape != xb.shape:
-            report.outputs[name] = OutputDiff([*xa.shape], float("inf"), float("inf"), tol, False)
-            continue
-        diff = np.abs(xa - xb)
-        finite = bool(np.isfinite(diff).all())
-        mx = float(diff.max()) if diff.size and finite else (0.0 if finite else float("inf"))
-        mean = float(diff.mean()) if diff.size and finite else (0.0 if finite else float("inf"))
-        report.outputs[name] = OutputDiff(list(xa.shape), mx, mean, tol, finite and mx <= tol)
+        d = diff(ra[name], rb[name])
+        corr = pearson(ra[name], rb[name]) if d.finite else None
+        report.outputs[name] = OutputDiff(list(d.shape), d.max_abs, d.mean_abs, tol, d.finite and d.max_abs <= tol, corr)
     return report

@@ -1,13 +1,43 @@
-"""Fidelity of a backend's outputs against the fp32 core on the same inputs.
+"""The one comparison routine: errors, Pearson and top-k agreement of outputs against a reference.
 
-All functions take numpy arrays: maps ``[B, H, W]`` and scores ``[B]``. Per-image metrics are
-aggregated as mean and worst case over the batch.
+Torch-free (numpy only). Export verification (graph vs the PyTorch core), the runtime's parity
+check (backend vs backend) and the benchmark's fidelity (contender vs the fp32 core) all measure
+with these functions, so a figure means the same thing everywhere. Maps are ``[B, H, W]`` and
+scores ``[B]``; per-image metrics are aggregated as mean and worst case over the batch.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Absolute error of one array against its reference; a shape mismatch or NaN/Inf is infinite."""
+
+    shape: tuple[int, ...]
+    max_abs: float
+    mean_abs: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.max_abs)
+
+
+def diff(got: np.ndarray, ref: np.ndarray) -> Diff:
+    """Max and mean absolute error in float64 (an empty array has error 0)."""
+    x = np.asarray(got, dtype=np.float64)
+    y = np.asarray(ref, dtype=np.float64)
+    if x.shape != y.shape:
+        return Diff(tuple(x.shape), math.inf, math.inf)
+    d = np.abs(x - y)
+    if not d.size:
+        return Diff(tuple(x.shape), 0.0, 0.0)
+    if not np.isfinite(d).all():
+        return Diff(tuple(x.shape), math.inf, math.inf)
+    return Diff(tuple(x.shape), float(d.max()), float(d.mean()))
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -73,15 +103,15 @@ def compare(
         raise ValueError(f"score shapes differ: {scores.shape} vs reference {ref_scores.shape}")
     if maps.ndim == 2:
         maps, ref_maps = maps[None], ref_maps[None]
-    diff = np.abs(maps - ref_maps)
+    maps_diff, scores_diff = diff(maps, ref_maps), diff(scores, ref_scores)
     pear = [pearson(m, r) for m, r in zip(maps, ref_maps)]
     iou = [top_fraction_iou(m, r, fraction) for m, r in zip(maps, ref_maps)]
     return {
         "images": int(maps.shape[0]),
-        "map_max_abs": float(diff.max()),
-        "map_mean_abs": float(diff.mean()),
-        "score_max_abs": float(np.abs(scores - ref_scores).max()),
-        "score_mean_abs": float(np.abs(scores - ref_scores).mean()),
+        "map_max_abs": maps_diff.max_abs,
+        "map_mean_abs": maps_diff.mean_abs,
+        "score_max_abs": scores_diff.max_abs,
+        "score_mean_abs": scores_diff.mean_abs,
         "pearson": _agg(pear, "min"),
         "top_iou": _agg(iou, "min"),
         "top_fraction": fraction,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.fidelity import compare, pearson, top_fraction_iou, top_fraction_mask
+from anoclip_core.compare import compare, pearson, top_fraction_iou, top_fraction_mask
 
 
 def test_pearson_known_values():
@@ -70,3 +70,32 @@ def test_compare_rejects_mismatched_shapes():
         compare(np.zeros((2, 8, 8)), np.zeros(2), np.zeros((2, 8, 9)), np.zeros(2))
     with pytest.raises(ValueError):
         compare(np.zeros((2, 8, 8)), np.zeros(3), np.zeros((2, 8, 8)), np.zeros(2))
+
+
+def test_diff_hand_computed_and_refusals():
+    from anoclip_core.compare import diff
+
+    d = diff(np.array([1.0, 2.0, 4.0]), np.array([1.5, 2.0, 1.0]))
+    assert d.shape == (3,) and d.max_abs == 3.0 and abs(d.mean_abs - 3.5 / 3) < 1e-12 and d.finite
+    assert diff(np.zeros(3), np.zeros(4)).max_abs == float("inf")  # shape mismatch
+    assert not diff(np.array([np.nan]), np.array([0.0])).finite
+    assert diff(np.zeros((0, 2)), np.zeros((0, 2))).max_abs == 0.0
+
+
+def test_one_routine_serves_verification_parity_and_fidelity():
+    """Export verification and the runtime parity check measure with anoclip_core.compare."""
+    import export.verify as verify
+    import runtime.backends.base as base
+    from anoclip_core import compare as cmp
+
+    assert verify.diff is cmp.diff and base.diff is cmp.diff and base.pearson is cmp.pearson
+    rng = np.random.default_rng(0)
+    ref = {k: rng.random((2, 4, 4)).astype(np.float32) for k in ("maps", "local_tokens", "global_embedding",
+                                                                  "local_embeddings")}
+    ref["image_scores"] = rng.random(2)
+    got = {k: v.copy() for k, v in ref.items()}
+    got["maps"][1, 0, 0] += 0.25
+    row = verify.compare(got, ref)
+    assert abs(row["map_max_abs"] - 0.25) < 1e-6 and row["score_max_abs"] == 0.0
+    assert row["map_pearson_min"] == pytest.approx(pearson(got["maps"][1], ref["maps"][1]))
+    assert row["map_pearson_min"] < 0.999 and row["map_top_iou_min"] <= 1.0
