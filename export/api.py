@@ -486,6 +486,7 @@ def _model_entry(cfg: ExportConfig, name: str, precision: str, written: Sequence
         entry["quantization"] = {"mode": cfg.int8_mode, "weights": "int8", "ops": ["MatMul (Linear layers)"]}
         if cfg.int8_mode == "static":
             entry["quantization"]["format"] = "QDQ"
+            entry["quantization"]["activations"] = "int8 symmetric (zero point 0)"
             entry["quantization"]["calibration"] = calibration_record(cfg.calibration_images)
     return entry
 

@@ -269,8 +269,9 @@ def _activation_matmuls(model) -> list[str]:
 
 def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, calibration: np.ndarray,
                          prototypes: np.ndarray, external_data_threshold: int = TWO_GB) -> list[str]:
-    """Static int8 QDQ (per-channel symmetric weights, MinMax-calibrated activations) of the Linear
-    MatMuls only. Attention MatMuls (activation x activation), Softmax, LayerNorm, Conv and the
+    """Static int8 QDQ (per-channel symmetric weights, MinMax-calibrated SYMMETRIC activations: every
+    zero point is 0, which TensorRT's explicit quantization requires, and ONNX Runtime and OpenVINO
+    run too) of the Linear MatMuls only. Attention MatMuls (activation x activation), Softmax, LayerNorm, Conv and the
     text head stay fp32. ``calibration``: normalised pixels [N, 3, S, S] (real images of the
     target domain; the seeded random set makes a graph that verifies but is not representative).
     """
@@ -301,7 +302,7 @@ def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             use_external_data_format=external,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
     model = _load(dst)
     return save_onnx(model, dst, external=_size(model) > external_data_threshold)

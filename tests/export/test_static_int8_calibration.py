@@ -115,6 +115,23 @@ def test_graph_weights_are_symmetric_per_channel_int8(static_int8_artifact):
         assert np.abs(w).max() <= 64  # reduce_range: 7-bit weights (AVX2 without VNNI, see export/quantize.py)
 
 
+def test_activations_are_symmetric_for_tensorrt(static_int8_artifact):
+    """TensorRT's explicit quantization takes only zero-point-0 (symmetric) Q/DQ pairs (TensorRT Developer
+    Guide, "Working with Quantized Types": quantization is symmetric, zero points must be 0)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(static_int8_artifact / "encoder.int8.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    quant = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quant) >= 4
+    for n in quant:
+        zero = inits[n.input[2]]
+        assert zero.dtype == np.int8 and np.all(zero == 0), (n.name, zero)
+    data = json.loads((static_int8_artifact / "manifest.json").read_text())
+    assert data["models"]["int8"]["quantization"]["activations"] == "int8 symmetric (zero point 0)"
+
+
 def _int8_vs_fp32(artifact: Path, backend: str) -> tuple[float, float]:
     from runtime import Detector
 
