@@ -347,7 +347,8 @@ def test_static_int8_qdq(make_config, register_tiny, tmp_path):
     data = mf.read_manifest(out)
     entry = data["models"]["int8"]
     assert {k: v for k, v in entry["quantization"].items() if k != "calibration"} == {
-        "mode": "static", "weights": "int8", "ops": ["MatMul (Linear layers)"], "format": "QDQ"}
+        "mode": "static", "weights": "int8", "ops": ["MatMul (Linear layers)"], "format": "QDQ",
+        "activations": "int8 symmetric (zero point 0)"}
     assert entry["quantization"]["calibration"]["images"] == 2
     assert entry["verification"]["passed"] and entry["verification"]["map_max_abs"] <= 5e-2
     graph = onnx.load(str(out / "encoder.int8.onnx")).graph
