@@ -199,3 +199,11 @@ def test_list_images_errors(tmp_path: Path) -> None:
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(BankError, match="has no images"):
         refbank.list_images(tmp_path / "empty")
+
+
+def test_refbank_is_torch_free() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, anoclip_core.refbank; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
