@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import transform
-from .datasets import DATASETS, Sample, load_mask, load_samples, load_train_good
+from .datasets import DATASETS, Sample, load_mask, load_samples
 from .errors import AnoCLIPError, BackendUnavailable
 from .metrics import METRIC_KEYS, image_metrics, pixel_metrics
 from .model import RANDOM_WEIGHTS_WARNING, AnoCLIP, register_model_configs

@@ -29,6 +29,7 @@ log = logging.getLogger("anoclip")
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (--pretrained none): outputs are NOT meaningful anomaly scores"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 TEXT_BATCH = 128
+IMAGE_BATCH = 8  # good images encoded per forward when building a reference bank
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,11 @@ class AnoCLIP(torch.nn.Module):
         if not images:
             raise InputError("no good images to build a reference bank from")
         names = list(names) if names is not None else [_image_name(im, i) for i, im in enumerate(images)]
-        feats = self.reference_embeddings(self.load_images(images) if pixels is None else pixels)
+        if pixels is None:
+            feats = np.concatenate([self.reference_embeddings(self.load_images(images[i : i + IMAGE_BATCH]))
+                                    for i in range(0, len(images), IMAGE_BATCH)])
+        else:
+            feats = self.reference_embeddings(pixels)
         coreset = None
         if coreset_size is not None and coreset_size < feats.shape[0]:
             idx = greedy_coreset(feats, coreset_size, seed)

@@ -60,7 +60,8 @@ def test_predict_fuses_as_documented(tiny_model) -> None:
     assert torch.equal(zero_maps, text_maps) and torch.equal(zero_scores, text_scores)
 
 
-def test_builder_uses_the_local_embeddings(tiny_model, tmp_path) -> None:
+def test_builder_uses_the_local_embeddings(tiny_model, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("anoclip_core.model.IMAGE_BATCH", 2)  # 3 images: two forwards
     paths = []
     for i in range(3):
         paths.append(str(tmp_path / f"good_{i}.png"))

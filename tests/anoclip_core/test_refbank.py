@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from pathlib import Path
@@ -182,12 +183,12 @@ def test_load_errors(tmp_path: Path) -> None:
         ReferenceBank.load(tmp_path / "other.npz")
     bank = make_bank()
     meta = bank.provenance() | {"format_version": 99}
-    np.savez(tmp_path / "new.npz", embeddings=bank.embeddings, provenance=np.array(__import__("json").dumps(meta)))
+    np.savez(tmp_path / "new.npz", embeddings=bank.embeddings, provenance=np.array(json.dumps(meta)))
     with pytest.raises(BankError, match="newer"):
         ReferenceBank.load(tmp_path / "new.npz")
     nan = bank.embeddings.copy()
     nan[0, 0] = np.inf
-    np.savez(tmp_path / "nan.npz", embeddings=nan, provenance=np.array(__import__("json").dumps(bank.provenance())))
+    np.savez(tmp_path / "nan.npz", embeddings=nan, provenance=np.array(json.dumps(bank.provenance())))
     with pytest.raises(BankError, match=r"nan.npz: .*NaN or infinite"):
         ReferenceBank.load(tmp_path / "nan.npz")
 
