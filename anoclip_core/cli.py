@@ -42,6 +42,12 @@ def _split_classes(text: Optional[str]) -> Optional[tuple[str, ...]]:
 @click.option("--text-cache", default="default", show_default=True,
               help="Prompt-embedding cache folder ('default': $ANOCLIP_CACHE or ~/.cache/anoclip/text).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--shots", type=int, default=None,
+              help="Also evaluate few-shot: K good training images per class as a reference bank (WinCLIP protocol).")
+@click.option("--seeds", type=int, default=3, show_default=True, help="With --shots: draws (seeds 0..N-1), mean ± std.")
+@click.option("--visual-weight", type=float, default=0.5, show_default=True,
+              help="With --shots: weight of the visual (bank) part; 0.5 is WinCLIP+'s average.")
+@click.option("--coreset", type=int, default=None, help="With --shots: reduce each bank to this many patches.")
 def main(
     dataset: str,
     root: str,
@@ -59,8 +65,12 @@ def main(
     model_config: Optional[str],
     text_cache: str,
     progress: bool,
+    shots: Optional[int],
+    seeds: int,
+    visual_weight: float,
+    coreset: Optional[int],
 ) -> None:
-    """Evaluate AnoCLIP zero-shot on MVTec AD, VisA or a folder dataset (per-class and mean metrics)."""
+    """Evaluate AnoCLIP zero-shot (and few-shot with --shots) on MVTec AD, VisA or a folder dataset."""
     try:
         from .evaluate import EvalConfig, evaluate, markdown_table
 
@@ -69,6 +79,7 @@ def main(
             tta=tta, tta_mode=tta_mode, views=views, classes=_split_classes(classes), batch_size=batch_size, out=out,
             overlays=overlays, device=device, model_config=model_config, progress=progress,
             text_cache=None if text_cache.lower() == "none" else text_cache,
+            shots=shots, seeds=seeds, visual_weight=visual_weight, coreset=coreset,
         )
         results = evaluate(cfg)
     except AnoCLIPError as err:

@@ -11,6 +11,10 @@ Layouts:
   ``<root>/masks/<defect>/<stem>.png`` or ``<stem>_mask.png``. The class name (used in the prompts)
   is the folder's name unless one name is passed in ``classes``.
 
+Good TRAINING images (few-shot references, :func:`load_train_good`): MVTec
+``<root>/<class>/train/good/*``; VisA rows with ``split == "train"`` and a normal label; folder
+``<root>/train/good/*`` (``train/`` is therefore not a defect folder).
+
 Every problem is a :class:`~anoclip_core.errors.DatasetError` with a one-line message.
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ FOLDER_LAYOUT = "<root>/good/*, <root>/<defect>/*, optional <root>/masks/<defect
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 VISA_CSV = (Path("split_csv") / "1cls.csv", Path("1cls.csv"))
 VISA_LABELS = {"normal": 0, "0": 0, "good": 0, "anomaly": 1, "1": 1, "abnormal": 1}
-FOLDER_RESERVED = ("masks", "ground_truth")
+FOLDER_RESERVED = ("masks", "ground_truth", "train")
 
 
 @dataclass(frozen=True)
@@ -282,3 +286,27 @@ def load_mask(sample: Sample, height: int, width: Optional[int] = None) -> Optio
     if m.ndim == 3:
         m = m.max(axis=2)
     return (transform.resize_bilinear_antialias(m, height, width) > 0.5).astype(np.uint8)
+
+
+def load_train_good(dataset: str, root: str | os.PathLike, class_name: str) -> list[str]:
+    """The good training images of one class, sorted (MVTec, folder) or in split-csv order (VisA)."""
+    name = _check_dataset(dataset)
+    if name == "visa":
+        csv_path, base = _visa_csv(root)
+        rows = [r for r in _visa_rows(csv_path) if r["split"].lower() == "train" and r["object"] == class_name]
+        paths = [base / r["image"] for r in rows if VISA_LABELS.get(r["label"].lower()) == 0]
+        where = f"VisA split csv {csv_path}: class {class_name!r}"
+        if not paths:
+            raise DatasetError(f"{where} has no normal rows with split == 'train' (needed for --shots)")
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DatasetError(f"{where}: training image not found: {missing[0]}")
+        return [str(p) for p in paths]
+    base = _check_root(root, MVTEC_LAYOUT if name == "mvtec" else FOLDER_LAYOUT)
+    folder = base / class_name / "train" / GOOD if name == "mvtec" else base / "train" / GOOD
+    if not folder.is_dir():
+        raise DatasetError(f"{name} class {class_name!r}: missing {folder} (good training images, needed for --shots)")
+    images = _images(folder)
+    if not images:
+        raise DatasetError(f"{name} class {class_name!r}: {folder} has no images (needed for --shots)")
+    return [str(p) for p in images]

@@ -27,5 +27,9 @@ class ArtifactError(AnoCLIPError):
     """An export artifact that is incomplete, tampered with, or of an unsupported format."""
 
 
+class BankError(AnoCLIPError):
+    """A reference bank (few-shot) that is empty, corrupt, or does not match the model."""
+
+
 class BackendUnavailable(AnoCLIPError):
     """A requested inference backend (CUDA, TensorRT, ...) is not available on this machine."""

@@ -1,9 +1,14 @@
-"""Zero-shot evaluation on MVTec AD, VisA or a folder dataset (ALGORITHM.md §4 and §6).
+"""Zero-shot (and few-shot) evaluation on MVTec AD, VisA or a folder dataset (ALGORITHM.md §4 and §6).
 
 ``evaluate(EvalConfig(...))`` predicts every test image of the chosen classes, computes the §6
 metrics per class and their mean, and (with ``out``) writes ``results.json``, ``results.md`` and a
 few overlay PNGs per class. MVTec and folder datasets use one S x S input per image (image scores
 averaged over the 22 reference views on MVTec by default); VisA uses the two-crop protocol of §4.
+
+With ``shots=K`` the run adds WinCLIP's few-shot protocol: for each seed, K good TRAINING images
+per class are drawn, encoded into a reference bank (:mod:`anoclip_core.refbank`), and the test set
+is predicted again with it; metrics are reported per seed and as mean and spread over the seeds,
+beside the zero-shot numbers (which stay as they are).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .datasets import DATASETS, Sample, load_mask, load_samples
 from .errors import AnoCLIPError, BackendUnavailable
 from .metrics import METRIC_KEYS, image_metrics, pixel_metrics
 from .model import RANDOM_WEIGHTS_WARNING, AnoCLIP, register_model_configs
+from .refbank import DEFAULT_VISUAL_WEIGHT, ReferenceBank, check_weight
 from .scores import anomaly_map, state_probs, two_crop_boxes
 from .tta import ClassAdaptation, TTAConfig, TTASource, two_crop_loss
 from .visualize import heatmap_overlay, save_png
@@ -61,6 +67,8 @@ class EvalConfig:
     ``text_cache`` is the prompt-embedding cache ("default", a folder, or None to disable).
     ``tta_mode``: "reference" (as the official code: one AdamW per class, its state carried over
     the class's images in dataset order) or "per-image" (a fresh AdamW per image, as the runtime).
+    ``shots`` (None: zero-shot only) adds the few-shot runs with seeds ``0 .. seeds - 1``, the
+    visual part weighted ``visual_weight``, banks reduced to ``coreset`` patches when set.
     """
 
     dataset: str
@@ -79,6 +87,10 @@ class EvalConfig:
     model_config: Optional[str] = None
     text_cache: Optional[str] = "default"
     progress: bool = True
+    shots: Optional[int] = None
+    seeds: int = 3
+    visual_weight: float = DEFAULT_VISUAL_WEIGHT
+    coreset: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.dataset = self.dataset.lower()
@@ -96,6 +108,20 @@ class EvalConfig:
             raise AnoCLIPError("--views does not apply to VisA: its two-crop protocol scores each crop once")
         if self.classes is not None:
             self.classes = tuple(self.classes)
+        self._check_shots()
+
+    def _check_shots(self) -> None:
+        if self.shots is None:
+            return
+        if self.shots < 1:
+            raise AnoCLIPError(f"--shots must be >= 1, got {self.shots}")
+        if self.seeds < 1:
+            raise AnoCLIPError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.coreset is not None and self.coreset < 1:
+            raise AnoCLIPError(f"--coreset must be >= 1, got {self.coreset}")
+        if self.tta:
+            raise AnoCLIPError("--shots and --tta cannot be combined (the few-shot mode uses the zero-shot text map)")
+        check_weight(self.visual_weight)
 
     @property
     def use_views(self) -> bool:
@@ -164,19 +190,17 @@ def merge_crops(maps: np.ndarray, boxes: Sequence[Box], size: tuple[int, int]) -
 def predict_two_crop(
     model: AnoCLIP, images: Sequence[transform.ImageLike], class_name: str,
     adaptation: Optional[ClassAdaptation] = None, start_index: int = 0,
+    references: Optional[ReferenceBank] = None, visual_weight: float = DEFAULT_VISUAL_WEIGHT,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """VisA protocol (§4): short side -> S, two overlapping square crops, maps averaged in the
     overlap (map size = the resized image), image score = mean of the two crops' scores; no views.
     With ``adaptation`` (AnoCLIP+, §5 VisA variant) image ``j`` adapts both crops with one adapter
-    on the merged-logit loss, with the seed/noise stream ``start_index + j``."""
-    inputs, layouts = [], []
-    for image in images:
-        crops, boxes, size = two_crop_inputs(transform.load_rgb(image), model.preprocess_config)
-        inputs.append(crops)
-        layouts.append((boxes, size))
-    pixels = torch.from_numpy(np.concatenate(inputs)).to(model.device)
+    on the merged-logit loss, with the seed/noise stream ``start_index + j``. ``references``: the
+    few-shot mode, fused per crop (a crop's image score is fused before the two are averaged)."""
+    pixels, layouts = two_crop_pixels(model, images)
     if adaptation is None:
-        maps, scores = model.predict(pixels, class_name, views=False)
+        maps, scores = model.predict(pixels, class_name, views=False, references=references,
+                                     visual_weight=visual_weight)
     else:
         maps, scores = _adapt_two_crop(model, pixels, class_name, layouts, adaptation, start_index)
     maps_np, scores_np = maps.cpu().numpy(), scores.cpu().numpy()
@@ -187,6 +211,18 @@ def predict_two_crop(
         out_scores.append(float(scores_np[k : k + n].mean()))
         k += n
     return out_maps, np.asarray(out_scores)
+
+
+def two_crop_pixels(
+    model: AnoCLIP, images: Sequence[transform.ImageLike]
+) -> tuple[torch.Tensor, list[tuple[list[Box], tuple[int, int]]]]:
+    """VisA: both crops of every image as one normalised batch [2 * B, 3, S, S], and their layouts."""
+    inputs, layouts = [], []
+    for image in images:
+        crops, boxes, size = two_crop_inputs(transform.load_rgb(image), model.preprocess_config)
+        inputs.append(crops)
+        layouts.append((boxes, size))
+    return torch.from_numpy(np.concatenate(inputs)).to(model.device), layouts
 
 
 def _maps_and_scores(
@@ -245,31 +281,35 @@ def class_adaptation(
 
 def _predict_batch(
     model: AnoCLIP, batch: list[Sample], cfg: EvalConfig, start_index: int = 0,
-    adaptation: Optional[ClassAdaptation] = None,
+    adaptation: Optional[ClassAdaptation] = None, references: Optional[ReferenceBank] = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """One batch; ``start_index`` (the batch's offset in the class) keeps TTA independent of batch
     size (images are adapted one at a time, in dataset order, whatever the batch size)."""
     class_name = batch[0].class_name
     if cfg.dataset == "visa":
-        return predict_two_crop(model, [s.path for s in batch], class_name, adaptation, start_index)
+        return predict_two_crop(model, [s.path for s in batch], class_name, adaptation, start_index,
+                                references, cfg.visual_weight)
     pixels = model.load_images([s.path for s in batch])
     if adaptation is None:
-        maps, scores = model.predict(pixels, class_name, views=cfg.use_views)
+        maps, scores = model.predict(pixels, class_name, views=cfg.use_views, references=references,
+                                     visual_weight=cfg.visual_weight)
     else:
         maps, scores = _adapt_single(model, pixels, class_name, adaptation, start_index, cfg.use_views)
     return list(maps.cpu().numpy().astype(np.float32)), scores.cpu().numpy()
 
 
 def predict_class(
-    model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None, source: Optional[TTASource] = None
+    model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None, source: Optional[TTASource] = None,
+    references: Optional[ReferenceBank] = None,
 ) -> ClassOutputs:
     """Maps, masks (resized to each map) and scores of one class's samples, in batches. With TTA the
-    images are adapted in the given (dataset) order; ``source`` as in :func:`class_adaptation`."""
+    images are adapted in the given (dataset) order; ``source`` as in :func:`class_adaptation`;
+    ``references`` turns on the few-shot mode."""
     out = ClassOutputs(samples=list(samples))
     adaptation = class_adaptation(model, samples[0].class_name, cfg, source) if samples else None
     for i in range(0, len(samples), cfg.batch_size):
         batch = samples[i : i + cfg.batch_size]
-        maps, scores = _predict_batch(model, batch, cfg, start_index=i, adaptation=adaptation)
+        maps, scores = _predict_batch(model, batch, cfg, start_index=i, adaptation=adaptation, references=references)
         for s, m, sc in zip(batch, maps, scores):
             out.maps.append(m)
             out.masks.append(load_mask(s, m.shape[0], m.shape[1]))
@@ -384,6 +424,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['n_images']} | " + " | ".join(_fmt(r.get(k, math.nan)) for k in TABLE_KEYS) + " |")
     lines += ["", "AUPRO and image AP are the paper-comparable definitions of the official code "
               "(200-threshold AUPRO, trapezoidal AP); AUPRO (exact) and image AP (step-sum) are given beside them."]
+    if results.get("few_shot"):
+        from .fewshot_eval import markdown_section
+
+        lines += markdown_section(results)
     notes = [f"- {c}: {m}: {why}" for c, r in results["classes"].items() for m, why in r["reason"].items()]
     if notes:
         lines += ["", "Undefined or partial metrics:", *notes]
@@ -425,13 +469,19 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
     out_dir = Path(cfg.out) if cfg.out else None
     per_class: dict[str, dict[str, Any]] = {}
     overlays: dict[str, list[str]] = {}
-    with tqdm(total=len(samples), unit="img", desc="anoclip-eval", disable=not cfg.progress) as bar:
+    runs = 1 + (cfg.seeds if cfg.shots else 0)
+    few_shot = None
+    with tqdm(total=runs * len(samples), unit="img", desc="anoclip-eval", disable=not cfg.progress) as bar:
         for name, items in by_class.items():
             bar.set_postfix_str(name)
             outputs = predict_class(model, items, cfg, bar)
             per_class[name] = class_metrics(outputs)
             if out_dir is not None and cfg.overlays:
                 overlays[name] = write_overlays(outputs, out_dir / "overlays", cfg.overlays)
+        if cfg.shots:
+            from .fewshot_eval import run_few_shot
+
+            few_shot = run_few_shot(model, cfg, by_class, bar)
     results: dict[str, Any] = {
         "dataset": cfg.dataset,
         "root": str(Path(cfg.root).resolve()),
@@ -448,6 +498,7 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
         "mean": mean_metrics(per_class),
         "metric_definitions": METRIC_DEFINITIONS,
         "overlays": overlays,
+        "few_shot": few_shot,
         "seconds": round(time.perf_counter() - started, 3),
         "config": asdict(cfg),
     }

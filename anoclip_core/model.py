@@ -18,7 +18,9 @@ from .encoder import DualPathEncoder
 from .errors import InputError, ModelError
 from .fileio import sha256_file
 from .prompts import PromptCache, StateEmbeddings, default_cache_dir, encode_sentences, state_sentences
-from .scores import anomaly_map, image_views, state_probs
+from .refbank import DEFAULT_CHUNK, DEFAULT_VISUAL_WEIGHT, ReferenceBank, check_weight, coverage_radius, fuse
+from .refbank import fuse_image_score, greedy_coreset
+from .scores import anomaly_map, image_views, smooth, state_probs, upsample, visual_anomaly
 from .text_tower import encode_text_truncated
 from .tta import TTAConfig, adapt_tokens
 
@@ -27,6 +29,7 @@ log = logging.getLogger("anoclip")
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (--pretrained none): outputs are NOT meaningful anomaly scores"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 TEXT_BATCH = 128
+IMAGE_BATCH = 8  # good images encoded per forward when building a reference bank
 
 
 @dataclass(frozen=True)
@@ -295,8 +298,16 @@ class AnoCLIP(torch.nn.Module):
         views: bool = False,
         domain: str | None = None,
         tta_start_index: int = 0,
+        references: ReferenceBank | None = None,
+        visual_weight: float = DEFAULT_VISUAL_WEIGHT,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised pixels [B, 3, S, S] -> anomaly maps [B, S, S] and image scores [B].
+
+        ``references`` (a :class:`~anoclip_core.refbank.ReferenceBank` of this model) turns on
+        the few-shot mode: the visual map (1 - max cosine similarity of each un-adapted local
+        embedding to the bank, post-processed like the text map) is fused with the text map and
+        score by the WinCLIP+ rule of :mod:`anoclip_core.refbank` with weight ``visual_weight``.
+        Without it (the default) the zero-shot path runs unchanged.
 
         ``tta`` runs AnoCLIP+ (True for the default settings, or a ``TTAConfig``); image ``i``
         of the batch adapts with the seed stream ``tta_start_index + i``, so a caller that passes
@@ -307,9 +318,14 @@ class AnoCLIP(torch.nn.Module):
         run in float32, and the outputs are always float32.
         """
         pixels = self.check_pixels(pixels)  # before the (possibly slow) text encoding
+        if references is not None:
+            check_weight(visual_weight)
+            references.check_compatible(self.backbone, self.embed_dim, self.image_size)
         states = self.state_embeddings(class_name, domain)
         glob, local = self.encoder.forward_tokens(pixels)
         with torch.autocast(device_type=self.device.type, enabled=False):
+            if references is not None:
+                visual = self._visual_grid(F.normalize(local.float(), dim=-1), references)
             if tta:
                 cfg = tta if isinstance(tta, TTAConfig) else TTAConfig(temperature=self.temperature)
                 local = adapt_tokens(local.float(), states.sentences, states.prototypes, cfg,
@@ -321,7 +337,62 @@ class AnoCLIP(torch.nn.Module):
                 scores = state_probs(F.normalize(glob.float(), dim=-1), states.prototypes.float(), self.temperature)
         if views:
             scores = self.view_scores(pixels, states.prototypes)
+        if references is not None:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                maps = fuse(maps, upsample(visual, size), visual_weight)
+                scores = fuse_image_score(scores, visual.amax(dim=(-2, -1)), visual_weight)
         return maps, scores
+
+    def _visual_grid(self, local: torch.Tensor, bank: ReferenceBank) -> torch.Tensor:
+        """Smoothed visual anomaly grid [B, h, w] of normalised local embeddings against ``bank``."""
+        refs = torch.from_numpy(bank.embeddings).to(self.device)
+        return smooth(visual_anomaly(local, refs, DEFAULT_CHUNK))
+
+    # reference bank -----------------------------------------------------------------------
+    @torch.no_grad()
+    def reference_embeddings(self, pixels: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+        """Normalised pixels [B, 3, S, S] -> their L2-normalised V-V local embeddings [B * h * w, D]
+        (what the exported graph outputs as ``local_embeddings``), float32 on the host."""
+        pixels = self.check_pixels(pixels)
+        out = []
+        for i in range(0, pixels.shape[0], batch_size):
+            _, local = self.encoder(pixels[i : i + batch_size])
+            out.append(local.float().reshape(-1, local.shape[-1]).cpu().numpy())
+        return np.concatenate(out)
+
+    def build_references(
+        self,
+        images: Sequence[transform.ImageLike],
+        names: Sequence[str] | None = None,
+        coreset_size: int | None = None,
+        seed: int = 0,
+        source: str = "",
+        pixels: torch.Tensor | None = None,
+    ) -> ReferenceBank:
+        """Encode good images into a :class:`ReferenceBank`, optionally reduced by PatchCore's
+        greedy coreset to ``coreset_size`` patches (``seed`` picks its start point).
+
+        ``names`` default to the file names of path images; ``pixels`` (normalised, e.g. VisA's two
+        crops per image) replaces loading ``images`` the plain S x S way.
+        """
+        if not images:
+            raise InputError("no good images to build a reference bank from")
+        names = list(names) if names is not None else [_image_name(im, i) for i, im in enumerate(images)]
+        if pixels is None:
+            feats = np.concatenate([self.reference_embeddings(self.load_images(images[i : i + IMAGE_BATCH]))
+                                    for i in range(0, len(images), IMAGE_BATCH)])
+        else:
+            feats = self.reference_embeddings(pixels)
+        coreset = None
+        if coreset_size is not None and coreset_size < feats.shape[0]:
+            idx = greedy_coreset(feats, coreset_size, seed)
+            coreset = {"size": int(coreset_size), "seed": int(seed), "projection_dim": None,
+                       "radius": coverage_radius(feats, idx)}
+            patches, feats = feats.shape[0], feats[idx]
+        else:
+            patches = feats.shape[0]
+        return ReferenceBank(feats, self.backbone, self.image_size, self.grid_size, tuple(names), source,
+                             int(patches), coreset)
 
     @torch.no_grad()
     def view_scores(self, pixels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -340,6 +411,11 @@ class AnoCLIP(torch.nn.Module):
         """Convenience: paths/arrays -> (maps [B, S, S], scores [B]) as numpy."""
         maps, scores = self.predict(self.load_images(images), class_name, tta=tta)
         return maps.cpu().numpy(), scores.cpu().numpy()
+
+
+def _image_name(image: transform.ImageLike, index: int) -> str:
+    """A path's file name, or ``array_<index>`` for an in-memory image."""
+    return Path(os.fspath(image)).name if isinstance(image, (str, os.PathLike)) else f"array_{index}"
 
 
 def register_model_configs(path: str | os.PathLike) -> None:

@@ -15,11 +15,34 @@ def state_probs(emb: torch.Tensor, prototypes: torch.Tensor, temperature: float 
     return logits.softmax(dim=-1)[..., 1]
 
 
+def smooth(patch_values: torch.Tensor) -> torch.Tensor:
+    """[B, h, w] -> [B, h, w]: replicate-pad 1, 3 x 3 mean (the first half of the §4 post-processing)."""
+    x = F.pad(patch_values.unsqueeze(1), (1, 1, 1, 1), mode="replicate")
+    return F.avg_pool2d(x, 3, stride=1)[:, 0]
+
+
+def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] -> [B, H, W]: bilinear (align_corners=True), the second half of §4."""
+    return F.interpolate(grid.unsqueeze(1), size=size, mode="bilinear", align_corners=True)[:, 0]
+
+
 def smooth_and_upsample(patch_probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[B, h, w] -> [B, H, W]: replicate-pad 1, 3 x 3 mean, bilinear (align_corners=True)."""
-    x = F.pad(patch_probs.unsqueeze(1), (1, 1, 1, 1), mode="replicate")
-    x = F.avg_pool2d(x, 3, stride=1)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)[:, 0]
+    return upsample(smooth(patch_probs), size)
+
+
+def visual_anomaly(local: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Normalised local embeddings [B, h, w, D] -> 1 - max cosine similarity to ``bank`` [N, D], [B, h, w].
+
+    The torch twin of :func:`anoclip_core.refbank.visual_anomaly` (same chunking, on the model's device).
+    """
+    q = local.reshape(-1, local.shape[-1])
+    best = torch.full((q.shape[0],), -math.inf, dtype=q.dtype, device=q.device)
+    for i in range(0, q.shape[0], chunk):
+        for j in range(0, bank.shape[0], chunk):
+            sims = q[i : i + chunk] @ bank[j : j + chunk].t()
+            best[i : i + chunk] = torch.maximum(best[i : i + chunk], sims.amax(dim=1))
+    return (1.0 - best).reshape(local.shape[:-1])
 
 
 def anomaly_map(
