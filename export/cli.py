@@ -201,8 +201,10 @@ def _summary(path: Path, seconds: float) -> None:
 @_user_errors
 def add_class_cmd(artifact, class_name, domain, model_config, text_cache, quiet) -> None:
     """Encode CLASS_NAME with the artifact's backbone/weights and add it (graphs untouched)."""
+    from . import text
     from .api import add_class
 
+    text.check_class_name(class_name)  # before anything is read or loaded
     t0 = time.time()
     add_class(artifact, class_name, domain, text_cache=_text_cache(text_cache), model_config=model_config,
               progress=not quiet)
