@@ -123,9 +123,12 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
         domains[k.strip()] = v.strip()
     try:
         profile = tuple(int(v) for v in trt_profile.split(","))
-        assert len(profile) == 3
+        assert len(profile) == 3 and 1 <= profile[0] <= profile[1] <= profile[2]
     except (ValueError, AssertionError):
-        raise AnoCLIPError(f"--trt-profile expects min,opt,max, got {trt_profile!r}") from None
+        raise AnoCLIPError(f"--trt-profile expects min,opt,max with 1 <= min <= opt <= max, got {trt_profile!r}"
+                           ) from None
+    if image_size is not None and image_size < 1:
+        raise AnoCLIPError(f"--image-size must be >= 1, got {image_size}")
     cfg = ExportConfig(
         backbone=backbone,
         classes=names,

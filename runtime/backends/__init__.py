@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from anoclip_core.errors import ArtifactError, BackendUnavailable
+from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
 from .base import ALL_OUTPUTS, DEFAULT_OUTPUTS, Backend, ParityReport, check_graph, parity_check
 
@@ -136,6 +136,9 @@ def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping
     """Start backend ``name`` for a (validated) artifact; ``auto`` picks the fastest available."""
     if name not in CHOICES:
         raise BackendUnavailable(f"unknown backend {name!r} (expected one of {', '.join(CHOICES)})")
+    threads = opts.get("threads")
+    if threads is not None and int(threads) < 1:  # 0 would silently mean "all cores" to the engines
+        raise InputError(f"threads must be >= 1, got {threads}")
     root = Path(artifact_dir)
     if name != "auto":
         return BackendChoice(_start(name, root, manifest, precision, opts), name, name)
