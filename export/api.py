@@ -30,6 +30,7 @@ import numpy as np
 
 from anoclip_core.errors import AnoCLIPError, ArtifactError
 from anoclip_core.fileio import swap_dir
+from anoclip_core.pretrained import cached_tag_file
 from runtime import manifest as mf
 
 from . import quantize, text, trt as trt_mod, triton as triton_mod
@@ -110,38 +111,6 @@ def resolve_pretrained(backbone: str, pretrained: str | os.PathLike | None) -> s
     if tags:
         return tags[0]
     raise AnoCLIPError(f"{backbone} has no published pretrained weights: pass --pretrained PATH or --pretrained none")
-
-
-def cached_tag_file(backbone: str, tag: str, cache_dir: str | None = None) -> str | None:
-    """open_clip's cached weights file for a tag (HF hub cache or URL cache), if present."""
-    try:
-        import open_clip
-
-        cfg = open_clip.get_pretrained_cfg(backbone, tag) or {}
-    except Exception:  # noqa: BLE001
-        return None
-    if cfg.get("file") and os.path.isfile(cfg["file"]):
-        return cfg["file"]
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        # 'org/model/' (default file names) or 'org/model/file.bin', as open_clip reads it
-        model_id, filename = os.path.split(hub)
-        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            for name in names:
-                path = try_to_load_from_cache(model_id, name, cache_dir=cache_dir)
-                if isinstance(path, str) and os.path.isfile(path):
-                    return path
-        except Exception:  # noqa: BLE001
-            pass
-    url = cfg.get("url", "")
-    if url:
-        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 def state_fingerprint(module) -> str:
