@@ -412,7 +412,7 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
 
     ``model`` overrides building one from ``cfg`` (backbone, pretrained, image size, device).
     """
-    from tqdm import tqdm
+    from .progress import progress
 
     started = time.perf_counter()
     samples = load_samples(cfg.dataset, cfg.root, cfg.classes)
@@ -425,7 +425,7 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
     out_dir = Path(cfg.out) if cfg.out else None
     per_class: dict[str, dict[str, Any]] = {}
     overlays: dict[str, list[str]] = {}
-    with tqdm(total=len(samples), unit="img", desc="anoclip-eval", disable=not cfg.progress) as bar:
+    with progress(total=len(samples), unit="img", desc="anoclip-eval", enabled=cfg.progress) as bar:
         for name, items in by_class.items():
             bar.set_postfix_str(name)
             outputs = predict_class(model, items, cfg, bar)

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 from anoclip_core.errors import AnoCLIPError, ArtifactError
 from anoclip_core.fileio import swap_dir
 from anoclip_core.pretrained import cached_tag_file
+from anoclip_core.progress import progress as progress_bar, say
 from runtime import manifest as mf
 
 from . import quantize, text, trt as trt_mod, triton as triton_mod
@@ -84,15 +84,11 @@ class ExportConfig:
 
 
 def _say(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
+    say(msg)
 
 
 def _bar(total: int, desc: str, progress: bool, unit: str = "step"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=True)
+    return progress_bar(total=total, desc=desc, unit=unit, enabled=progress)
 
 
 def resolve_pretrained(backbone: str, pretrained: str | os.PathLike | None) -> str | None:

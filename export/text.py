@@ -80,11 +80,11 @@ def encode_class(model, class_name: str, domain: str | None = None) -> tuple[np.
 
 
 def encode_classes(model, classes: Mapping[str, str | None], progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
-    """Encode every class with a tqdm bar (924 sentences each through the text tower)."""
-    from tqdm import tqdm
+    """Encode every class with a progress bar (924 sentences each through the text tower)."""
+    from anoclip_core.progress import progress as progress_bar
 
     out = {}
-    bar = tqdm(list(classes.items()), desc="text encoding", unit="class", disable=not progress)
+    bar = progress_bar(list(classes.items()), desc="text encoding", unit="class", enabled=progress)
     for name, domain in bar:
         bar.set_postfix_str(name)
         out[name] = encode_class(model, name, domain)

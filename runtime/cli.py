@@ -143,7 +143,7 @@ class _Writer:
 
 def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: bool = True) -> dict[str, Any]:
     """Library entry of the CLI: returns the summary dict (also printed to stderr)."""
-    from tqdm import tqdm
+    from anoclip_core.progress import progress as progress_bar
 
     if cfg.out_dir:
         check_out_dir(cfg.out_dir)
@@ -158,7 +158,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
     latencies: list[float] = []
     t0 = time.perf_counter()
     try:
-        bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress or not sys.stderr.isatty())
+        bar = progress_bar(total=len(files), desc="anoclip", unit="img", enabled=progress)
         for i, res in enumerate(det.iter_predict(files, cfg.class_name, cfg)):
             n += 1
             if res.ok:
