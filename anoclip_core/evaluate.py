@@ -456,7 +456,7 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
 
     ``model`` overrides building one from ``cfg`` (backbone, pretrained, image size, device).
     """
-    from tqdm import tqdm
+    from .progress import progress
 
     started = time.perf_counter()
     samples = load_samples(cfg.dataset, cfg.root, cfg.classes)
@@ -471,7 +471,7 @@ def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]
     overlays: dict[str, list[str]] = {}
     runs = 1 + (cfg.seeds if cfg.shots else 0)
     few_shot = None
-    with tqdm(total=runs * len(samples), unit="img", desc="anoclip-eval", disable=not cfg.progress) as bar:
+    with progress(total=runs * len(samples), unit="img", desc="anoclip-eval", enabled=cfg.progress) as bar:
         for name, items in by_class.items():
             bar.set_postfix_str(name)
             outputs = predict_class(model, items, cfg, bar)

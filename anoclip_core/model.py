@@ -83,12 +83,42 @@ def resolve_weights(backbone: str, pretrained: str | os.PathLike | None) -> Weig
     return WeightsInfo(text, "tag", None, False)
 
 
-def _offline_message(backbone: str, tag: str, err: Exception) -> str:
+def _offline_message(backbone: str, tag: str, why: str) -> str:
     return (
         f"cannot load pretrained weights {backbone}/{tag}: not in the local cache and the download failed "
-        f"({type(err).__name__}). Offline? Download once where there is network (it is cached), or pass a "
+        f"({why}). Offline? Download once where there is network (it is cached), or pass a "
         f"local weights file with --pretrained /path/to/weights, or use --pretrained none (random weights)"
     )
+
+
+class _DropOpenClipRootErrors(logging.Filter):
+    """open_clip logs a failed download on the root logger (``ERROR:root:...``) before raising;
+    our one-line error says it, so that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and f"{os.sep}open_clip{os.sep}" in record.pathname)
+
+
+def _create_from_tag(backbone: str, tag: str, cache_dir: str | None, kwargs: dict):
+    """open_clip model with a pretrained tag; fails in seconds, with one message, when the weights
+    are not cached and their host cannot be reached."""
+    import open_clip
+
+    from .pretrained import offline_reason
+
+    why = offline_reason(backbone, tag, cache_dir)
+    if why:
+        raise ModelError(_offline_message(backbone, tag, why))
+    quiet = _DropOpenClipRootErrors()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(backbone, pretrained=tag, cache_dir=cache_dir, **kwargs)
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - network/hub errors vary by library version
+        raise ModelError(_offline_message(backbone, tag, type(err).__name__)) from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -142,12 +172,7 @@ def create_clip(backbone: str, weights: WeightsInfo, image_size: int | None, cac
             ) from None
     if open_clip.get_pretrained_cfg(backbone, weights.source).get("quick_gelu", False):
         kwargs["force_quick_gelu"] = True
-    try:
-        return open_clip.create_model(backbone, pretrained=weights.source, cache_dir=cache_dir, **kwargs)
-    except ModelError:
-        raise
-    except Exception as err:  # noqa: BLE001 - network/hub errors vary by library version
-        raise ModelError(_offline_message(backbone, weights.source, err)) from None
+    return _create_from_tag(backbone, weights.source, cache_dir, kwargs)
 
 
 class AnoCLIP(torch.nn.Module):

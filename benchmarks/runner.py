@@ -38,9 +38,9 @@ INTERLEAVE_GAP_S = 0.1
 
 
 def _bar(total: int | None, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from anoclip_core.progress import progress
 
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+    return progress(total=total, desc=desc, unit="call", enabled=enabled, leave=False)
 
 
 def synthetic_images(n: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:

@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ import numpy as np
 from anoclip_core.choices import DEFAULT_OPSET, DOMAINS, MAX_OPSET, MIN_OPSET
 from anoclip_core.errors import AnoCLIPError, ArtifactError
 from anoclip_core.fileio import swap_dir
+from anoclip_core.pretrained import cached_tag_file
+from anoclip_core.progress import progress as progress_bar, say
 from anoclip_core.prompt_grammar import SENTENCES_PER_STATE
 from runtime import manifest as mf
 
@@ -85,15 +86,11 @@ class ExportConfig:
 
 
 def _say(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
+    say(msg)
 
 
 def _bar(total: int, desc: str, progress: bool, unit: str = "step"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=True)
+    return progress_bar(total=total, desc=desc, unit=unit, enabled=progress)
 
 
 def resolve_pretrained(backbone: str, pretrained: str | os.PathLike | None) -> str | None:
@@ -112,38 +109,6 @@ def resolve_pretrained(backbone: str, pretrained: str | os.PathLike | None) -> s
     if tags:
         return tags[0]
     raise AnoCLIPError(f"{backbone} has no published pretrained weights: pass --pretrained PATH or --pretrained none")
-
-
-def cached_tag_file(backbone: str, tag: str, cache_dir: str | None = None) -> str | None:
-    """open_clip's cached weights file for a tag (HF hub cache or URL cache), if present."""
-    try:
-        import open_clip
-
-        cfg = open_clip.get_pretrained_cfg(backbone, tag) or {}
-    except Exception:  # noqa: BLE001
-        return None
-    if cfg.get("file") and os.path.isfile(cfg["file"]):
-        return cfg["file"]
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        # 'org/model/' (default file names) or 'org/model/file.bin', as open_clip reads it
-        model_id, filename = os.path.split(hub)
-        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            for name in names:
-                path = try_to_load_from_cache(model_id, name, cache_dir=cache_dir)
-                if isinstance(path, str) and os.path.isfile(path):
-                    return path
-        except Exception:  # noqa: BLE001
-            pass
-    url = cfg.get("url", "")
-    if url:
-        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 def state_fingerprint(module) -> str:

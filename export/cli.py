@@ -128,9 +128,12 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
         domains[k.strip()] = v.strip()
     try:
         profile = tuple(int(v) for v in trt_profile.split(","))
-        assert len(profile) == 3
+        assert len(profile) == 3 and 1 <= profile[0] <= profile[1] <= profile[2]
     except (ValueError, AssertionError):
-        raise AnoCLIPError(f"--trt-profile expects min,opt,max, got {trt_profile!r}") from None
+        raise AnoCLIPError(f"--trt-profile expects min,opt,max with 1 <= min <= opt <= max, got {trt_profile!r}"
+                           ) from None
+    if image_size is not None and image_size < 1:
+        raise AnoCLIPError(f"--image-size must be >= 1, got {image_size}")
     cfg = ExportConfig(
         backbone=backbone,
         classes=names,
@@ -209,8 +212,10 @@ def _summary(path: Path, seconds: float) -> None:
 @_user_errors
 def add_class_cmd(artifact, class_name, domain, model_config, text_cache, quiet) -> None:
     """Encode CLASS_NAME with the artifact's backbone/weights and add it (graphs untouched)."""
+    from . import text
     from .api import add_class
 
+    text.check_class_name(class_name)  # before anything is read or loaded
     t0 = time.time()
     add_class(artifact, class_name, domain, text_cache=_text_cache(text_cache), model_config=model_config,
               progress=not quiet)

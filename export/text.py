@@ -7,6 +7,7 @@ class -> prompt-domain map lives in the manifest (``text.classes``).
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -18,9 +19,16 @@ TEXT_FILE = "text_embeddings.npz"
 
 
 def check_class_name(name: str) -> str:
-    name = (name or "").strip()
+    """A usable class name, trimmed; refuses what could not be passed back later (``--classes`` is
+    comma separated, the classes file one per line) or would garble a log line or a key."""
+    raw = name if isinstance(name, str) else ""
+    name = raw.strip()
     if not name:
-        raise AnoCLIPError("class name must be a non-empty string")
+        raise AnoCLIPError(f"class name must be a non-empty string, got {raw!r}")
+    bad = next((c for c in raw if c == "," or unicodedata.category(c)[0] in "CZ" and c != " "), None)
+    if bad is not None:
+        what = "a comma" if bad == "," else f"the control or separator character {bad!r}"
+        raise AnoCLIPError(f"class name {raw!r} contains {what}; use letters, digits, spaces, '-' or '_'")
     if "/" in name or "\\" in name or name.startswith("."):
         raise AnoCLIPError(f"class name {name!r} may not contain '/' or '\\\\' or start with '.'")
     return name
@@ -28,12 +36,14 @@ def check_class_name(name: str) -> str:
 
 def parse_classes(text: str | Iterable[str]) -> list[str]:
     """``"bottle, carpet"`` or an iterable -> unique class names in order."""
+    if isinstance(text, str) and not text.strip():
+        return []
     items = text.split(",") if isinstance(text, str) else list(text)
     out: list[str] = []
     for item in items:
-        item = item.strip()
-        if item and item not in out:
-            out.append(check_class_name(item))
+        name = check_class_name(item.strip(" ") if isinstance(item, str) else item)
+        if name not in out:
+            out.append(name)
     return out
 
 
@@ -42,10 +52,19 @@ def read_classes_file(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise AnoCLIPError(f"classes file not found: {p}")
+    try:
+        raw = p.read_bytes()
+        if b"\x00" in raw:
+            raise ValueError("it holds NUL bytes")
+        content = raw.decode("utf-8-sig")
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        reason = "not UTF-8" if isinstance(err, UnicodeDecodeError) else str(getattr(err, "strerror", None) or err)
+        raise AnoCLIPError(f"classes file {p} is not a text file of class names ({reason})") from None
     names: list[str] = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0]
-        names += parse_classes(line)
+    for line in content.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names += parse_classes(line)
     return parse_classes(names)
 
 
@@ -60,11 +79,11 @@ def encode_class(model, class_name: str, domain: str | None = None) -> tuple[np.
 
 
 def encode_classes(model, classes: Mapping[str, str | None], progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
-    """Encode every class with a tqdm bar (924 sentences each through the text tower)."""
-    from tqdm import tqdm
+    """Encode every class with a progress bar (924 sentences each through the text tower)."""
+    from anoclip_core.progress import progress as progress_bar
 
     out = {}
-    bar = tqdm(list(classes.items()), desc="text encoding", unit="class", disable=not progress)
+    bar = progress_bar(list(classes.items()), desc="text encoding", unit="class", enabled=progress)
     for name, domain in bar:
         bar.set_postfix_str(name)
         out[name] = encode_class(model, name, domain)

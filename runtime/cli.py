@@ -143,7 +143,7 @@ class _Writer:
 
 def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: bool = True) -> dict[str, Any]:
     """Library entry of the CLI: returns the summary dict (also printed to stderr)."""
-    from tqdm import tqdm
+    from anoclip_core.progress import progress as progress_bar
 
     if cfg.out_dir:
         check_out_dir(cfg.out_dir)
@@ -158,7 +158,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
     latencies: list[float] = []
     t0 = time.perf_counter()
     try:
-        bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress or not sys.stderr.isatty())
+        bar = progress_bar(total=len(files), desc="anoclip", unit="img", enabled=progress)
         for i, res in enumerate(det.iter_predict(files, cfg.class_name, cfg)):
             n += 1
             if res.ok:
@@ -269,9 +269,12 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
     from .calibration import calibrate
 
     try:
+        if not 0.0 < quantile <= 1.0:
+            raise InputError(f"--quantile must be in (0, 1], got {quantile}")
+        cfg = InferConfig(class_name=class_name, batch=batch, tile=tile, threads=threads)  # checked before loading
         det = Detector.load(artifact, backend=backend, threads=threads)
         _warn_random(det)
-        entry = calibrate(det, good, class_name, quantile, InferConfig(class_name=class_name, batch=batch, tile=tile))
+        entry = calibrate(det, good, class_name, quantile, cfg)
     except AnoCLIPError as err:
         _fail(err)
     for e in entry.pop("errors"):
@@ -293,6 +296,8 @@ def parity_cmd(artifact: str, backend_a: str, backend_b: str, class_name: str | 
     try:
         if batch < 1:
             raise InputError(f"--batch must be >= 1, got {batch}")
+        if seed < 0:
+            raise InputError(f"--seed must be >= 0, got {seed}")
         a = Detector.load(artifact, backend=backend_a)
         b = Detector.load(artifact, backend=backend_b, verify=False)
         cls = class_name or a.classes[0]

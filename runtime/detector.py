@@ -29,7 +29,7 @@ from anoclip_core.errors import AnoCLIPError, ArtifactError, InputError
 from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, read_image, to_rgb_float
 
 from . import manifest as mf
-from .backends import DEFAULT_OUTPUTS, BackendChoice, check_precision, create_backend
+from .backends import DEFAULT_OUTPUTS, BackendChoice, check_backend_graph, check_precision, create_backend
 from .postprocess import Region, anomaly_map, find_regions
 from .tiler import StripOutput, StripStream, predict_tiled
 
@@ -174,6 +174,23 @@ def load_calibration(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_prototypes(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Every listed class's prototypes from the text file, each checked to be [2, embed_dim]
+    (the graph's declared ``text_prototypes`` width), so a mismatch fails here, not mid-batch."""
+    text_path = Path(artifact_dir) / manifest["text"]["file"]
+    try:
+        with np.load(text_path) as npz:
+            protos = {c: npz[f"{c}/prototypes"] for c in manifest["text"]["classes"] if f"{c}/prototypes" in npz}
+    except Exception as err:  # noqa: BLE001 - OSError, BadZipFile, ValueError, pickle refusals
+        raise ArtifactError(f"cannot read text embeddings {text_path}: {type(err).__name__}: {err}") from None
+    width = int(manifest["embed_dim"])
+    for name, arr in protos.items():
+        if arr.shape != (2, width):
+            raise ArtifactError(f"{text_path.name}: prototypes of class {name!r} have shape {list(arr.shape)}, "
+                                f"the graph takes [2, {width}] (manifest embed_dim)")
+    return protos
+
+
 class Detector:
     """A loaded artifact + backend. ``Detector.load(ART).predict(image, "bottle")`` -> ``Result``."""
 
@@ -217,12 +234,8 @@ class Detector:
         root = Path(artifact)
         manifest = mf.read_manifest(root, check_files=verify)
         check_precision(backend, manifest, precision)
-        text_path = root / manifest["text"]["file"]
-        try:
-            with np.load(text_path) as npz:
-                protos = {c: npz[f"{c}/prototypes"] for c in manifest["text"]["classes"] if f"{c}/prototypes" in npz}
-        except Exception as err:  # noqa: BLE001 - OSError, BadZipFile, ValueError, pickle refusals
-            raise ArtifactError(f"cannot read text embeddings {text_path}: {type(err).__name__}: {err}") from None
+        check_backend_graph(backend, root, manifest, precision)
+        protos = read_prototypes(root, manifest)
         calibration = load_calibration(root)
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
         det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision)

@@ -27,6 +27,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], recursive: bool = True) 
         if os.path.isdir(text):
             pattern = "**/*" if recursive else "*"
             found = sorted(str(p) for p in Path(text).glob(pattern) if p.is_file() and _is_image(str(p)))
+            if not found and _is_image(text):  # e.g. a shell glob '*.png' that matched a folder
+                raise InputError(f"{text} is a directory, not an image file (and it holds no images)")
             if not found:
                 raise InputError(f"folder {text} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(found)

@@ -11,6 +11,10 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
 * ``format`` other than ``anoclip-artifact``;
 * ``format_version`` newer than ``FORMAT_VERSION`` ("upgrade anoclip") or not an integer;
 * a missing or mistyped required field (named with its dotted path, e.g. ``text.classes``);
+* ``preprocess`` mean/std (3 finite numbers, std > 0), value_range (2 numbers, low < high) or
+  image_size (equal to ``image_size``) of the wrong type, shape or value;
+* a file path in ``files`` that is absolute or climbs out of the artifact (``..``), also
+  without the sha256 check;
 * a file named by the manifest that is missing, or not listed in ``files``;
 * a sha256 mismatch (names the file);
 * a class not in ``text.classes`` (``require_class``).
@@ -18,6 +22,7 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -108,6 +113,7 @@ def validate_manifest(data: Any) -> dict[str, Any]:
             "upgrade anoclip or re-export the artifact with this version"
         )
     _check_fields(data, REQUIRED_FIELDS)
+    _check_preprocess(data)
     if len(data["patch_grid"]) != 2:
         raise ArtifactError(f"manifest field 'patch_grid' must be [h, w], got {data['patch_grid']!r}")
     if not data["models"]:
@@ -131,7 +137,34 @@ def validate_manifest(data: Any) -> dict[str, Any]:
     for name in referenced_files(data):
         if name not in data["files"]:
             raise ArtifactError(f"manifest names file {name!r} but 'files' has no sha256 for it")
+    for name in data["files"]:
+        _safe_member(Path("."), name)  # also with --no-verify: no file outside the artifact folder
     return data
+
+
+def _numbers(value: Any, count: int) -> bool:
+    """``value`` is a list of ``count`` finite numbers (booleans are not numbers here)."""
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _check_preprocess(data: Mapping[str, Any]) -> None:
+    """Shapes and values of the pre-processing fields (a bad one would fail mid-batch otherwise)."""
+    pre = data["preprocess"]
+    for name in ("image_size", "embed_dim"):
+        if data[name] < 1:
+            raise ArtifactError(f"manifest field '{name}' must be a positive integer, got {data[name]!r}")
+    if pre["image_size"] != data["image_size"]:
+        raise ArtifactError(f"manifest field 'preprocess.image_size' is {pre['image_size']!r} but 'image_size' is "
+                            f"{data['image_size']!r}; they must agree")
+    if not _numbers(pre["mean"], 3):
+        raise ArtifactError(f"manifest field 'preprocess.mean' must be 3 finite numbers, got {pre['mean']!r}")
+    if not _numbers(pre["std"], 3) or not all(v > 0 for v in pre["std"]):
+        raise ArtifactError(f"manifest field 'preprocess.std' must be 3 finite numbers > 0, got {pre['std']!r}")
+    if "value_range" in pre and not (_numbers(pre["value_range"], 2) and pre["value_range"][0] < pre["value_range"][1]):
+        raise ArtifactError(
+            f"manifest field 'preprocess.value_range' must be 2 finite numbers [low, high] with low < high, "
+            f"got {pre['value_range']!r}")
 
 
 def referenced_files(data: Mapping[str, Any]) -> list[str]:

@@ -70,3 +70,47 @@ def test_bench_model_config_must_be_an_open_clip_json(tmp_path: Path, text: str,
     cfg = tmp_path / "m.json"
     cfg.write_text(text)
     assert_one_line(run("anoclip-bench", "--quick", "--model-config", str(cfg), "--out", str(tmp_path / "o")), needle)
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (["--threads", "0"], "threads must be >= 1, got 0"),
+    (["--threads", "-2"], "threads must be >= 1, got -2"),
+    (["--batch", "0"], "batch must be >= 1"),
+    (["--quantile", "0"], "--quantile must be in (0, 1]"),
+    (["--quantile", "1.5"], "--quantile must be in (0, 1]"),
+])
+def test_calibrate_numeric_options_before_loading(tmp_path: Path, opts: list[str], needle: str):
+    args = ["calibrate", str(tmp_path / "none"), "--good", str(tmp_path), "--class", "a", *opts]
+    assert_one_line(run("anoclip", *args), needle)
+
+
+def test_parity_negative_seed(tmp_path: Path):
+    assert_one_line(run("anoclip", "parity", str(tmp_path / "none"), "--seed", "-1"), "--seed must be >= 0")
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (["--trt-profile", "0,8,32"], "1 <= min <= opt <= max"), (["--trt-profile", "8,4,32"], "1 <= min <= opt <= max"),
+    (["--image-size", "0"], "--image-size must be >= 1"),
+])
+def test_export_numeric_options(tmp_path: Path, opts: list[str], needle: str):
+    assert_one_line(run("anoclip-export", "--backbone", "ViT-Nope", "--classes", "a", "--out", str(tmp_path / "o"),
+                        *opts), needle)
+
+
+def test_library_threads_zero_is_refused():
+    from anoclip_core.errors import InputError
+    from runtime.backends import create_backend
+
+    with pytest.raises(InputError, match="threads must be >= 1"):
+        create_backend("ort-cpu", "/nonexistent", {}, threads=0)
+
+
+def test_directory_given_as_an_image_is_reported_as_a_directory(tmp_path: Path):
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "b.png").mkdir()  # what a shell glob '*.png' passes along with the files
+    proc = run("anoclip-infer", str(tmp_path / "none"), str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+               "--class", "a")
+    assert_one_line(proc, f"{tmp_path / 'b.png'} is a directory, not an image file")

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from anoclip_core.errors import ArtifactError, BackendUnavailable
+from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
-from .base import ALL_OUTPUTS, DEFAULT_OUTPUTS, Backend, ParityReport, parity_check
+from .base import ALL_OUTPUTS, DEFAULT_OUTPUTS, Backend, ParityReport, check_graph, parity_check
 
 log = logging.getLogger("anoclip.runtime")
 
@@ -24,7 +24,7 @@ BACKENDS = ("trt", "ort-trt", "ort-cuda", "openvino", "ort-cpu")
 CHOICES = ("auto",) + BACKENDS
 
 __all__ = ["ALL_OUTPUTS", "DEFAULT_OUTPUTS", "BACKENDS", "CHOICES", "Backend", "BackendChoice", "ParityReport",
-           "check_precision", "create_backend", "parity_check"]
+           "check_backend_graph", "check_precision", "create_backend", "parity_check"]
 
 
 @dataclass
@@ -117,11 +117,28 @@ def check_precision(name: str, manifest: Mapping[str, Any], precision: str | Non
     model_entry(manifest, precision)
 
 
+def check_backend_graph(name: str, artifact_dir: str | os.PathLike, manifest: Mapping[str, Any],
+                        precision: str | None) -> None:
+    """Check the ONNX graph backend ``name`` would load against the manifest (``base.check_graph``),
+    so a broken or mismatched graph is one clear error at load, whichever engine reads it.
+    The native TensorRT backend loads an engine, not the graph: nothing to check."""
+    from .openvino import HINT_ONLY
+
+    if name == "trt":
+        return
+    key = "fp32" if precision in HINT_ONLY else (precision or manifest["default_model"])
+    if key in manifest["models"]:
+        check_graph(Path(artifact_dir) / manifest["models"][key]["file"], artifact_dir, manifest)
+
+
 def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping[str, Any],
                    precision: str | None = None, **opts: Any) -> BackendChoice:
     """Start backend ``name`` for a (validated) artifact; ``auto`` picks the fastest available."""
     if name not in CHOICES:
         raise BackendUnavailable(f"unknown backend {name!r} (expected one of {', '.join(CHOICES)})")
+    threads = opts.get("threads")
+    if threads is not None and int(threads) < 1:  # 0 would silently mean "all cores" to the engines
+        raise InputError(f"threads must be >= 1, got {threads}")
     root = Path(artifact_dir)
     if name != "auto":
         return BackendChoice(_start(name, root, manifest, precision, opts), name, name)

@@ -11,13 +11,17 @@ Torch-free: numpy only.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from anoclip_core.compare import diff, pearson
-from anoclip_core.errors import InputError
+from anoclip_core.errors import ArtifactError, InputError
+
+from .onnx_info import Dim, read_graph_info
 
 INPUT_NAMES = ("pixels", "text_prototypes")
 ALL_OUTPUTS = ("global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores")
@@ -59,6 +63,37 @@ def check_inputs(pixels: Any, prototypes: Any) -> tuple[np.ndarray, np.ndarray]:
     if pr.ndim != 3 or pr.shape[1] != 2 or pr.shape[0] < 1:
         raise InputError(f"text_prototypes must be [C, 2, D] with C >= 1, got {list(pr.shape)}")
     return px, pr
+
+
+def _fits(declared: Sequence[Dim], expected: Sequence[Dim]) -> bool:
+    """Same rank, and every fixed size on both sides agrees (symbolic or unknown sizes fit anything)."""
+    return len(declared) == len(expected) and all(
+        not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(declared, expected))
+
+
+def _show(dims: Sequence[Dim]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def check_graph(model_path: str | os.PathLike, artifact_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    """Refuse, before an engine parses it, a graph that is not ONNX, keeps external data outside
+    the artifact folder, or declares inputs other than ``pixels [B, 3, S, S]`` and
+    ``text_prototypes [C, 2, D]`` with the manifest's ``image_size`` S and ``embed_dim`` D."""
+    path = Path(model_path)
+    info = read_graph_info(path)
+    root = os.path.realpath(artifact_dir)
+    for loc in info.external_locations:
+        target = os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(path)), loc))
+        if os.path.isabs(loc) or os.path.commonpath([root, target]) != root:
+            raise ArtifactError(f"{path.name}: external data {loc!r} lies outside the artifact folder {artifact_dir}")
+    s, d = int(manifest["image_size"]), int(manifest["embed_dim"])
+    expected: dict[str, list[Dim]] = {"pixels": ["B", 3, s, s], "text_prototypes": ["C", 2, d]}
+    if sorted(info.inputs) != sorted(expected):
+        raise ArtifactError(f"{path.name} has inputs {sorted(info.inputs)}, expected {list(INPUT_NAMES)}")
+    for name, want in expected.items():
+        if not _fits(info.inputs[name], want):
+            raise ArtifactError(f"{path.name} declares {name} {_show(info.inputs[name])} but the manifest "
+                                f"(image_size {s}, embed_dim {d}) needs {_show(want)}")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from anoclip_core.choices import DEFAULT_TRT_PROFILE
-from anoclip_core.errors import BackendUnavailable
+from anoclip_core.errors import ArtifactError, BackendUnavailable
 
 from .base import DEFAULT_OUTPUTS, check_inputs, check_outputs
 
@@ -195,7 +195,9 @@ class OrtBackend:
             self.session = factory(load_path, so, providers)
         except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
             if kind == "cpu":
-                raise
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise ArtifactError(f"{model_path}: ONNX Runtime cannot load this graph ({type(err).__name__}: "
+                                    f"{first})") from None
             raise BackendUnavailable(f"backend {self.name} failed to start: {type(err).__name__}: {err}") from None
         wanted = providers[0][0]
         active = list(self.session.get_providers())

@@ -20,6 +20,7 @@ def test_tag_quick_gelu_is_forced(monkeypatch: pytest.MonkeyPatch, backbone: str
         return "model"
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    monkeypatch.setattr("anoclip_core.pretrained.offline_reason", lambda *a, **k: None)  # weights "cached"
     assert create_clip(backbone, WeightsInfo(tag, "tag", None, False), None) == "model"
     assert seen["name"] == backbone and seen["pretrained"] == tag
     assert seen.get("force_quick_gelu", False) is expected

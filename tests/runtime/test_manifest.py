@@ -160,3 +160,36 @@ def test_atomic_write_keeps_old_on_failure(tmp_path, monkeypatch):
 def test_manifest_module_is_torch_free():
     code = "import sys, runtime.manifest; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("mean", [0.5, 0.5]), ("mean", "0.5,0.5,0.5"), ("mean", [0.5, "x", 0.5]), ("mean", [0.5, True, 0.5]),
+    ("mean", [0.5, float("nan"), 0.5]),
+    ("std", [0.5, 0.5, 0.0]), ("std", [0.5, -1, 0.5]), ("std", [[0.5], [0.5], [0.5]]), ("std", [0.5] * 4),
+    ("value_range", [1, 0]), ("value_range", [0, 0]), ("value_range", [0]), ("value_range", ["0", "1"]),
+    ("value_range", None), ("image_size", 224),
+])
+def test_bad_preprocess_field_is_named(tmp_path, field, value):
+    data = _artifact(tmp_path / "a")
+    data["preprocess"][field] = value
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=rf"manifest field 'preprocess\.{field}'"):
+        mf.read_manifest(tmp_path / "a", check_files=False)
+
+
+def test_good_preprocess_fields_pass_and_value_range_is_optional(tmp_path):
+    data = _artifact(tmp_path / "a")
+    data["preprocess"].update(mean=[0, 1, 0.25], std=[1, 2, 0.125], value_range=[-1.0, 1])
+    mf.validate_manifest(data)
+    del data["preprocess"]["value_range"]
+    mf.validate_manifest(data)
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_no_verify_still_keeps_paths_inside_the_artifact(tmp_path, name):
+    data = _artifact(tmp_path / "a")
+    data["files"][name] = "0" * 64
+    data["text"]["file"] = name
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="not a plain relative path inside the artifact"):
+        mf.read_manifest(tmp_path / "a", check_files=False)
