@@ -59,7 +59,7 @@ def sample_images(n_test: int, n_calib: int) -> tuple[list[Path], list[Path], li
 
 
 def _existing_artifact_matches(art: Path, cfg: DemoConfig) -> bool:
-    from runtime import manifest as mf
+    from runtime import contract as mf
 
     try:
         m = mf.read_manifest(art, check_files=False)

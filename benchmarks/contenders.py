@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from runtime import contract as mf
+
 from .config import RUNTIME_CONTENDERS, STATIC_INT8_CONTENDERS
 
 DESCRIPTIONS = {
@@ -251,11 +253,11 @@ def static_int8_artifact(cfg: Any, main_dir: Path, main_manifest: dict, names: t
         return None
     folder = Path(main_dir).parent / f"{Path(main_dir).name}-int8-static"
     try:
-        if not (folder / "manifest.json").is_file():
+        if not (folder / mf.MANIFEST_NAME).is_file():
             say(f"exporting the static int8 artifact (calibrated QDQ) -> {folder}")
             with tempfile.TemporaryDirectory(prefix="anoclip-bench-calib-") as calib:
                 _export_static_int8(cfg, folder, _write_calibration_images(Path(calib) / "good", cfg.seed + 1000))
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = mf.read_manifest(folder, check_files=False)
     except Exception as err:  # noqa: BLE001 - export/verification failures make the contenders unavailable
         return _one_line(f"no static int8 artifact: {type(err).__name__}: {err}")
     same = all(manifest.get(k) == main_manifest.get(k) for k in ("backbone", "image_size"))

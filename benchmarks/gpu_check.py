@@ -75,7 +75,7 @@ def default_bench(cfg: CheckConfig, artifact: Path) -> tuple[int, Path]:
 
 def default_backend(name: str, artifact: Path, precision: str | None) -> Any:
     from runtime.backends import create_backend
-    from runtime.manifest import read_manifest
+    from runtime.contract import read_manifest
 
     return create_backend(name, artifact, read_manifest(artifact), precision).backend
 
@@ -118,7 +118,7 @@ def check_parity(artifact: Path, manifest: dict[str, Any], cfg: CheckConfig,
 def run_check(cfg: CheckConfig, export_fn: Callable = default_export, bench_fn: Callable = default_bench,
               backend_factory: Callable = default_backend, say: Callable[[str], None] = print) -> list[Step]:
     """Export, parity, benchmark; a failed export stops the rest. Writes OUT/gpu_check.json."""
-    from runtime.manifest import read_manifest
+    from runtime.contract import read_manifest
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     steps: list[Step] = []

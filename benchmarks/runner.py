@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from anoclip_core.compare import compare
+from runtime import contract as mf
 
 from . import flops as fl
 from .config import BASELINE, BenchConfig
@@ -400,7 +401,7 @@ def build_artifact(cfg: BenchConfig, out_dir: Path, contenders: tuple[str, ...],
 
 
 def load_artifact(path: Path) -> dict:
-    from runtime.manifest import read_manifest
+    from runtime.contract import read_manifest
 
     return read_manifest(path)
 
@@ -681,7 +682,7 @@ def make_inputs(run: BenchRun) -> None:
 def obtain_artifact(run: BenchRun) -> tuple[Path, dict, dict]:
     """Reuse ``--artifact`` when it holds one, else export one (temporary unless ``--artifact`` names a folder)."""
     cfg = run.cfg
-    if cfg.artifact and (Path(cfg.artifact) / "manifest.json").is_file():
+    if cfg.artifact and (Path(cfg.artifact) / mf.MANIFEST_NAME).is_file():
         art_dir = Path(cfg.artifact)
         art_info: dict[str, Any] = {"built_in_run": False, "path": str(art_dir)}
         run.say(f"reusing artifact {art_dir}")

@@ -34,12 +34,12 @@ from anoclip_core.fileio import swap_dir
 from anoclip_core.pretrained import cached_tag_file
 from anoclip_core.progress import progress as progress_bar, say
 from anoclip_core.prompt_grammar import SENTENCES_PER_STATE
-from runtime import manifest as mf
+from runtime import contract as mf
 
 from . import quantize, text, trt as trt_mod, triton as triton_mod
 from .onnx_export import EXPORTERS, TWO_GB, ExportError, export_onnx, onnx_opset
 from .verify import BATCH_SIZES, VERIFY_PROBE_CLASS, Verifier
-from .wrapper import INPUT_NAMES, OUTPUT_NAMES, AnoCLIPExportWrapper
+from .wrapper import AnoCLIPExportWrapper
 
 PAPER_DEFAULT_TAGS = {"ViT-B-16-plus-240": "laion400m_e32"}
 
@@ -395,7 +395,7 @@ def _load_weights(stage: _Stage) -> None:
 def _write_text(stage: _Stage) -> None:
     """Encode the classes' prompts into the npz; an export without classes writes an empty one."""
     encoded = text.encode_classes(stage.model, stage.domains, stage.cfg.progress)
-    text.write_npz(stage.tmp / text.TEXT_FILE, encoded)
+    text.write_npz(stage.tmp / mf.TEXT_FILE, encoded)
     if stage.classes:
         stage.protos = text.prototypes_array(encoded, stage.classes)
 
@@ -506,55 +506,19 @@ def _write_triton(stage: _Stage) -> None:
 
 def _write_manifest(stage: _Stage) -> None:
     """The manifest last (sha256 of every file), then read back exactly as the runtime will."""
-    cfg, model, tmp = stage.cfg, stage.model, stage.tmp
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)
-    manifest: dict[str, Any] = {
-        "format": mf.FORMAT,
-        "format_version": mf.FORMAT_VERSION,
-        "created": _now(),
-        "backbone": cfg.backbone,
-        "pretrained": stage.pretrained_entry,
-        "open_clip_config": _open_clip_config(cfg.backbone),
-        "image_size": int(model.image_size),
-        "preprocess": model.preprocess_config.to_dict(),
-        "patch_grid": [int(v) for v in model.grid_size],
-        "patch_size": [int(v) for v in model.encoder.patch_size],
-        "embed_dim": int(model.embed_dim),
-        "depth": int(model.encoder.depth),
-        "dual_blocks": int(model.encoder.dual_blocks),
-        "temperature": float(model.temperature),
-        "opset": int(stage.opset),
-        "exporter": cfg.exporter,
-        "precisions": list(stage.precisions),
-        "models": stage.model_entries,
-        "default_model": "fp32",
-        "io": {
-            "inputs": list(INPUT_NAMES),
-            "outputs": list(OUTPUT_NAMES),
-            "shapes": {
-                "pixels": ["B", 3, int(model.image_size), int(model.image_size)],
-                "text_prototypes": ["C", 2, int(model.embed_dim)],
-                "global_embedding": ["B", int(model.embed_dim)],
-                "local_embeddings": ["B", *model.grid_size, int(model.embed_dim)],
-                "local_tokens": ["B", *model.grid_size, int(model.embed_dim)],
-                "patch_probs": ["B", "C", *model.grid_size],
-                "image_scores": ["B", "C"],
-            },
-        },
-        "text": {
-            "file": text.TEXT_FILE,
-            "classes": {name: stage.domains[name] for name in stage.classes},
-            "prompt_set": _prompt_set(),
-            "sentences_per_state": SENTENCES_PER_STATE,
-        },
-        "tensorrt": stage.trt_entry,
-        "triton": stage.triton_entry,
-        "versions": tool_versions(stage.extra_versions),
-        "export_seconds": round(time.time() - stage.started, 1),
-        "files": mf.file_hashes(tmp, files),
-    }
-    mf.write_manifest(tmp, manifest)
-    mf.read_manifest(tmp, check_files=True)  # what the runtime will see
+    cfg, model = stage.cfg, stage.model
+    manifest = mf.build_manifest(
+        stage.tmp, backbone=cfg.backbone, pretrained=stage.pretrained_entry,
+        open_clip_config=_open_clip_config(cfg.backbone), preprocess=model.preprocess_config.to_dict(),
+        patch_grid=model.grid_size, patch_size=model.encoder.patch_size, embed_dim=model.embed_dim,
+        depth=model.encoder.depth, dual_blocks=model.encoder.dual_blocks, temperature=model.temperature,
+        opset=stage.opset, exporter=cfg.exporter, models=stage.model_entries, classes=stage.domains,
+        prompt_set=_prompt_set(), sentences_per_state=SENTENCES_PER_STATE, tensorrt=stage.trt_entry,
+        triton=stage.triton_entry, versions=tool_versions(stage.extra_versions), created=_now(),
+        export_seconds=round(time.time() - stage.started, 1),
+    )
+    mf.write_manifest(stage.tmp, manifest)
+    mf.read_manifest(stage.tmp, check_files=True)  # what the runtime will see
 
 
 def _now() -> str:

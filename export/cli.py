@@ -11,7 +11,6 @@ User errors (``AnoCLIPError``) print ``error: <message>`` on one line and exit 2
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from anoclip_core.choices import (
 )
 from anoclip_core.cli_errors import OneLineGroup
 from anoclip_core.errors import AnoCLIPError
+from runtime import contract as mf
 
 DEFAULT_COMMAND = "export"
 
@@ -180,7 +180,7 @@ def _image_list(path: str | None) -> list[str]:
 
 
 def _summary(path: Path, seconds: float) -> None:
-    data = json.loads((path / "manifest.json").read_text())
+    data = mf.read_manifest(path, check_files=False)
     click.echo(f"artifact: {path}  ({seconds:.1f} s)")
     if data["pretrained"]["random_weights"]:
         click.echo("  WARNING: random weights (pretrained.random_weights = true)")
@@ -219,7 +219,7 @@ def add_class_cmd(artifact, class_name, domain, model_config, text_cache, quiet)
     t0 = time.time()
     add_class(artifact, class_name, domain, text_cache=_text_cache(text_cache), model_config=model_config,
               progress=not quiet)
-    data = json.loads((Path(artifact) / "manifest.json").read_text())
+    data = mf.read_manifest(artifact, check_files=False)
     click.echo(f"added {class_name!r} to {artifact} ({time.time() - t0:.1f} s); classes: {', '.join(data['text']['classes'])}")
 
 

@@ -60,7 +60,9 @@ import torch
 from anoclip_core.choices import DEFAULT_OPSET, Exporter, values
 from anoclip_core.errors import AnoCLIPError
 
-from .wrapper import INPUT_NAMES, OUTPUT_NAMES, AnoCLIPExportWrapper
+from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
+
+from .wrapper import AnoCLIPExportWrapper
 
 EXPORTERS = values(Exporter)
 TWO_GB = 2 * 1024**3

@@ -15,7 +15,6 @@ import numpy as np
 
 from anoclip_core.errors import AnoCLIPError
 
-TEXT_FILE = "text_embeddings.npz"
 
 
 def check_class_name(name: str) -> str:

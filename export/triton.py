@@ -27,7 +27,7 @@ from anoclip_core.errors import AnoCLIPError
 from anoclip_core.fileio import swap_dir
 
 from .onnx_export import TWO_GB, save_onnx
-from .wrapper import INPUT_NAMES, OUTPUT_NAMES
+from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 DEFAULT_MODEL_NAME = "anoclip"
 DEFAULT_MAX_BATCH = 32

@@ -38,7 +38,7 @@ import numpy as np
 from anoclip_core.compare import compare as compare_maps, diff
 from anoclip_core.errors import AnoCLIPError
 
-from .wrapper import INPUT_NAMES, OUTPUT_NAMES
+from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 VERIFY_SEED = 0
 VERIFY_IMAGES = 3

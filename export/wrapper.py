@@ -5,7 +5,7 @@ forward with tensor inputs/outputs and fixed names; it holds no parameters of it
 the core's ``DualPathEncoder`` as is (so the graph computes exactly what the core computes).
 
 Inputs: ``pixels [B, 3, S, S]`` (normalised) and ``text_prototypes [C, 2, D]`` (L2-normalised,
-normal then abnormal). Outputs, in this order (``OUTPUT_NAMES``)::
+normal then abnormal). Outputs, in this order (``runtime.contract.OUTPUT_NAMES``)::
 
     global_embedding  [B, D]        L2-normalised
     local_embeddings  [B, h, w, D]  L2-normalised
@@ -23,8 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INPUT_NAMES = ("pixels", "text_prototypes")
-OUTPUT_NAMES = ("global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores")
 
 
 class AnoCLIPExportWrapper(nn.Module):

@@ -1,7 +1,7 @@
 """Torch-free AnoCLIP inference runtime (numpy, OpenCV, ONNX Runtime / TensorRT).
 
 ``Detector.load(artifact, backend="auto").predict(image, "bottle")``. Public names load lazily so
-``import runtime.manifest`` stays dependency-free; only ``runtime.tta`` (AnoCLIP+) imports torch.
+``import runtime.contract`` stays dependency-free; only ``runtime.tta`` (AnoCLIP+) imports torch.
 """
 from __future__ import annotations
 

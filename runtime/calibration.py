@@ -29,7 +29,7 @@ import numpy as np
 
 from anoclip_core.errors import AnoCLIPError, InputError
 
-from . import manifest as mf
+from . import contract as mf
 from .detector import CALIBRATION_NAME, Detector, InferConfig, load_calibration
 from .inputs import collect_inputs
 

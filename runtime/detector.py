@@ -28,7 +28,7 @@ import numpy as np
 from anoclip_core.errors import AnoCLIPError, ArtifactError, InputError
 from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, read_image, to_rgb_float
 
-from . import manifest as mf
+from . import contract as mf
 from .backends import DEFAULT_OUTPUTS, BackendChoice, check_backend_graph, check_precision, create_backend
 from .postprocess import Region, anomaly_map, find_regions
 from .tiler import StripOutput, StripStream, predict_tiled

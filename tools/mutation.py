@@ -37,7 +37,7 @@ SCORES_TESTS = ("tests/anoclip_core/test_scores.py", "tests/anoclip_core/test_sc
 WRAPPER_TESTS = ("tests/export/test_graph_checks.py", "tests/export/test_export.py")
 VERIFY_TESTS = ("tests/export/test_graph_checks.py", "tests/export/test_export.py")
 CALIB_TESTS = ("tests/runtime/test_calibration_values.py", "tests/runtime/test_runtime_detector.py")
-MANIFEST_TESTS = ("tests/runtime/test_artifact_integrity.py", "tests/runtime/test_manifest.py")
+MANIFEST_TESTS = ("tests/runtime/test_artifact_integrity.py", "tests/runtime/test_contract.py")
 TILER_TESTS = ("tests/runtime/test_tiler_blend.py", "tests/runtime/test_runtime_tiler.py")
 POST_TESTS = ("tests/runtime/test_runtime_postprocess.py",)
 TTA_TESTS = ("tests/runtime/test_tta_pinned.py", "tests/anoclip_core/test_tta.py")
@@ -89,12 +89,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "np.asarray(scores, np.float64), 1.0 - quantile)", CALIB_TESTS, "image threshold at quantile 1-q"),
     Mutant("calib-image-max", "runtime/calibration.py", "float(np.quantile(np.asarray(scores, np.float64), quantile))",
            "float(np.max(scores))", CALIB_TESTS, "image threshold is the max good score whatever q"),
-    Mutant("manifest-skip-external", "runtime/manifest.py", 'names += list(entry.get("external_data") or [])',
+    Mutant("manifest-skip-external", "runtime/contract.py", 'names += list(entry.get("external_data") or [])',
            "pass", MANIFEST_TESTS, "external-data files not referenced (issue 15 mutant 2, variant a)"),
-    Mutant("manifest-skip-data-hash", "runtime/manifest.py", "if sha256_file(path) != files[name]:",
+    Mutant("manifest-skip-data-hash", "runtime/contract.py", "if sha256_file(path) != files[name]:",
            'if not name.endswith(".data") and sha256_file(path) != files[name]:', MANIFEST_TESTS,
            "sha256 check skips *.onnx.data (issue 15 mutant 2)"),
-    Mutant("manifest-no-hash", "runtime/manifest.py", "if sha256_file(path) != files[name]:", "if False:",
+    Mutant("manifest-no-hash", "runtime/contract.py", "if sha256_file(path) != files[name]:", "if False:",
            MANIFEST_TESTS, "no sha256 comparison at all"),
     Mutant("tiler-ramp-reversed", "runtime/tiler.py", "w[up_at:up_at + overlap] = r", "w[up_at:up_at + overlap] = r[::-1]",
            TILER_TESTS, "blend ramp of the incoming tile reversed"),

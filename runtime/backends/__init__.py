@@ -44,7 +44,7 @@ class BackendChoice:
 
 def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision: str | None,
            opts: Mapping[str, Any]) -> Any:
-    from ..manifest import model_entry
+    from ..contract import model_entry
 
     if name == "trt":
         from .trt import TrtBackend
@@ -108,7 +108,7 @@ def _start_openvino(artifact_dir: Path, manifest: Mapping[str, Any], precision: 
 
 def check_precision(name: str, manifest: Mapping[str, Any], precision: str | None) -> None:
     """Refuse early a precision the artifact has no graph for (bf16 is OpenVINO's hint on the fp32 graph)."""
-    from ..manifest import model_entry
+    from ..contract import model_entry
     from .openvino import HINT_ONLY
 
     if name in ("auto", "openvino") and precision in HINT_ONLY:

@@ -21,11 +21,11 @@ import numpy as np
 from anoclip_core.compare import diff, pearson
 from anoclip_core.errors import ArtifactError, InputError
 
+from ..contract import DEFAULT_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES
+
 from .onnx_info import Dim, read_graph_info
 
-INPUT_NAMES = ("pixels", "text_prototypes")
-ALL_OUTPUTS = ("global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores")
-DEFAULT_OUTPUTS = ("patch_probs", "image_scores")
+ALL_OUTPUTS = OUTPUT_NAMES
 
 
 @runtime_checkable

@@ -6,7 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from runtime import manifest as mf
+from runtime import contract as mf
 
 
 

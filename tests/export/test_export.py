@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from anoclip_core.errors import AnoCLIPError, ArtifactError
-from runtime import manifest as mf
+from runtime import contract as mf
 
 CLASSES = ["bottle", "carpet"]
 

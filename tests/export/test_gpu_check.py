@@ -10,7 +10,7 @@ import pytest
 
 from anoclip_core.errors import BackendUnavailable
 from benchmarks import gpu_check as gc
-from runtime import manifest as mf
+from runtime import contract as mf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 

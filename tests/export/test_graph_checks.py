@@ -153,7 +153,7 @@ def test_tampered_external_data_is_refused(t_art, tmp_path):
 
     from anoclip_core.errors import ArtifactError
     from runtime import Detector
-    from runtime.manifest import read_manifest
+    from runtime.contract import read_manifest
 
     art = tmp_path / "art"
     shutil.copytree(t_art, art)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from anoclip_core.errors import AnoCLIPError
-from runtime import manifest as mf
+from runtime import contract as mf
 from trt_fakes import fake_tensorrt
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from anoclip_core.errors import ArtifactError
-from runtime import manifest as mf
+from runtime import contract as mf
 
-from test_manifest import _artifact
+from test_contract import _artifact
 
 
 def _with_external(root: Path) -> dict:

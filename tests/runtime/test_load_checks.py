@@ -13,7 +13,7 @@ import pytest
 
 from anoclip_core.errors import ArtifactError
 from runtime import Detector
-from runtime import manifest as mf
+from runtime import contract as mf
 from runtime.backends.onnx_info import read_graph_info
 
 CPU_BACKENDS = ["ort-cpu", "openvino"]

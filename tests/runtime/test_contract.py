@@ -1,4 +1,4 @@
-"""runtime/manifest.py: torch-free reader/validator/atomic writer of manifest.json."""
+"""runtime/contract.py: torch-free reader/validator/atomic writer of manifest.json."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from anoclip_core.errors import ArtifactError
-from runtime import manifest as mf
+from runtime import contract as mf
 
 
 def _artifact(root: Path) -> dict:
@@ -158,7 +158,7 @@ def test_atomic_write_keeps_old_on_failure(tmp_path, monkeypatch):
 
 
 def test_manifest_module_is_torch_free():
-    code = "import sys, runtime.manifest; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = "import sys, runtime.contract; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 

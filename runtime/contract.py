@@ -1,9 +1,13 @@
-"""Artifact ``manifest.json``: reader, validator and atomic writer (torch-free).
+"""The one contract between export and runtime (torch-free): names, the manifest, the calibration file.
 
-Shared by the exporter (which writes it) and the runtime (which refuses anything it cannot
-trust). The schema is ``docs/ARCHITECTURE.md`` (format_version 1). This module imports only the
+Everything both sides must agree on is spelled here and nowhere else: the graph's input and
+output names and shapes, the artifact's file names, ``manifest.json`` (``build_manifest``,
+``validate_manifest``, ``read_manifest``, ``write_manifest``) and ``calibration.json`` (see
+``runtime.calibration`` for how thresholds are computed from it). The exporter builds and
+writes with it, the runtime and the benchmarks read with it. The schema is
+``docs/ARCHITECTURE.md`` (format_version 1). This module imports only the
 standard library and ``anoclip_core.errors`` (which is itself dependency-free), so
-``import runtime.manifest`` never imports torch, numpy or ONNX Runtime.
+``import runtime.contract`` never imports torch, numpy or ONNX Runtime.
 
 Refusals (all ``ArtifactError``, one line, naming the culprit):
 
@@ -33,6 +37,31 @@ from anoclip_core.fileio import atomic_write_text, sha256_file
 MANIFEST_NAME = "manifest.json"
 FORMAT = "anoclip-artifact"
 FORMAT_VERSION = 1
+TEXT_FILE = "text_embeddings.npz"
+
+# The exported graph's interface (export/wrapper.py produces it, every backend runs it).
+INPUT_NAMES = ("pixels", "text_prototypes")
+OUTPUT_NAMES = ("global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores")
+DEFAULT_OUTPUTS = ("patch_probs", "image_scores")
+
+
+def io_spec(image_size: int, patch_grid: Iterable[int], embed_dim: int) -> dict[str, Any]:
+    """The manifest's ``io`` block: input/output names and shapes ("B" images, "C" classes dynamic)."""
+    s, d = int(image_size), int(embed_dim)
+    h, w = (int(v) for v in patch_grid)
+    return {
+        "inputs": list(INPUT_NAMES),
+        "outputs": list(OUTPUT_NAMES),
+        "shapes": {
+            "pixels": ["B", 3, s, s],
+            "text_prototypes": ["C", 2, d],
+            "global_embedding": ["B", d],
+            "local_embeddings": ["B", h, w, d],
+            "local_tokens": ["B", h, w, d],
+            "patch_probs": ["B", "C", h, w],
+            "image_scores": ["B", "C"],
+        },
+    }
 
 # dotted path -> accepted python types (JSON-decoded). ``None`` in the tuple allows null.
 _NUM = (int, float)
@@ -254,3 +283,51 @@ def model_entry(data: Mapping[str, Any], precision: str | None = None) -> dict[s
     if key not in data["models"]:
         raise ArtifactError(f"artifact has no {key!r} model (available: {', '.join(sorted(data['models']))})")
     return data["models"][key]
+
+
+def build_manifest(artifact_dir: str | os.PathLike, *, backbone: str, pretrained: Mapping[str, Any],
+                   open_clip_config: Mapping[str, Any] | None, preprocess: Mapping[str, Any],
+                   patch_grid: Iterable[int], patch_size: Iterable[int], embed_dim: int, depth: int,
+                   dual_blocks: int, temperature: float, opset: int, exporter: str, models: Mapping[str, Any],
+                   classes: Mapping[str, str], prompt_set: str, sentences_per_state: int,
+                   tensorrt: Mapping[str, Any] | None, triton: Mapping[str, Any] | None,
+                   versions: Mapping[str, str], created: str, export_seconds: float | None) -> dict[str, Any]:
+    """A complete, validated manifest for the files now in ``artifact_dir`` (sha256 of each)."""
+    root = Path(artifact_dir)
+    image_size = int(preprocess["image_size"])
+    grid = [int(v) for v in patch_grid]
+    files = sorted(p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    data: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": created,
+        "backbone": backbone,
+        "pretrained": dict(pretrained),
+        "open_clip_config": open_clip_config,
+        "image_size": image_size,
+        "preprocess": dict(preprocess),
+        "patch_grid": grid,
+        "patch_size": [int(v) for v in patch_size],
+        "embed_dim": int(embed_dim),
+        "depth": int(depth),
+        "dual_blocks": int(dual_blocks),
+        "temperature": float(temperature),
+        "opset": int(opset),
+        "exporter": exporter,
+        "precisions": list(models),
+        "models": dict(models),
+        "default_model": "fp32",
+        "io": io_spec(image_size, grid, embed_dim),
+        "text": {
+            "file": TEXT_FILE,
+            "classes": {name: classes[name] for name in sorted(classes)},
+            "prompt_set": prompt_set,
+            "sentences_per_state": int(sentences_per_state),
+        },
+        "tensorrt": tensorrt,
+        "triton": triton,
+        "versions": dict(versions),
+        "export_seconds": export_seconds,
+        "files": file_hashes(root, files),
+    }
+    return validate_manifest(data)
