@@ -64,6 +64,35 @@ def check_inputs(pixels: Any, prototypes: Any) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"text_prototypes must be [C, 2, D] with C >= 1, got {list(pr.shape)}")
     return px, pr
 
+class BaseBackend:
+    """What every backend shares (Polygraphy's runner pattern): ``run`` checks, ``run_impl`` runs.
+
+    ``run`` validates the requested output names against the contract and the two inputs'
+    shapes and dtypes once, and refuses outputs the loaded graph does not have (``output_names``,
+    when the subclass sets it); ``run_impl`` gets contiguous float32 arrays and a tuple of names.
+    """
+
+    name: str = "backend"
+    output_names: Sequence[str] | None = None
+
+    def run(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: Sequence[str] = DEFAULT_OUTPUTS
+            ) -> dict[str, np.ndarray]:
+        outs = check_outputs(outputs)
+        px, pr = check_inputs(pixels, prototypes)
+        if self.output_names is not None:
+            missing = [o for o in outs if o not in self.output_names]
+            if missing:
+                raise ArtifactError(f"backend {self.name}: the graph has no output {missing[0]!r}")
+        return self.run_impl(px, pr, outs)
+
+    def run_impl(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: tuple[str, ...]
+                 ) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine's resources (a no-op unless the backend holds any)."""
+
+
 
 def _fits(declared: Sequence[Dim], expected: Sequence[Dim]) -> bool:
     """Same rank, and every fixed size on both sides agrees (symbolic or unknown sizes fit anything)."""

@@ -30,7 +30,8 @@ import numpy as np
 
 from anoclip_core.errors import ArtifactError, BackendUnavailable
 
-from .base import DEFAULT_OUTPUTS, INPUT_NAMES, check_inputs, check_outputs
+from ..contract import INPUT_NAMES
+from .base import BaseBackend
 from .ort import physical_cores
 
 NAME = "openvino"
@@ -94,7 +95,7 @@ def compile_config(hint: str, threads: int | None) -> dict[str, str]:
             "INFERENCE_NUM_THREADS": str(int(threads) if threads else physical_cores())}
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(BaseBackend):
     """One compiled OpenVINO model of the artifact's graph (see module docstring)."""
 
     def __init__(self, model_path: str | os.PathLike, hint: str = "f32", threads: int | None = None,
@@ -134,15 +135,10 @@ class OpenVinoBackend:
             req = self._local.request = self.compiled.create_infer_request()
         return req
 
-    def run(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: Sequence[str] = DEFAULT_OUTPUTS
-            ) -> dict[str, np.ndarray]:
-        outs = check_outputs(outputs)
-        px, pr = check_inputs(pixels, prototypes)
-        missing = [o for o in outs if o not in self.output_names]
-        if missing:
-            raise ArtifactError(f"{os.path.basename(self.model_path)} has no output {missing[0]!r}")
-        res = self._request().infer({"pixels": px, "text_prototypes": pr})
-        return {name: np.array(res[name], dtype=np.float32, copy=True) for name in outs}
+    def run_impl(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: tuple[str, ...]
+                 ) -> dict[str, np.ndarray]:
+        res = self._request().infer({INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: prototypes})
+        return {name: np.array(res[name], dtype=np.float32, copy=True) for name in outputs}
 
     def close(self) -> None:
         self._local = threading.local()

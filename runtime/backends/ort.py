@@ -33,7 +33,8 @@ import numpy as np
 from anoclip_core.choices import DEFAULT_TRT_PROFILE
 from anoclip_core.errors import ArtifactError, BackendUnavailable
 
-from .base import DEFAULT_OUTPUTS, check_inputs, check_outputs
+from ..contract import INPUT_NAMES
+from .base import BaseBackend
 
 log = logging.getLogger("anoclip.runtime")
 
@@ -151,7 +152,7 @@ def _default_session_factory(model_path: str, so: Any, providers: list) -> Any:
     return ort.InferenceSession(model_path, sess_options=so, providers=providers)
 
 
-class OrtBackend:
+class OrtBackend(BaseBackend):
     """ONNX Runtime session for the exported graph (see module docstring)."""
 
     def __init__(
@@ -211,11 +212,10 @@ class OrtBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._use_iobinding = kind in ("cuda", "trt")
 
-    def run(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: Sequence[str] = DEFAULT_OUTPUTS
-            ) -> dict[str, np.ndarray]:
-        outs = check_outputs(outputs)
-        px, pr = check_inputs(pixels, prototypes)
-        feeds = {"pixels": px, "text_prototypes": pr}
+    def run_impl(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: tuple[str, ...]
+                 ) -> dict[str, np.ndarray]:
+        outs = outputs
+        feeds = {INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: prototypes}
         if not self._use_iobinding:
             res = self.session.run(list(outs), feeds)
             return dict(zip(outs, res))

@@ -33,7 +33,8 @@ import numpy as np
 
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
-from .base import ALL_OUTPUTS, DEFAULT_OUTPUTS, INPUT_NAMES, check_inputs, check_outputs
+from ..contract import INPUT_NAMES, OUTPUT_NAMES as ALL_OUTPUTS
+from .base import BaseBackend
 
 
 def import_trt() -> Any:
@@ -129,7 +130,7 @@ class _Slot:
     pending: tuple[str, ...] | None = None
 
 
-class TrtBackend:
+class TrtBackend(BaseBackend):
     """Native TensorRT engine (see module docstring for the memory and thread model)."""
 
     name = "trt"
@@ -259,10 +260,9 @@ class TrtBackend:
             parts.append(self._collect(queued.popleft()))
         return parts
 
-    def run(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: Sequence[str] = DEFAULT_OUTPUTS
-            ) -> dict[str, np.ndarray]:
-        outs = check_outputs(outputs)
-        px, pr = check_inputs(pixels, prototypes)
+    def run_impl(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: tuple[str, ...]
+                 ) -> dict[str, np.ndarray]:
+        px, pr, outs = pixels, prototypes, outputs
         if px.shape[2] != self.image_size:
             raise InputError(f"pixels are {px.shape[2]} px but the TensorRT engine expects {self.image_size}")
         if pr.shape[0] > self.max_classes or pr.shape[2] != self.embed_dim:

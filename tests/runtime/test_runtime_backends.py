@@ -328,3 +328,39 @@ def test_gpu_native_trt_parity(register_tiny, text_cache, tmp_path):
            "local_tokens": 5e-2}
     rep = parity_check(cpu.backend, gpu.backend, px, cpu.prototypes("bottle"), tolerance=tol)
     assert rep.passed, str(rep)
+
+
+def test_base_backend_checks_once_and_run_impl_runs():
+    """Polygraphy's runner pattern: ``run`` validates, ``run_impl`` only runs (and is never reached on bad input)."""
+    from anoclip_core.errors import ArtifactError, InputError
+    from runtime.backends.base import BaseBackend
+    from runtime.backends.openvino import OpenVinoBackend
+    from runtime.backends.ort import OrtBackend
+    from runtime.backends.trt import TrtBackend
+
+    calls = []
+
+    class Recorder(BaseBackend):
+        name = "recorder"
+        output_names = ("patch_probs", "image_scores")
+
+        def run_impl(self, pixels, prototypes, outputs):
+            calls.append((pixels, prototypes, outputs))
+            return {o: np.zeros(1, np.float32) for o in outputs}
+
+    b = Recorder()
+    px64 = np.zeros((2, 3, 8, 8), np.float64)
+    pr = np.ones((1, 2, 4), np.float32)
+    b.run(px64, pr)
+    (px, prr, outs), = calls
+    assert px.dtype == np.float32 and px.flags.c_contiguous and outs == ("patch_probs", "image_scores")
+    for bad in (np.zeros((3, 8, 8)), np.zeros((1, 4, 8, 8))):
+        with pytest.raises(InputError, match="pixels must be"):
+            b.run(bad, pr)
+    with pytest.raises(InputError, match="unknown graph output"):
+        b.run(px64, pr, ("nope",))
+    with pytest.raises(ArtifactError, match="no output 'local_tokens'"):
+        b.run(px64, pr, ("local_tokens",))
+    assert len(calls) == 1
+    for cls in (OrtBackend, OpenVinoBackend, TrtBackend):
+        assert issubclass(cls, BaseBackend) and "run" not in vars(cls) and "run_impl" in vars(cls)
