@@ -62,10 +62,11 @@ def test_two_add_class_and_two_calibrate_processes_all_land(artifact_copy: Path,
 
 
 def test_a_held_lock_gives_a_one_line_error_after_the_timeout(artifact_copy: Path, good: Path):
-    sys.path.insert(0, str(ROOT / "tests" / "anoclip_core"))
-    from test_artlock import hold
-
-    holder = hold(artifact_copy, 60)
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from anoclip_core.artlock import artifact_lock\n"
+            f"with artifact_lock({str(artifact_copy)!r}, what='anoclip-export add-class'):\n"
+            "    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
     try:
         t0 = time.monotonic()
         proc = _calibrate(artifact_copy, good, "bottle", 0.9, ANOCLIP_LOCK_TIMEOUT="1")
