@@ -99,6 +99,12 @@ def sweep(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def pending(out: str | os.PathLike) -> bool:
+    """Whether dead processes left hidden temp or old folders of ``out`` (one directory listing)."""
+    out = Path(out).absolute()
+    return bool(_leftovers(out, "tmp") or _leftovers(out, "old"))
+
+
 def has_leftovers(out: str | os.PathLike) -> bool:
     """Cheap check (one directory listing) for an interrupted replace's ``.<name>.old-*``."""
     out = Path(out).absolute()

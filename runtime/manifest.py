@@ -253,7 +253,7 @@ def recover_artifact(artifact_dir: str | os.PathLike) -> list[str]:
     """Under the artifact's lock: finish or undo a ``--force`` replace killed between its renames,
     then delete hidden temp/old folders of dead processes. Returns notes for the user."""
     root = Path(artifact_dir).absolute()
-    if not root.parent.is_dir():
+    if not staging.pending(root):  # the usual case: no lock file is created
         return []
     try:
         with artifact_lock(root, what="anoclip recovery"):
