@@ -33,3 +33,7 @@ class BankError(AnoCLIPError):
 
 class BackendUnavailable(AnoCLIPError):
     """A requested inference backend (CUDA, TensorRT, ...) is not available on this machine."""
+
+
+class InferenceError(AnoCLIPError):
+    """A graph output that cannot be used for one image (NaN or infinite score or map)."""

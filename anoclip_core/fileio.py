@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -51,19 +51,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+#: Test seam: ``ANOCLIP_FAULT=after-first-rename`` ends the process (``os._exit(137)``, as SIGKILL
+#: would) between the two renames of a replacing ``swap_dir``, so tests can check the recovery.
+FAULT_ENV = "ANOCLIP_FAULT"
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == point:
+        os._exit(137)
+
+
 def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     """Rename the folder ``staged`` to ``final`` (same file system). An existing ``final`` is moved
-    aside first, put back if the rename fails, and deleted once the new folder is in place."""
+    aside first to ``.<name>.old-<pid>``, put back if the rename fails, and deleted once the new
+    folder is in place. SIGINT / SIGTERM wait until both renames are done; a SIGKILL between them
+    is repaired by ``anoclip_core.staging.recover``."""
     staged, final = Path(staged), Path(final)
+    signals = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
-        os.replace(final, old)
     try:
-        os.replace(staged, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            _fault("after-first-rename")
+        try:
+            os.replace(staged, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

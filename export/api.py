@@ -5,11 +5,14 @@ Order of work in ``export_artifact`` (cheap refusals first, nothing half-written
 1. validate the config; ``--precision bf16`` probes ONNX Runtime's bf16 support and ``--trt``
    probes TensorRT + CUDA: both fail at once, before any weights are loaded;
 2. refuse an existing non-empty ``--out`` unless ``force``;
-3. build everything in ``<out parent>/.<out name>.tmp-XXXX`` (same filesystem): weights, text
+3. repair an interrupted ``--force`` replace and delete the hidden folders of dead exports
+   (``anoclip_core.staging``), then build everything in ``<out parent>/.<out name>.tmp-<pid>-XXXX``
+   (same filesystem): weights, text
    embeddings, fp32 graph, reduced-precision graphs, ORT-vs-PyTorch verification of every graph,
    TensorRT engine, Triton repository, manifest (sha256 of every file);
-4. only then rename the temp folder to ``--out`` (with ``force``, the old artifact is moved
-   aside first and deleted after the swap). Any failure deletes the temp folder.
+4. only then, under the artifact's lock, rename the temp folder to ``--out`` (with ``force``, the
+   old artifact is moved aside to ``.<name>.old-<pid>`` first and deleted after the swap). Any
+   failure, SIGINT or SIGTERM (the CLI turns it into an exception) deletes the temp folder.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from anoclip_core import staging
+from anoclip_core.artlock import artifact_lock
 from anoclip_core.choices import DEFAULT_OPSET, DOMAINS, MAX_OPSET, MIN_OPSET
 from anoclip_core.errors import AnoCLIPError, ArtifactError
 from anoclip_core.fileio import swap_dir
@@ -375,8 +380,10 @@ def _prepare(cfg: ExportConfig) -> _Stage:
     _check_backbone(cfg.backbone)  # before 'auto' tag resolution, so a typo reads as a typo
     pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is shared like any folder
+    for note in mf.recover_artifact(out):
+        _say(note)
+    _check_out(out, cfg.force)  # again: a recovered artifact may now be there
+    tmp = staging.temp_dir(out)
     stage = _Stage(cfg, out, tmp, classes, precisions, domains, pretrained, started)
     stage.trt_api, stage.gpu, stage.trt_precision = trt_api, gpu, trt_precision
     stage.triton_batch = triton_batch
@@ -538,9 +545,11 @@ def _prompt_set() -> str:
 
 
 def _commit(tmp: Path, out: Path, force: bool) -> None:
-    """Atomic swap: ``tmp`` becomes ``out``; a previous ``out`` is moved aside, then deleted."""
-    _check_out(out, force)  # again: another export may have finished there meanwhile
-    swap_dir(tmp, out)
+    """Atomic swap under the artifact's lock: ``tmp`` becomes ``out``; a previous ``out`` is moved
+    aside to ``.<name>.old-<pid>``, then deleted (``staging.recover`` repairs a kill in between)."""
+    with artifact_lock(out, what="anoclip-export export"):
+        _check_out(out, force)  # again: another export may have finished there meanwhile
+        swap_dir(tmp, out)
 
 
 # add-class ------------------------------------------------------------------------------------
@@ -575,17 +584,20 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
               model_config: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Encode ``class_name`` with the artifact's own backbone/weights and add it to the npz.
 
-    Rewrites only ``text_embeddings.npz`` and ``manifest.json`` (each by temp file + rename; the
-    manifest last, so a crash in between leaves a sha256 mismatch the runtime refuses, never a
-    silently inconsistent artifact). The ONNX graphs and engines are not touched.
+    The slow part (the text encoding) runs unlocked; the read-modify-write of
+    ``text_embeddings.npz`` and ``manifest.json`` runs under the artifact's exclusive lock and
+    re-reads both there, so concurrent ``add-class`` / ``calibrate`` runs all land. Each file is
+    written by temp file + rename, the manifest (holding the others' sha256) last; a reader that
+    meets the new npz with the old manifest re-reads under the lock. Graphs are not touched.
     """
     from anoclip_core.prompts import default_domain
 
     root = Path(artifact_dir)
+    for note in mf.recover_artifact(root):
+        _say(note)
     data = mf.read_manifest(root, check_files=True)
     name = text.check_class_name(class_name)
-    if name in data["text"]["classes"]:
-        raise AnoCLIPError(f"class {name!r} is already in {root} (domain {data['text']['classes'][name]})")
+    _refuse_known(root, data, name)
     dom = domain or default_domain(name)
     if dom not in DOMAINS:
         raise AnoCLIPError(f"unknown prompt domain {dom!r} (expected one of {', '.join(DOMAINS)})")
@@ -600,7 +612,20 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
     _ensure_backbone(data)
     model = model_from_manifest(data, text_cache, weights_cache_dir, progress)
     new = text.encode_classes(model, {name: dom}, progress)[name]
+    with artifact_lock(root, what="anoclip-export add-class"):
+        _commit_class(root, name, new)
+    return root
 
+
+def _refuse_known(root: Path, data: Mapping[str, Any], name: str) -> None:
+    if name in data["text"]["classes"]:
+        raise AnoCLIPError(f"class {name!r} is already in {root} (domain {data['text']['classes'][name]})")
+
+
+def _commit_class(root: Path, name: str, new: tuple) -> None:
+    """Merge one encoded class into the CURRENT npz and manifest (call with the lock held)."""
+    data = mf.read_manifest(root, check_files=True)
+    _refuse_known(root, data, name)
     text_file = data["text"]["file"]
     existing = text.read_npz(root / text_file)
     merged = {k: (v[0], v[1], data["text"]["classes"].get(k, "object")) for k, v in existing.items()}
@@ -617,11 +642,10 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
             os.unlink(tmp_npz)
         raise
     classes = dict(data["text"]["classes"])
-    classes[name] = dom
+    classes[name] = new[2]
     data["text"]["classes"] = {k: classes[k] for k in sorted(classes)}
     data["files"][text_file] = digest
     data["modified"] = _now()
     if data.get("triton"):
         data["triton"]["stale"] = True  # its folded prototypes predate this class
     mf.write_manifest(root, data)
-    return root

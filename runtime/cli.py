@@ -32,6 +32,17 @@ def _fail(err: Exception) -> None:
     sys.exit(2)
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN / infinite floats as null, so the line is strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _warn_random(det: Detector) -> None:
     if det.random_weights:
         bar = "!" * 78
@@ -129,7 +140,7 @@ class _Writer:
 
                 cv2.imwrite(str(self.out / f"{stem}_mask.png"), res.mask())
                 d["mask"] = f"{stem}_mask.png"
-        line = json.dumps(d)
+        line = json.dumps(d, allow_nan=False)
         if self._fh:
             self._fh.write(line + "\n")
             self._fh.flush()
@@ -179,7 +190,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
         "random_weights": det.random_weights,
     }
     if cfg.out_dir:
-        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     click.echo(
         f"anoclip: {n} image(s), {anomalies} anomal{'y' if anomalies == 1 else 'ies'}, {errors} error(s), "
         f"mean latency {summary['mean_latency_ms']} ms/image, backend {det.backend_name}"
@@ -279,7 +290,8 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
         _fail(err)
     for e in entry.pop("errors"):
         click.echo(f"skipped {e}", err=True)
-    click.echo(json.dumps({"class": class_name, "calibration": str(Path(artifact) / "calibration.json"), **entry}))
+    click.echo(json.dumps({"class": class_name, "calibration": str(Path(artifact) / "calibration.json"), **entry},
+                          allow_nan=False))
 
 
 @main.command("parity")
@@ -307,5 +319,5 @@ def parity_cmd(artifact: str, backend_a: str, backend_b: str, class_name: str | 
     except AnoCLIPError as err:
         _fail(err)
     click.echo(str(report), err=True)
-    click.echo(json.dumps(report.to_dict()))
+    click.echo(json.dumps(_finite(report.to_dict()), allow_nan=False))
     sys.exit(0 if report.passed else 1)

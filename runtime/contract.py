@@ -21,7 +21,11 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
   without the sha256 check;
 * a file named by the manifest that is missing, or not listed in ``files``;
 * a sha256 mismatch (names the file);
-* a class not in ``text.classes`` (``require_class``).
+* a class not in ``text.classes`` (``require_class``);
+* a ``calibration`` record (written by ``anoclip calibrate``) that is not an object with a
+  ``file`` name and a hex ``sha256`` (the file itself is checked by ``runtime.calibration``).
+
+``recover_artifact`` repairs what a killed ``--force`` replace left (see ``anoclip_core.staging``).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from anoclip_core import staging
+from anoclip_core.artlock import artifact_lock
 from anoclip_core.errors import ArtifactError
 from anoclip_core.fileio import atomic_write_text, sha256_file
 
@@ -168,6 +174,7 @@ def validate_manifest(data: Any) -> dict[str, Any]:
             raise ArtifactError(f"manifest names file {name!r} but 'files' has no sha256 for it")
     for name in data["files"]:
         _safe_member(Path("."), name)  # also with --no-verify: no file outside the artifact folder
+    _check_calibration_record(data.get("calibration"))
     return data
 
 
@@ -194,6 +201,16 @@ def _check_preprocess(data: Mapping[str, Any]) -> None:
         raise ArtifactError(
             f"manifest field 'preprocess.value_range' must be 2 finite numbers [low, high] with low < high, "
             f"got {pre['value_range']!r}")
+
+
+def _check_calibration_record(record: Any) -> None:
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise ArtifactError(f"manifest field 'calibration' must be object or null, got {type(record).__name__}")
+    _check_fields(record, {"file": (str,), "sha256": (str,), "classes": (dict,)}, prefix="calibration.")
+    if len(record["sha256"]) != 64:
+        raise ArtifactError(f"manifest field 'calibration.sha256' must be a hex sha256, got {record['sha256']!r}")
 
 
 def referenced_files(data: Mapping[str, Any]) -> list[str]:
@@ -261,7 +278,7 @@ def write_manifest(artifact_dir: str | os.PathLike, data: Mapping[str, Any], val
     if validate:
         validate_manifest(data)
     path = Path(artifact_dir) / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
     return path
 
 
@@ -331,3 +348,35 @@ def build_manifest(artifact_dir: str | os.PathLike, *, backbone: str, pretrained
         "files": file_hashes(root, files),
     }
     return validate_manifest(data)
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a whole artifact (valid manifest, every file's sha256 matching)."""
+    try:
+        read_manifest(folder, check_files=True)
+    except ArtifactError:
+        return False
+    return True
+
+
+def recover_artifact(artifact_dir: str | os.PathLike) -> list[str]:
+    """Under the artifact's lock: finish or undo a ``--force`` replace killed between its renames,
+    then delete hidden temp/old folders of dead processes. Returns notes for the user."""
+    root = Path(artifact_dir).absolute()
+    if not staging.pending(root):  # the usual case: no lock file is created
+        return []
+    try:
+        with artifact_lock(root, what="anoclip recovery"):
+            note = staging.recover(root, is_complete)
+            removed = staging.sweep(root)
+    except PermissionError as err:
+        if staging.has_leftovers(root) and not root.exists():
+            raise ArtifactError(f"artifact {root} is missing and an interrupted --force replace left "
+                                f".{root.name}.old-*; cannot repair it here ({err.strerror}): "
+                                f"rename that folder back to {root.name}") from None
+        return []
+    notes = [note] if note else []
+    if removed:
+        notes.append(f"deleted {len(removed)} leftover folder(s) of interrupted exports of {root.name}: "
+                     + ", ".join(p.name for p in removed))
+    return notes

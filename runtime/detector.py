@@ -25,18 +25,20 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from anoclip_core.errors import AnoCLIPError, ArtifactError, InputError
+from anoclip_core import staging
+from anoclip_core.artlock import consistent_read
+from anoclip_core.errors import AnoCLIPError, ArtifactError, InferenceError, InputError
 from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, read_image, to_rgb_float
 
 from . import contract as mf
 from .backends import DEFAULT_OUTPUTS, BackendChoice, check_backend_graph, check_precision, create_backend
+from .calibration import CALIBRATION_NAME, check_threshold, load_calibration, validate_calibration
 from .postprocess import Region, anomaly_map, find_regions
 from .tiler import StripOutput, StripStream, predict_tiled
 
 log = logging.getLogger("anoclip.runtime")
 
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: this artifact was exported without pretrained weights; scores are NOT meaningful"
-CALIBRATION_NAME = "calibration.json"
 DEFAULT_IMAGE_THRESHOLD = 0.5
 DEFAULT_PIXEL_THRESHOLD = 0.5
 
@@ -82,8 +84,8 @@ class InferConfig:
             raise InputError(f"threads must be >= 1, got {self.threads}")
         for name in ("threshold", "pixel_threshold"):
             v = getattr(self, name)
-            if v is not None and not (0.0 <= float(v) <= 1.0):
-                raise InputError(f"{name} must be in [0, 1] (score units), got {v}")
+            if v is not None:
+                check_threshold(v, name)
         if self.min_area < 1:
             raise InputError(f"min_area must be >= 1, got {self.min_area}")
         if self.channel_order not in ("RGB", "BGR"):
@@ -157,21 +159,39 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def load_calibration(artifact_dir: str | os.PathLike) -> dict[str, Any]:
-    """``calibration.json`` beside the manifest as stored ({} when absent); see ``runtime.calibration``."""
-    path = Path(artifact_dir) / CALIBRATION_NAME
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ArtifactError(f"cannot read {path}: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != "anoclip-calibration" or not isinstance(
-            data.get("classes"), dict):
-        raise ArtifactError(f"{path} is not an anoclip calibration file")
-    if not isinstance(data.get("format_version"), int) or data["format_version"] > 1:
-        raise ArtifactError(f"{path} has format_version {data.get('format_version')!r}; this anoclip reads 1")
-    return data
+#: Largest accepted deviation of a stored prototype's L2 norm from 1 (float32 rounding is ~1e-7).
+UNIT_NORM_TOL = 1e-3
+
+
+def check_prototypes(protos: Mapping[str, np.ndarray], text_file: str) -> None:
+    """Every class's prototypes [2, D] finite and L2-normalised, as the exporter writes them."""
+    for name, p in protos.items():
+        arr = np.asarray(p, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[0] != 2:
+            raise ArtifactError(f"{text_file}: prototypes of class {name!r} must be [2, D], got {list(arr.shape)}")
+        if not np.isfinite(arr).all():
+            raise ArtifactError(f"{text_file}: prototypes of class {name!r} contain NaN or infinite values")
+        norms = np.linalg.norm(arr, axis=1)
+        if np.abs(norms - 1.0).max() > UNIT_NORM_TOL:
+            raise ArtifactError(f"{text_file}: prototypes of class {name!r} are not unit-norm "
+                                f"(norms {norms[0]:.4g}, {norms[1]:.4g})")
+
+
+def read_artifact(root: Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """Manifest (sha256 of every file with ``verify``), prototypes and calibration of one artifact,
+    read as one consistent snapshot (re-read under the artifact's shared lock when a writer was
+    half-way)."""
+
+    def read() -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+        manifest = mf.read_manifest(root, check_files=verify)
+        protos = read_prototypes(root, manifest)
+        check_prototypes(protos, manifest["text"]["file"])
+        return manifest, protos, load_calibration(root, manifest if verify else None)
+
+    if staging.has_leftovers(root):
+        for note in mf.recover_artifact(root):
+            log.warning("%s", note)
+    return consistent_read(root, read)
 
 
 def read_prototypes(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -232,11 +252,9 @@ class Detector:
         (``threads``, ``cache_dir``, ``device_id``, ...).
         """
         root = Path(artifact)
-        manifest = mf.read_manifest(root, check_files=verify)
+        manifest, protos, calibration = read_artifact(root, verify)
         check_precision(backend, manifest, precision)
         check_backend_graph(backend, root, manifest, precision)
-        protos = read_prototypes(root, manifest)
-        calibration = load_calibration(root)
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
         det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision)
         det.backend_name = choice.name
@@ -268,11 +286,10 @@ class Detector:
         """Keep the classes whose calibration was made with this graph and these prototypes."""
         if not data:
             return {}
+        validate_calibration(data, CALIBRATION_NAME)
         kept = {}
         for cls_name, entry in data.get("classes", {}).items():
-            if not isinstance(entry, dict) or "image_threshold" not in entry or "pixel_threshold" not in entry:
-                log.warning("calibration for %r is malformed; ignoring it", cls_name)
-            elif "binding" in entry and entry["binding"] != self.calibration_binding(cls_name):
+            if "binding" in entry and entry["binding"] != self.calibration_binding(cls_name):
                 log.warning("calibration for %r was made with another graph or other text embeddings "
                             "(re-exported artifact?); ignoring it, re-run anoclip calibrate", cls_name)
             else:
@@ -378,6 +395,10 @@ class Detector:
 
     def _finish(self, path: str | None, class_name: str, amap: np.ndarray, score: float, cfg: InferConfig,
                 timing: dict[str, float], tiles: int = 1) -> Result:
+        if not np.isfinite(score) or not np.isfinite(amap).all():
+            what = "score" if not np.isfinite(score) else "anomaly map"
+            raise InferenceError(f"the {what} is NaN or infinite (the graph's output; check the artifact's "
+                                 "prototypes and the image); no label given")
         t0 = time.perf_counter()
         img_thr, px_thr, src = self.thresholds(class_name, cfg.threshold, cfg.pixel_threshold)
         regions = find_regions(amap, px_thr, cfg.min_area, cfg.max_regions)
@@ -480,7 +501,11 @@ class Detector:
                 t1 = time.perf_counter()
                 amap = anomaly_map(p, (int(hw[0]), int(hw[1])))
                 timing = {"preprocess_ms": pre_ms, "infer_ms": inf_ms, "map_ms": _ms(t1)}
-                res = self._finish(path, cfg.class_name, amap, float(s), cfg, timing)
+                try:
+                    res = self._finish(path, cfg.class_name, amap, float(s), cfg, timing)
+                except InferenceError as err:
+                    slots[i] = self._error(images[i], cfg, err, timing)
+                    continue
                 res.timing["total_ms"] = pre_ms + inf_ms + res.timing["map_ms"] + res.timing["regions_ms"]
                 res.timing["batch"] = float(len(ok))
                 slots[i] = res
@@ -493,7 +518,10 @@ class Detector:
         self.prototypes(class_name)
 
         def finish(s: StripOutput) -> Result:
-            res = self._finish(None, class_name, s.anomaly_map, s.score, cfg, {})
+            try:
+                res = self._finish(None, class_name, s.anomaly_map, s.score, cfg, {})
+            except InferenceError as err:
+                res = self._error(None, cfg, err)
             res.index, res.y0 = s.index, s.y0
             return res
 

@@ -1,6 +1,8 @@
 """Detector: bad inputs, artifact refusals, thresholds/calibration, concurrency, memory soak, torch-free."""
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import subprocess
@@ -142,8 +144,12 @@ def test_calibrate_writes_beside_manifest(artifact_copy, tmp_path):
     assert entry["images"] == 6
     cal = json.loads((artifact_copy / "calibration.json").read_text())
     assert set(cal["classes"]) == {"bottle"} and cal["format"] == "anoclip-calibration"
-    assert (artifact_copy / "manifest.json").read_bytes() == manifest_before
-    det2 = Detector.load(artifact_copy, backend="ort-cpu")  # still loads (calibration.json is not in the sha set)
+    manifest_after = json.loads((artifact_copy / "manifest.json").read_text())
+    record = manifest_after.pop("calibration")  # the only change: the file's sha256 and provenance
+    assert manifest_after == json.loads(manifest_before)
+    assert record["sha256"] == hashlib.sha256((artifact_copy / "calibration.json").read_bytes()).hexdigest()
+    assert record["classes"]["bottle"]["images"] == 6 and record["classes"]["bottle"]["quantile"] == 0.9
+    det2 = Detector.load(artifact_copy, backend="ort-cpu")  # calibration.json is outside the graph's sha set
     r = det2.predict(str(good / "0.png"), "bottle")
     assert r.threshold_source == "calibration" and r.image_threshold == pytest.approx(entry["image_threshold"])
     calibrate(det2, [good], "carpet", quantile=0.5)
