@@ -94,7 +94,7 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 def _legacy_dynamic_axes() -> dict[str, dict[int, str]]:
-    axes = {"pixels": {0: "batch"}, "text_prototypes": {0: "classes"}}
+    axes = {INPUT_NAMES[0]: {0: "batch"}, INPUT_NAMES[1]: {0: "classes"}}
     for name in ("global_embedding", "local_embeddings", "local_tokens"):
         axes[name] = {0: "batch"}
     axes["patch_probs"] = {0: "batch", 1: "classes"}
@@ -159,7 +159,7 @@ def export_onnx(
                             output_names=list(OUTPUT_NAMES),
                             opset_version=opset,
                             dynamo=True,
-                            dynamic_shapes={"pixels": {0: batch}, "text_prototypes": {0: classes}},
+                            dynamic_shapes={INPUT_NAMES[0]: {0: batch}, INPUT_NAMES[1]: {0: classes}},
                             optimize=True,
                             verbose=False,
                         )

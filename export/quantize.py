@@ -46,6 +46,7 @@ import numpy as np
 
 from anoclip_core.choices import Int8Mode, Precision, values
 from anoclip_core.errors import AnoCLIPError
+from runtime.contract import INPUT_NAMES
 
 from .onnx_export import TWO_GB, ExportError, save_onnx
 
@@ -284,7 +285,7 @@ def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._items = iter([{"pixels": calibration[i:i + 1], "text_prototypes": prototypes}
+            self._items = iter([{INPUT_NAMES[0]: calibration[i:i + 1], INPUT_NAMES[1]: prototypes}
                                 for i in range(calibration.shape[0])])
 
         def get_next(self):

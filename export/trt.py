@@ -37,6 +37,7 @@ from typing import Any
 
 from anoclip_core.choices import DEFAULT_TRT_PROFILE, TRT_PRECISIONS
 from anoclip_core.errors import AnoCLIPError, BackendUnavailable
+from runtime.contract import INPUT_NAMES
 
 from .onnx_export import ExportError
 
@@ -116,8 +117,8 @@ def profile_shapes(image_size: int, embed_dim: int, num_classes: int,
     c = max(1, int(num_classes))
     cmax = max(64, 2 * c)
     return {
-        "pixels": ((bmin, 3, s, s), (bopt, 3, s, s), (bmax, 3, s, s)),
-        "text_prototypes": ((1, 2, d), (c, 2, d), (cmax, 2, d)),
+        INPUT_NAMES[0]: ((bmin, 3, s, s), (bopt, 3, s, s), (bmax, 3, s, s)),
+        INPUT_NAMES[1]: ((1, 2, d), (c, 2, d), (cmax, 2, d)),
     }
 
 
@@ -178,6 +179,7 @@ def build_engine(
     plan_path = Path(plan_path)
     write_atomic(plan_path, bytes(plan))
     save_timing_cache(config, cache_path)
+    protos = INPUT_NAMES[1]
     return {
         "file": plan_path.name,
         "precision": precision,
@@ -187,8 +189,8 @@ def build_engine(
         "strongly_typed": strongly_typed,
         "tf32": tf32,
         "profile": {"min": batch_profile[0], "opt": batch_profile[1], "max": batch_profile[2]},
-        "classes_profile": ({"min": shapes["text_prototypes"][0][0], "opt": shapes["text_prototypes"][1][0],
-                             "max": shapes["text_prototypes"][2][0]} if "text_prototypes" in inputs else None),
+        "classes_profile": ({"min": shapes[protos][0][0], "opt": shapes[protos][1][0], "max": shapes[protos][2][0]}
+                            if protos in inputs else None),
         "timing_cache": str(cache_path),
     }
 

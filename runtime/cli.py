@@ -21,6 +21,7 @@ from anoclip_core.cli_errors import OneLineCommand, OneLineGroup
 from anoclip_core.errors import AnoCLIPError, InputError
 
 from .backends import CHOICES
+from .contract import CALIBRATION_NAME
 from .detector import RANDOM_WEIGHTS_WARNING, Detector, InferConfig, Result
 from .inputs import collect_inputs
 
@@ -290,7 +291,7 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
         _fail(err)
     for e in entry.pop("errors"):
         click.echo(f"skipped {e}", err=True)
-    click.echo(json.dumps({"class": class_name, "calibration": str(Path(artifact) / "calibration.json"), **entry},
+    click.echo(json.dumps({"class": class_name, "calibration": str(Path(artifact) / CALIBRATION_NAME), **entry},
                           allow_nan=False))
 
 

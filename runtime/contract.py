@@ -29,16 +29,21 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from anoclip_core import staging
 from anoclip_core.artlock import artifact_lock
-from anoclip_core.errors import ArtifactError
+from anoclip_core.errors import ArtifactError, InputError
 from anoclip_core.fileio import atomic_write_text, sha256_file
+
+log = logging.getLogger("anoclip.runtime")
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "anoclip-artifact"
@@ -380,3 +385,85 @@ def recover_artifact(artifact_dir: str | os.PathLike) -> list[str]:
         notes.append(f"deleted {len(removed)} leftover folder(s) of interrupted exports of {root.name}: "
                      + ", ".join(p.name for p in removed))
     return notes
+
+
+# --- calibration.json: per-class thresholds, written by `anoclip calibrate` ---------------------------
+CALIBRATION_NAME = "calibration.json"
+CALIBRATION_FORMAT = "anoclip-calibration"
+CALIBRATION_VERSION = 1
+THRESHOLD_FIELDS = ("image_threshold", "pixel_threshold")
+
+
+def check_threshold(value: Any, where: str, error: type[Exception] = InputError) -> float:
+    """The one threshold rule: a real number (not a bool or string), finite, in [0, 1] (score units)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0:
+        return float(value)
+    raise error(f"{where} must be a finite number in [0, 1] (score units), got {value!r}")
+
+
+def validate_calibration(data: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Format, version and every class's thresholds; ``ArtifactError`` naming the class and field."""
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT or not isinstance(data.get("classes"), dict):
+        raise ArtifactError(f"{path} is not an anoclip calibration file")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > CALIBRATION_VERSION:
+        raise ArtifactError(f"{path} has format_version {version!r}; this anoclip reads {CALIBRATION_VERSION}")
+    for name, entry in data["classes"].items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{path}: class {name!r} must be an object, got {type(entry).__name__}")
+        for field in THRESHOLD_FIELDS:
+            if field not in entry:
+                raise ArtifactError(f"{path}: class {name!r} has no '{field}'")
+            check_threshold(entry[field], f"{path}: class {name!r} field '{field}'", ArtifactError)
+    return data
+
+
+def load_calibration(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``calibration.json`` of an artifact, validated ({} when absent). With ``manifest``, the file
+    must match the manifest's ``calibration`` record (sha256), when there is one."""
+    path = Path(artifact_dir) / CALIBRATION_NAME
+    record = (manifest or {}).get("calibration")
+    if not path.is_file():
+        if record:
+            raise ArtifactError(f"{path} is missing but the manifest records a calibration (calibration.sha256); "
+                                "re-run anoclip calibrate")
+        return {}
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))  # NaN / Infinity parse; check_threshold names them
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"cannot read {path}: {err}") from None
+    if record and hashlib.sha256(raw).hexdigest() != record["sha256"]:
+        raise ArtifactError(f"{path} changed since anoclip calibrate wrote it (sha256 differs from the manifest's "
+                            "calibration.sha256); re-run anoclip calibrate")
+    return validate_calibration(data, path)
+
+
+def write_calibration(artifact_dir: str | os.PathLike, class_name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Store one class's entry, keeping the others; returns the whole file's content.
+
+    Under the artifact's exclusive lock: re-read the file and the manifest, write the file (temp +
+    rename), then the manifest with the file's sha256 and provenance (last: a reader pairing the
+    new file with the old manifest sees a mismatch and re-reads under the lock)."""
+    root = Path(artifact_dir)
+    for field in THRESHOLD_FIELDS:
+        check_threshold(entry[field], f"calibrated class {class_name!r} field '{field}'")
+    with artifact_lock(root, what="anoclip calibrate"):
+        manifest = read_manifest(root, check_files=False)
+        try:
+            old = load_calibration(root, manifest)
+        except ArtifactError as err:
+            log.warning("starting a new calibration file: the old one is unusable (%s)", err)
+            old = {}
+        data = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "classes": dict(old.get("classes", {}))}
+        data["classes"][class_name] = dict(entry)
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        atomic_write_text(root / CALIBRATION_NAME, text)
+        record = dict(manifest.get("calibration") or {"classes": {}})
+        record["classes"] = {k: v for k, v in dict(record.get("classes", {})).items() if k in data["classes"]}
+        record["classes"][class_name] = {k: entry[k] for k in ("images", "quantile", "created") if k in entry}
+        record.update(file=CALIBRATION_NAME, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), modified=entry.get("created"))
+        manifest["calibration"] = record
+        write_manifest(root, manifest)
+    return data

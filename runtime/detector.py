@@ -14,7 +14,6 @@ embeddings for AnoCLIP+) is guarded by a lock. ONNX Runtime sessions are thread-
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -32,7 +31,7 @@ from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, r
 
 from . import contract as mf
 from .backends import DEFAULT_OUTPUTS, BackendChoice, check_backend_graph, check_precision, create_backend
-from .calibration import CALIBRATION_NAME, check_threshold, load_calibration, validate_calibration
+from .contract import CALIBRATION_NAME, check_threshold, load_calibration, validate_calibration
 from .postprocess import Region, anomaly_map, find_regions
 from .tiler import StripOutput, StripStream, predict_tiled
 

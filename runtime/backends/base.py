@@ -116,7 +116,7 @@ def check_graph(model_path: str | os.PathLike, artifact_dir: str | os.PathLike, 
         if os.path.isabs(loc) or os.path.commonpath([root, target]) != root:
             raise ArtifactError(f"{path.name}: external data {loc!r} lies outside the artifact folder {artifact_dir}")
     s, d = int(manifest["image_size"]), int(manifest["embed_dim"])
-    expected: dict[str, list[Dim]] = {"pixels": ["B", 3, s, s], "text_prototypes": ["C", 2, d]}
+    expected: dict[str, list[Dim]] = {INPUT_NAMES[0]: ["B", 3, s, s], INPUT_NAMES[1]: ["C", 2, d]}
     if sorted(info.inputs) != sorted(expected):
         raise ArtifactError(f"{path.name} has inputs {sorted(info.inputs)}, expected {list(INPUT_NAMES)}")
     for name, want in expected.items():

@@ -56,8 +56,8 @@ def manifest_profile(manifest: Any) -> dict[str, Shapes]:
     c = max(1, len(manifest.get("text", {}).get("classes", {})))
     classes = trt_entry.get("classes_profile") or {"min": 1, "opt": c, "max": max(64, 2 * c)}
     return {
-        "pixels": tuple((int(batch[k]), 3, s, s) for k in ("min", "opt", "max")),  # type: ignore[misc]
-        "text_prototypes": tuple((int(classes[k]), 2, d) for k in ("min", "opt", "max")),  # type: ignore[misc]
+        INPUT_NAMES[0]: tuple((int(batch[k]), 3, s, s) for k in ("min", "opt", "max")),  # type: ignore[misc]
+        INPUT_NAMES[1]: tuple((int(classes[k]), 2, d) for k in ("min", "opt", "max")),  # type: ignore[misc]
     }
 
 

@@ -178,8 +178,8 @@ class TrtBackend(BaseBackend):
             raise ArtifactError(f"TensorRT engine {plan_path} lacks tensors {missing} (has {names})")
         self.tensor_names = names
         self.dtypes = {n: np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        _, _, pmax = self.engine.get_tensor_profile_shape("pixels", 0)
-        _, _, cmax = self.engine.get_tensor_profile_shape("text_prototypes", 0)
+        _, _, pmax = self.engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)
+        _, _, cmax = self.engine.get_tensor_profile_shape(INPUT_NAMES[1], 0)
         self._pmax, self._cmax = tuple(int(d) for d in pmax), tuple(int(d) for d in cmax)
         self.max_batch = self._pmax[0]
         self.max_classes = self._cmax[0]
@@ -190,8 +190,8 @@ class TrtBackend(BaseBackend):
         """Context + stream + device buffers + pinned host buffers, sized for the profile maximum."""
         cudart = self.cudart
         context = self.engine.create_execution_context()
-        context.set_input_shape("pixels", self._pmax)
-        context.set_input_shape("text_prototypes", self._cmax)
+        context.set_input_shape(INPUT_NAMES[0], self._pmax)
+        context.set_input_shape(INPUT_NAMES[1], self._cmax)
         stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         slot = _Slot(context, stream, stream_handle(stream))
         self._slots.append(slot)  # registered at once, so close() frees a half-made slot too
@@ -222,7 +222,7 @@ class TrtBackend(BaseBackend):
         cudart, ctx = self.cudart, slot.context
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for n, arr in (("pixels", px), ("text_prototypes", pr)):
+        for n, arr in ((INPUT_NAMES[0], px), (INPUT_NAMES[1], pr)):
             if not ctx.set_input_shape(n, arr.shape):
                 raise InputError(f"TensorRT rejected input shape {list(arr.shape)} for {n!r}")
             staged = self._pinned(slot, n, arr.shape)

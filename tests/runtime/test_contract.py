@@ -193,3 +193,26 @@ def test_no_verify_still_keeps_paths_inside_the_artifact(tmp_path, name):
     (tmp_path / "a" / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="not a plain relative path inside the artifact"):
         mf.read_manifest(tmp_path / "a", check_files=False)
+
+
+def test_contract_names_are_spelled_only_in_the_contract_module():
+    """Issue 11: nothing but runtime/contract.py spells an artifact file name or a format name/version."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    owned = {"manifest.json", "calibration.json", "text_embeddings.npz", "anoclip-artifact", "anoclip-calibration"}
+    graph_io = {"pixels", "text_prototypes"}  # the graph's input names, where graphs are built and run
+    offenders = []
+    for package in ("anoclip_core", "export", "runtime", "benchmarks", "anoclip_demo"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name == "contract.py":
+                continue
+            tree = ast.parse(path.read_text())
+            docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)
+                          and isinstance(n.value, ast.Constant)}
+            for node in ast.walk(tree):
+                names = owned | (graph_io if package == "export" or "backends" in path.parts else set())
+                if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+                        and id(node) not in docstrings):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert not offenders, offenders
