@@ -14,7 +14,6 @@ embeddings for AnoCLIP+) is guarded by a lock. ONNX Runtime sessions are thread-
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
