@@ -128,6 +128,7 @@ def validate_manifest(data: Any) -> dict[str, Any]:
     for name, digest in data["files"].items():
         if not isinstance(digest, str) or len(digest) != 64:
             raise ArtifactError(f"manifest field 'files.{name}' must be a hex sha256, got {digest!r}")
+    validate_references(data)
     for name in referenced_files(data):
         if name not in data["files"]:
             raise ArtifactError(f"manifest names file {name!r} but 'files' has no sha256 for it")
@@ -144,7 +145,7 @@ def referenced_files(data: Mapping[str, Any]) -> list[str]:
         names.append(data["text"]["file"])
     if isinstance(data.get("tensorrt"), dict) and "file" in data["tensorrt"]:
         names.append(data["tensorrt"]["file"])
-    return names
+    return names + [entry["file"] for entry in references(data).values()]
 
 
 def _safe_member(root: Path, name: str) -> Path:
@@ -221,3 +222,50 @@ def model_entry(data: Mapping[str, Any], precision: str | None = None) -> dict[s
     if key not in data["models"]:
         raise ArtifactError(f"artifact has no {key!r} model (available: {', '.join(sorted(data['models']))})")
     return data["models"][key]
+
+
+# --- few-shot reference banks (issue 13) -----------------------------------------------------------
+# ``references``: optional, ``{class: entry}``; each entry names its bank file (``refs/<class>.<sha12>.npz``,
+# also listed in ``files``) and repeats the bank's provenance so the manifest alone says what is there.
+REFS_FIELD = "references"
+REFS_DIR = "refs"
+REFERENCE_FIELDS: dict[str, tuple[type, ...]] = {
+    "file": (str,),
+    "shots": (int,),
+    "size": (int,),
+    "patches": (int,),
+    "coreset": (dict, type(None)),
+    "backbone": (str,),
+    "embed_dim": (int,),
+    "images_sha256": (str,),
+    "source": (str,),
+    "updated": (str,),
+}
+
+
+def references(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{class: entry}`` of the artifact's reference banks ({} when it has none)."""
+    refs = data.get(REFS_FIELD)
+    return dict(refs) if isinstance(refs, dict) else {}
+
+
+def validate_references(data: Mapping[str, Any]) -> None:
+    """The ``references`` block: an object of per-class entries with every field typed, for known classes."""
+    refs = data.get(REFS_FIELD)
+    if refs is None:
+        return
+    if not isinstance(refs, dict):
+        raise ArtifactError(f"manifest field '{REFS_FIELD}' must be object, got {type(refs).__name__}")
+    for cls_name, entry in refs.items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}' must be object, got {type(entry).__name__}")
+        _check_fields(entry, REFERENCE_FIELDS, prefix=f"{REFS_FIELD}.{cls_name}.")
+        if cls_name not in data["text"]["classes"]:
+            raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}': class not in text.classes")
+        if entry["shots"] < 1 or entry["size"] < 1:
+            raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}': shots and size must be >= 1")
+
+
+def reference_entry(data: Mapping[str, Any], class_name: str) -> dict[str, Any] | None:
+    """The class's reference-bank entry, or None when the class has no bank."""
+    return references(data).get(class_name)
