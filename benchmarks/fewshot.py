@@ -57,7 +57,7 @@ def make_variants(det: Any, class_name: str, seed: int, synthetic: Callable[...,
 def measure_fewshot(det: Any, backend: str, class_name: str, image: np.ndarray, variants: dict[str, Any],
                     rounds: int, min_rounds: int, budget_s: float, warmup: int = 1) -> dict[str, Any]:
     """Interleaved batch-1 ``predict`` timings of every variant (see module docstring)."""
-    from .runner import paired_ratio
+    from .runner import INTERLEAVE_GAP_S, paired_ratio
     from .stats import summarize
 
     saved = det.references
@@ -66,6 +66,7 @@ def measure_fewshot(det: Any, backend: str, class_name: str, image: np.ndarray, 
     def call(name: str) -> float:
         bank = variants[name]
         det.references = {class_name: bank} if bank is not None else {}
+        time.sleep(INTERLEAVE_GAP_S)  # the previous call's thread pools go idle, as in the contenders' rounds
         t0 = time.perf_counter()
         det.predict(image, class_name, batch=1)
         return time.perf_counter() - t0

@@ -32,7 +32,7 @@ from anoclip_core.errors import AnoCLIPError, ArtifactError
 from anoclip_core.fileio import swap_dir
 from runtime import manifest as mf
 
-from . import quantize, text, trt as trt_mod, triton as triton_mod
+from . import quantize, refsearch, text, trt as trt_mod, triton as triton_mod
 from .onnx_export import EXPORTERS, TWO_GB, ExportError, export_onnx, onnx_opset
 from .verify import BATCH_SIZES, Verifier
 from .wrapper import INPUT_NAMES, OUTPUT_NAMES, AnoCLIPExportWrapper
@@ -449,6 +449,8 @@ def export_artifact(cfg: ExportConfig) -> Path:
             if cfg.trt and tsrc == trt_mod.engine_only_graph(trt_precision):
                 _remove_graph(tmp, tsrc)
 
+        refsearch_entry = refsearch.write(tmp, model.embed_dim, opset)  # few-shot search for GPU backends
+
         # manifest -------------------------------------------------------------------------
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)
         manifest: dict[str, Any] = {
@@ -492,6 +494,7 @@ def export_artifact(cfg: ExportConfig) -> Path:
             },
             "tensorrt": trt_entry,
             "triton": triton_entry,
+            "refsearch": refsearch_entry,
             "versions": tool_versions(extra_versions),
             "export_seconds": None,
             "files": mf.file_hashes(tmp, files),

@@ -32,7 +32,8 @@ from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, r
 from . import manifest as mf
 from .backends import DEFAULT_OUTPUTS, BackendChoice, check_precision, create_backend
 from .postprocess import Region, anomaly_map, find_regions
-from .refs import FewShot, load_banks, host_search
+from .refs import FewShot, load_banks
+from .refsearch import make_search
 from .tiler import StripOutput, StripStream, predict_tiled
 
 log = logging.getLogger("anoclip.runtime")
@@ -211,6 +212,8 @@ class Detector:
         self._sentences: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self.references: dict[str, ReferenceBank] = dict(references or {})
+        self.search_opts: dict[str, Any] = {}  # for runtime.refsearch.make_search (device_id, ...)
+        self._searches: dict[str, tuple[ReferenceBank, Any]] = {}
         if self.random_weights:
             log.warning("!!! %s !!!", RANDOM_WEIGHTS_WARNING)
 
@@ -238,6 +241,7 @@ class Detector:
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
         det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision, banks)
         det.backend_name = choice.name
+        det.search_opts = {"device_id": backend_opts.get("device_id", 0)}
         return det
 
     def close(self) -> None:
@@ -336,7 +340,17 @@ class Detector:
     def fewshot(self, class_name: str, cfg: InferConfig) -> FewShot | None:
         """The class's reference bank with its weight and search, or None (zero-shot: no bank, or ``use_refs`` off)."""
         bank = self.references.get(class_name) if cfg.use_refs else None
-        return FewShot(bank, cfg.visual_weight, host_search(bank)) if bank is not None else None
+        if bank is None:
+            return None
+        with self._lock:  # one search per bank: a device search holds the bank on the GPU
+            cached = self._searches.get(class_name)
+            if cached is None or cached[0] is not bank:
+                search, where = make_search(bank, self.backend_name, self.artifact_dir, self.manifest,
+                                            **self.search_opts)
+                log.info("reference bank for %r: %d shots, %d patches, search on %s", class_name, bank.shots,
+                         bank.size, where)
+                cached = self._searches[class_name] = (bank, search)
+        return FewShot(bank, cfg.visual_weight, cached[1])
 
     def infer_pixels(self, pixels: np.ndarray, class_name: str, tta: bool = False,
                      fewshot: FewShot | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -145,7 +145,8 @@ def referenced_files(data: Mapping[str, Any]) -> list[str]:
         names.append(data["text"]["file"])
     if isinstance(data.get("tensorrt"), dict) and "file" in data["tensorrt"]:
         names.append(data["tensorrt"]["file"])
-    return names + [entry["file"] for entry in references(data).values()]
+    return names + [entry["file"] for entry in references(data).values()] + ([refsearch_file(data)] if
+                                                                             refsearch_file(data) else [])
 
 
 def _safe_member(root: Path, name: str) -> Path:
@@ -251,6 +252,9 @@ def references(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def validate_references(data: Mapping[str, Any]) -> None:
     """The ``references`` block: an object of per-class entries with every field typed, for known classes."""
+    search = data.get(REFSEARCH_FIELD)
+    if search is not None and (not isinstance(search, dict) or not isinstance(search.get("file"), str)):
+        raise ArtifactError(f"manifest field '{REFSEARCH_FIELD}' must be null or an object with a 'file' string")
     refs = data.get(REFS_FIELD)
     if refs is None:
         return
@@ -264,6 +268,15 @@ def validate_references(data: Mapping[str, Any]) -> None:
             raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}': class not in text.classes")
         if entry["shots"] < 1 or entry["size"] < 1:
             raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}': shots and size must be >= 1")
+
+
+REFSEARCH_FIELD = "refsearch"  # {"file": "refsearch.onnx", "inputs": [...], "outputs": [...]}, optional
+
+
+def refsearch_file(data: Mapping[str, Any]) -> str | None:
+    """The few-shot search graph's file name (written by the exporter for GPU backends), or None."""
+    entry = data.get(REFSEARCH_FIELD)
+    return entry.get("file") if isinstance(entry, dict) and isinstance(entry.get("file"), str) else None
 
 
 def reference_entry(data: Mapping[str, Any], class_name: str) -> dict[str, Any] | None:

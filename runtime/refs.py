@@ -27,23 +27,22 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from anoclip_core.errors import AnoCLIPError, BankError
 from anoclip_core.fileio import sha256_file
 from anoclip_core.refbank import (ReferenceBank, coverage_radius, fuse, fuse_image_score, greedy_coreset,
-                                  list_images, select_shots, visual_anomaly)
+                                  list_images, select_shots)
 from anoclip_core.transform import normalize_rgb, read_image, to_rgb_float
 
 from . import manifest as mf
 from .postprocess import smooth_patch_probs
+from .refsearch import SearchFn
 
 log = logging.getLogger("anoclip.runtime")
 
-#: ``search(local [B, h, w, D]) -> visual anomaly [B, h, w]`` (host BLAS or a device graph).
-SearchFn = Callable[[np.ndarray], np.ndarray]
 
 
 # building ---------------------------------------------------------------------------------------
@@ -155,14 +154,10 @@ def load_banks(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> 
     return banks
 
 
-def host_search(bank: ReferenceBank) -> SearchFn:
-    """The CPU search: chunked BLAS matmuls (``refbank.visual_anomaly``)."""
-    return lambda local: visual_anomaly(local, bank.embeddings)
-
-
 @dataclass(frozen=True)
 class FewShot:
-    """A class's bank, the visual weight and the search that runs it; applied per batch on the grid."""
+    """A class's bank, the visual weight and the search that runs it (``runtime.refsearch``); applied per
+    batch on the grid."""
 
     bank: ReferenceBank
     weight: float
