@@ -139,3 +139,23 @@ def test_detector_on_a_gpu_backend_uses_the_device_search(artifact_copy, tmp_pat
     assert len(sessions) == 1 and len(sessions[0].bindings) == 2 and dev.shots == 2
     np.testing.assert_allclose(dev.anomaly_map, host.anomaly_map, atol=1e-6, rtol=0)
     assert abs(dev.score - host.score) <= 1e-6
+
+
+def test_host_search_runs_blas_on_one_thread(monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if max((i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"), default=1) < 2:
+        pytest.skip("BLAS already runs on one thread here")
+    import runtime.refsearch as rs
+
+    seen = []
+
+    def spy(local, bank):
+        seen.append(max(i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"))
+        return visual_anomaly(local, bank)
+
+    monkeypatch.setattr(rs, "visual_anomaly", spy)
+    emb = unit(np.random.default_rng(3), (20, 32))
+    local = unit(np.random.default_rng(4), (1, 8, 8, 32))
+    search, _ = make_search(bank_of(emb), "ort-cpu", None, {})
+    np.testing.assert_allclose(search(local), visual_anomaly(local, emb), atol=1e-7)
+    assert seen == [1]
