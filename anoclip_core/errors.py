@@ -27,7 +27,7 @@ class ArtifactError(AnoCLIPError):
     """An export artifact that is incomplete, tampered with, or of an unsupported format."""
 
 
-class BankError(AnoCLIPError):
+class BankError(ArtifactError):
     """A reference bank (few-shot) that is empty, corrupt, or does not match the model."""
 
 

@@ -28,7 +28,7 @@ GROUPS = {
     "cpu": TORCH_CONTENDERS + tuple(c for c in RUNTIME_CONTENDERS if c.startswith(CPU_BACKENDS)),
     "gpu": tuple(c for c in RUNTIME_CONTENDERS if not c.startswith(CPU_BACKENDS)),
 }
-SECTIONS = ("latency", "throughput", "fidelity", "linescan", "tta")
+SECTIONS = ("latency", "throughput", "fidelity", "linescan", "tta", "fewshot")
 
 
 class ConfigError(ValueError):

@@ -325,6 +325,24 @@ def _md_tta(results: dict) -> list[str]:
     return lines
 
 
+def _md_fewshot(results: dict) -> list[str]:
+    """The reference bank's cost against zero-shot."""
+    fs = results.get("fewshot")
+    lines = ["## Few-shot reference bank cost", ""]
+    if not fs or "error" in fs:
+        return lines + [f"Not measured: {(fs or {}).get('error', 'section off')}", ""]
+    lines += [f"`{fs['call']}` on `{fs['backend']}`, a {fs['image'][1]} x {fs['image'][0]} image "
+              f"({fs['patch_grid'][0]} x {fs['patch_grid'][1]} patches, D = {fs['embed_dim']}), the variants "
+              f"interleaved in {fs['rounds']} rounds; ratio = median over rounds of the paired ratio to zero-shot. "
+              "K-shot banks hold the graph's embeddings of K synthetic images; the 10k bank holds 10,000 random "
+              "unit vectors (the search cost depends only on N x D).", ""]
+    rows = [[name, str(v["bank_size"]) if v["bank_size"] else "-", _f(v["latency"]["p50_ms"]),
+             _f(v["latency"]["p90_ms"]), _x(v["ratio_to_zero_shot"])] for name, v in fs["variants"].items()]
+    lines += _table(["bank", "patches", "p50 ms", "p90 ms", "vs zero-shot"], rows)
+    lines += ["", f"Target ({fs['target']}): **{'met' if fs['meets_target'] else 'NOT met'}**.", ""]
+    return lines
+
+
 def _md_method(results: dict) -> list[str]:
     """How it was measured, and the run's notes."""
     lines: list[str] = []
@@ -361,7 +379,7 @@ def markdown(results: dict, png_name: str | None = PNG_NAME) -> str:
     for section in (_md_title, _md_machine, _md_devices):
         lines += section(results)
     lines += _md_contenders(results, png_name)
-    for section in (_md_flops, _md_fidelity, _md_linescan, _md_tta, _md_method):
+    for section in (_md_flops, _md_fidelity, _md_linescan, _md_tta, _md_fewshot, _md_method):
         lines += section(results)
     return "\n".join(lines)
 

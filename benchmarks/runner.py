@@ -833,6 +833,30 @@ def section_linescan(run: BenchRun) -> None:
         run.results["linescan"] = {"error": f"{type(err).__name__}: {err}"}
 
 
+def section_fewshot(run: BenchRun) -> None:
+    """Batch-1 latency with reference banks of 1, 4, 16 shots and 10k patches vs zero-shot (fastest runtime)."""
+    from .fewshot import make_variants, measure_fewshot
+
+    cfg = run.cfg
+    if "fewshot" not in cfg.sections:
+        return
+    if not run.runtime:
+        run.results["fewshot"] = {"error": "no runtime contender ran (the few-shot figure uses runtime.Detector)"}
+        return
+    c = max(run.runtime, key=lambda c: best_throughput(next(x for x in run.entries if x["name"] == c.name))[0] or 0.0)
+    run.say(f"few-shot reference banks vs zero-shot on {c.name}")
+    try:
+        s = c.detector.image_size
+        variants = make_variants(c.detector, cfg.class_name, cfg.seed, synthetic_images)
+        image = synthetic_images(1, s, s, cfg.seed + 5)[0]
+        plan = cfg.plan
+        run.results["fewshot"] = measure_fewshot(c.detector, c.name, cfg.class_name, image, variants,
+                                                 plan.latency_repeats, plan.latency_min_repeats,
+                                                 plan.latency_budget_s, plan.warmup)
+    except Exception as err:  # noqa: BLE001
+        run.results["fewshot"] = {"error": f"{type(err).__name__}: {err}"}
+
+
 def release(run: BenchRun) -> None:
     """Close runtime backends and delete the temporary artifact."""
     for c in run.runtime:
@@ -905,6 +929,7 @@ def run_benchmark(cfg: BenchConfig, log_fn: Callable[[str], None] | None = None)
         section_tta(run)
         section_fidelity(run)
         section_linescan(run)
+        section_fewshot(run)
     finally:
         release(run)
     hardware_limit(run)

@@ -41,7 +41,7 @@ from anoclip_core.progress import progress as progress_bar, say
 from anoclip_core.prompt_grammar import SENTENCES_PER_STATE
 from runtime import contract as mf
 
-from . import quantize, text, trt as trt_mod, triton as triton_mod
+from . import quantize, refsearch, text, trt as trt_mod, triton as triton_mod
 from .onnx_export import EXPORTERS, TWO_GB, ExportError, export_onnx, onnx_opset
 from .verify import BATCH_SIZES, VERIFY_PROBE_CLASS, Verifier
 from .wrapper import AnoCLIPExportWrapper
@@ -323,6 +323,7 @@ class _Stage:
     triton_staged: Path | None = None
     triton_entry: dict[str, Any] | None = None
     triton_batch: int | None = None
+    refsearch_entry: dict[str, Any] | None = None
     extra_versions: dict[str, str] = field(default_factory=dict)
 
 
@@ -340,6 +341,7 @@ def export_artifact(cfg: ExportConfig) -> Path:
         _write_graphs(stage)
         _write_engine(stage)
         _write_triton(stage)
+        stage.refsearch_entry = refsearch.write(stage.tmp, stage.model.embed_dim, stage.opset)  # few-shot, GPU
         _write_manifest(stage)
         _commit(stage.tmp, stage.out, cfg.force)
     except BaseException:
@@ -521,7 +523,8 @@ def _write_manifest(stage: _Stage) -> None:
         depth=model.encoder.depth, dual_blocks=model.encoder.dual_blocks, temperature=model.temperature,
         opset=stage.opset, exporter=cfg.exporter, models=stage.model_entries, classes=stage.domains,
         prompt_set=_prompt_set(), sentences_per_state=SENTENCES_PER_STATE, tensorrt=stage.trt_entry,
-        triton=stage.triton_entry, versions=tool_versions(stage.extra_versions), created=_now(),
+        triton=stage.triton_entry, refsearch=stage.refsearch_entry, versions=tool_versions(stage.extra_versions),
+        created=_now(),
         export_seconds=round(time.time() - stage.started, 1),
     )
     mf.write_manifest(stage.tmp, manifest)

@@ -1,4 +1,4 @@
-"""Command line: ``anoclip-infer`` and the ``anoclip`` group (``infer``, ``calibrate``, ``parity``).
+"""Command line: ``anoclip-infer`` and the ``anoclip`` group (``infer``, ``calibrate``, ``refs``, ``parity``).
 
 Torch-free unless ``--tta`` is given. User errors (bad artifact, unknown class, ...) print one
 line and exit 2; images that fail in a batch get an ``error`` JSON line, the rest still run, and
@@ -19,6 +19,7 @@ import numpy as np
 
 from anoclip_core.cli_errors import OneLineCommand, OneLineGroup
 from anoclip_core.errors import AnoCLIPError, InputError
+from anoclip_core.refbank import DEFAULT_VISUAL_WEIGHT
 
 from .backends import CHOICES
 from .contract import CALIBRATION_NAME
@@ -162,9 +163,11 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
     files = collect_inputs(inputs)
     det = Detector.load(artifact, backend=cfg.backend, precision=cfg.precision, verify=cfg.verify,
                         threads=cfg.threads)
-    click.echo(f"anoclip: {det.backend_note}; {len(files)} image(s); class {cfg.class_name}", err=True)
-    _warn_random(det)
     det.prototypes(cfg.class_name)
+    few = det.fewshot(cfg.class_name, cfg)
+    mode = f"few-shot, bank of {few.shots} shot(s) / {few.bank.size} patches" if few else "zero-shot"
+    click.echo(f"anoclip: {det.backend_note}; {len(files)} image(s); class {cfg.class_name}; {mode}", err=True)
+    _warn_random(det)
     writer = _Writer(cfg)
     n = anomalies = errors = 0
     latencies: list[float] = []
@@ -188,7 +191,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
         "summary": True, "count": n, "ok": n - errors, "errors": errors, "anomalies": anomalies,
         "mean_latency_ms": round(float(np.mean(latencies)), 3) if latencies else None,
         "wall_s": round(time.perf_counter() - t0, 3), "backend": det.backend_name, "class": cfg.class_name,
-        "random_weights": det.random_weights,
+        "random_weights": det.random_weights, "references": few is not None, "shots": few.shots if few else 0,
     }
     if cfg.out_dir:
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -224,6 +227,10 @@ def _infer_options(f):
         click.option("--no-masks", is_flag=True, default=False, help="do not write binary masks"),
         click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
         click.option("--no-verify", is_flag=True, default=False, help="skip the sha256 check of artifact files"),
+        click.option("--no-refs", is_flag=True, default=False,
+                     help="ignore the class's reference bank (pure zero-shot); by default a bank is used when present"),
+        click.option("--visual-weight", type=float, default=DEFAULT_VISUAL_WEIGHT, show_default=True,
+                     help="weight of the reference bank's visual map in the fused map and score (WinCLIP+: 0.5)"),
         click.option("--quiet", is_flag=True, default=False, help="no progress bar"),
         click.option("--max-pixels", type=int, default=None,
                      help="largest image decoded, in pixels (default 40000000 or $ANOCLIP_MAX_IMAGE_PIXELS)"),
@@ -238,8 +245,8 @@ def _infer_options(f):
 def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir: str | None, batch: int, tile: bool,
                tile_size: int | None, overlap: int | None, backend: str, precision: str | None,
                threshold: float | None, pixel_threshold: float | None, min_area: int, tta: bool, channel_order: str,
-               no_overlays: bool, no_masks: bool, threads: int | None, no_verify: bool, quiet: bool,
-               max_pixels: int | None) -> None:
+               no_overlays: bool, no_masks: bool, threads: int | None, no_verify: bool, no_refs: bool,
+               visual_weight: float, quiet: bool, max_pixels: int | None) -> None:
     """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -250,7 +257,8 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
         cfg = InferConfig(class_name=class_name, backend=backend, precision=precision, batch=batch, tile=tile,
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
-                          overlays=not no_overlays, masks=not no_masks, threads=threads, verify=not no_verify)
+                          overlays=not no_overlays, masks=not no_masks, threads=threads, verify=not no_verify,
+                          use_refs=not no_refs, visual_weight=visual_weight)
         summary = run_infer(artifact, inputs, cfg, progress=not quiet)
     except AnoCLIPError as err:
         _fail(err)
@@ -293,6 +301,37 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
         click.echo(f"skipped {e}", err=True)
     click.echo(json.dumps({"class": class_name, "calibration": str(Path(artifact) / CALIBRATION_NAME), **entry},
                           allow_nan=False))
+
+
+@main.command("refs")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--class", "class_name", required=True, help="class the bank is for (must be in the artifact)")
+@click.option("--good", "good", required=True, type=click.Path(), help="folder of defect-free images")
+@click.option("--shots", type=int, default=None, help="use K images drawn with --seed (default: all)")
+@click.option("--coreset", type=int, default=None, help="bound the bank to N patches (PatchCore greedy coreset)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the shot draw and the coreset start")
+@click.option("--replace", is_flag=True, default=False, help="replace the class's bank instead of adding to it")
+@click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=None)
+def refs_cmd(artifact: str, class_name: str, good: str, shots: int | None, coreset: int | None, seed: int,
+             replace: bool, backend: str, batch: int, threads: int | None) -> None:
+    """Encode good images with ARTIFACT's own graph into the class's few-shot reference bank (refs/ in ARTIFACT).
+
+    Adds to the existing bank unless --replace; the graph is not re-exported. Inference uses the bank
+    automatically (anoclip infer --no-refs turns it off)."""
+    from .refs import build_bank, write_bank
+
+    try:
+        if batch < 1:
+            raise InputError(f"--batch must be >= 1, got {batch}")
+        with Detector.load(artifact, backend=backend, threads=threads) as det:
+            _warn_random(det)
+            bank = build_bank(det, class_name, good, shots, coreset, seed, replace, batch)
+        entry = write_bank(artifact, class_name, bank)
+    except AnoCLIPError as err:
+        _fail(err)
+    click.echo(json.dumps({"class": class_name, **entry}))
 
 
 @main.command("parity")

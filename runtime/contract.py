@@ -174,6 +174,7 @@ def validate_manifest(data: Any) -> dict[str, Any]:
     for name, digest in data["files"].items():
         if not isinstance(digest, str) or len(digest) != 64:
             raise ArtifactError(f"manifest field 'files.{name}' must be a hex sha256, got {digest!r}")
+    validate_references(data)
     for name in referenced_files(data):
         if name not in data["files"]:
             raise ArtifactError(f"manifest names file {name!r} but 'files' has no sha256 for it")
@@ -228,7 +229,8 @@ def referenced_files(data: Mapping[str, Any]) -> list[str]:
         names.append(data["text"]["file"])
     if isinstance(data.get("tensorrt"), dict) and "file" in data["tensorrt"]:
         names.append(data["tensorrt"]["file"])
-    return names
+    search = refsearch_file(data)
+    return names + [entry["file"] for entry in references(data).values()] + ([search] if search else [])
 
 
 def _safe_member(root: Path, name: str) -> Path:
@@ -313,6 +315,7 @@ def build_manifest(artifact_dir: str | os.PathLike, *, backbone: str, pretrained
                    dual_blocks: int, temperature: float, opset: int, exporter: str, models: Mapping[str, Any],
                    classes: Mapping[str, str], prompt_set: str, sentences_per_state: int,
                    tensorrt: Mapping[str, Any] | None, triton: Mapping[str, Any] | None,
+                   refsearch: Mapping[str, Any] | None,
                    versions: Mapping[str, str], created: str, export_seconds: float | None) -> dict[str, Any]:
     """A complete, validated manifest for the files now in ``artifact_dir`` (sha256 of each)."""
     root = Path(artifact_dir)
@@ -348,6 +351,7 @@ def build_manifest(artifact_dir: str | os.PathLike, *, backbone: str, pretrained
         },
         "tensorrt": tensorrt,
         "triton": triton,
+        REFSEARCH_FIELD: dict(refsearch) if refsearch else None,
         "versions": dict(versions),
         "export_seconds": export_seconds,
         "files": file_hashes(root, files),
@@ -385,6 +389,63 @@ def recover_artifact(artifact_dir: str | os.PathLike) -> list[str]:
         notes.append(f"deleted {len(removed)} leftover folder(s) of interrupted exports of {root.name}: "
                      + ", ".join(p.name for p in removed))
     return notes
+
+
+# --- few-shot reference banks (issue 13) -----------------------------------------------------------
+# ``references``: optional, ``{class: entry}``; each entry names its bank file (``refs/<class>.<sha12>.npz``,
+# also listed in ``files``) and repeats the bank's provenance so the manifest alone says what is there.
+REFS_FIELD = "references"
+REFS_DIR = "refs"
+REFERENCE_FIELDS: dict[str, tuple[type, ...]] = {
+    "file": (str,),
+    "shots": (int,),
+    "size": (int,),
+    "patches": (int,),
+    "coreset": (dict, type(None)),
+    "backbone": (str,),
+    "embed_dim": (int,),
+    "images_sha256": (str,),
+    "source": (str,),
+    "updated": (str,),
+}
+REFSEARCH_FIELD = "refsearch"  # {"file": "refsearch.onnx", "inputs": [...], "outputs": [...]}, optional
+
+
+def references(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{class: entry}`` of the artifact's reference banks ({} when it has none)."""
+    refs = data.get(REFS_FIELD)
+    return dict(refs) if isinstance(refs, dict) else {}
+
+
+def validate_references(data: Mapping[str, Any]) -> None:
+    """The ``references`` block: an object of per-class entries with every field typed, for known classes."""
+    search = data.get(REFSEARCH_FIELD)
+    if search is not None and (not isinstance(search, dict) or not isinstance(search.get("file"), str)):
+        raise ArtifactError(f"manifest field '{REFSEARCH_FIELD}' must be null or an object with a 'file' string")
+    refs = data.get(REFS_FIELD)
+    if refs is None:
+        return
+    if not isinstance(refs, dict):
+        raise ArtifactError(f"manifest field '{REFS_FIELD}' must be object, got {type(refs).__name__}")
+    for cls_name, entry in refs.items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}' must be object, got {type(entry).__name__}")
+        _check_fields(entry, REFERENCE_FIELDS, prefix=f"{REFS_FIELD}.{cls_name}.")
+        if cls_name not in data["text"]["classes"]:
+            raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}': class not in text.classes")
+        if entry["shots"] < 1 or entry["size"] < 1:
+            raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}': shots and size must be >= 1")
+
+
+def refsearch_file(data: Mapping[str, Any]) -> str | None:
+    """The few-shot search graph's file name (written by the exporter for GPU backends), or None."""
+    entry = data.get(REFSEARCH_FIELD)
+    return entry.get("file") if isinstance(entry, dict) and isinstance(entry.get("file"), str) else None
+
+
+def reference_entry(data: Mapping[str, Any], class_name: str) -> dict[str, Any] | None:
+    """The class's reference-bank entry, or None when the class has no bank."""
+    return references(data).get(class_name)
 
 
 # --- calibration.json: per-class thresholds, written by `anoclip calibrate` ---------------------------

@@ -27,12 +27,15 @@ import numpy as np
 from anoclip_core import staging
 from anoclip_core.artlock import consistent_read
 from anoclip_core.errors import AnoCLIPError, ArtifactError, InferenceError, InputError
+from anoclip_core.refbank import DEFAULT_VISUAL_WEIGHT, ReferenceBank, check_weight
 from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, read_image, to_rgb_float
 
 from . import contract as mf
 from .backends import DEFAULT_OUTPUTS, BackendChoice, check_backend_graph, check_precision, create_backend
 from .contract import CALIBRATION_NAME, check_threshold, load_calibration, validate_calibration
 from .postprocess import Region, anomaly_map, find_regions
+from .refs import FewShot, load_banks
+from .refsearch import make_search
 from .tiler import StripOutput, StripStream, predict_tiled
 
 log = logging.getLogger("anoclip.runtime")
@@ -69,6 +72,8 @@ class InferConfig:
     alpha: float = 0.5
     threads: int | None = None
     verify: bool = True
+    use_refs: bool = True
+    visual_weight: float = DEFAULT_VISUAL_WEIGHT
 
     def __post_init__(self) -> None:
         if self.batch < 1:
@@ -89,6 +94,7 @@ class InferConfig:
             raise InputError(f"min_area must be >= 1, got {self.min_area}")
         if self.channel_order not in ("RGB", "BGR"):
             raise InputError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        check_weight(self.visual_weight)
 
     def replace(self, **changes: Any) -> "InferConfig":
         return replace(self, **changes)
@@ -115,6 +121,7 @@ class Result:
     error: str | None = None
     index: int | None = None
     y0: int | None = None
+    shots: int = 0
 
     @property
     def ok(self) -> bool:
@@ -148,6 +155,8 @@ class Result:
             })
         d["timing"] = {k: round(v, 3) for k, v in self.timing.items()}
         d["backend"] = self.backend
+        d["references"] = self.shots > 0
+        d["shots"] = self.shots
         d["random_weights"] = self.random_weights
         if self.random_weights:
             d["warning"] = RANDOM_WEIGHTS_WARNING
@@ -176,16 +185,17 @@ def check_prototypes(protos: Mapping[str, np.ndarray], text_file: str) -> None:
                                 f"(norms {norms[0]:.4g}, {norms[1]:.4g})")
 
 
-def read_artifact(root: Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-    """Manifest (sha256 of every file with ``verify``), prototypes and calibration of one artifact,
+def read_artifact(root: Path, verify: bool = True
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], dict[str, ReferenceBank]]:
+    """Manifest (sha256 of every file with ``verify``), prototypes, calibration and reference banks of one artifact,
     read as one consistent snapshot (re-read under the artifact's shared lock when a writer was
     half-way)."""
 
-    def read() -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    def read() -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], dict[str, ReferenceBank]]:
         manifest = mf.read_manifest(root, check_files=verify)
         protos = read_prototypes(root, manifest)
         check_prototypes(protos, manifest["text"]["file"])
-        return manifest, protos, load_calibration(root, manifest if verify else None)
+        return manifest, protos, load_calibration(root, manifest if verify else None), load_banks(root, manifest)
 
     if staging.has_leftovers(root):
         for note in mf.recover_artifact(root):
@@ -222,6 +232,7 @@ class Detector:
         calibration: Mapping[str, Any] | None = None,
         backend_note: str | None = None,
         precision: str | None = None,
+        references: Mapping[str, ReferenceBank] | None = None,
     ) -> None:
         self.backend = backend
         self.backend_name = getattr(backend, "name", type(backend).__name__)
@@ -237,6 +248,9 @@ class Detector:
         self.calibration = self._check_calibration(calibration or {})
         self._sentences: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
+        self.references: dict[str, ReferenceBank] = dict(references or {})
+        self.search_opts: dict[str, Any] = {}  # for runtime.refsearch.make_search (device_id, ...)
+        self._searches: dict[str, tuple[ReferenceBank, Any]] = {}
         if self.random_weights:
             log.warning("!!! %s !!!", RANDOM_WEIGHTS_WARNING)
 
@@ -251,12 +265,13 @@ class Detector:
         (``threads``, ``cache_dir``, ``device_id``, ...).
         """
         root = Path(artifact)
-        manifest, protos, calibration = read_artifact(root, verify)
+        manifest, protos, calibration, banks = read_artifact(root, verify)
         check_precision(backend, manifest, precision)
         check_backend_graph(backend, root, manifest, precision)
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
-        det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision)
+        det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision, banks)
         det.backend_name = choice.name
+        det.search_opts = {"device_id": backend_opts.get("device_id", 0)}
         return det
 
     def close(self) -> None:
@@ -351,17 +366,38 @@ class Detector:
         """Raw graph outputs for normalised pixels [B, 3, S, S] and one class."""
         return self.backend.run(pixels, self.prototypes(class_name), outputs)
 
-    def infer_pixels(self, pixels: np.ndarray, class_name: str, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised pixels [B, 3, S, S] -> patch probabilities [B, h, w] and image scores [B]."""
-        if not tta:
-            out = self.run_graph(pixels, class_name, ("patch_probs", "image_scores"))
-            return out["patch_probs"][:, 0], out["image_scores"][:, 0]
-        from .tta import adapted_patch_probs  # the only path that imports torch
+    def fewshot(self, class_name: str, cfg: InferConfig) -> FewShot | None:
+        """The class's reference bank with its weight and search, or None (zero-shot: no bank, or ``use_refs`` off)."""
+        bank = self.references.get(class_name) if cfg.use_refs else None
+        if bank is None:
+            return None
+        with self._lock:  # one search per bank: a device search holds the bank on the GPU
+            cached = self._searches.get(class_name)
+            if cached is None or cached[0] is not bank:
+                search, where = make_search(bank, self.backend_name, self.artifact_dir, self.manifest,
+                                            **self.search_opts)
+                log.info("reference bank for %r: %d shots, %d patches, search on %s", class_name, bank.shots,
+                         bank.size, where)
+                cached = self._searches[class_name] = (bank, search)
+        return FewShot(bank, cfg.visual_weight, cached[1])
 
-        out = self.run_graph(pixels, class_name, ("local_tokens", "image_scores"))
-        probs = adapted_patch_probs(out["local_tokens"], self.sentences(class_name),
-                                    self.prototypes(class_name)[0], self.temperature)
-        return probs, out["image_scores"][:, 0]
+    def infer_pixels(self, pixels: np.ndarray, class_name: str, tta: bool = False,
+                     fewshot: FewShot | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised pixels [B, 3, S, S] -> patch probabilities [B, h, w] and image scores [B]
+        (fused with the visual anomaly of ``fewshot``'s bank when given)."""
+        extra = ("local_embeddings",) if fewshot is not None else ()
+        if not tta:
+            out = self.run_graph(pixels, class_name, ("patch_probs", "image_scores") + extra)
+            probs = out["patch_probs"][:, 0]
+        else:
+            from .tta import adapted_patch_probs  # the only path that imports torch
+
+            out = self.run_graph(pixels, class_name, ("local_tokens", "image_scores") + extra)
+            probs = adapted_patch_probs(out["local_tokens"], self.sentences(class_name),
+                                        self.prototypes(class_name)[0], self.temperature)
+        if fewshot is None:
+            return probs, out["image_scores"][:, 0]
+        return fewshot.apply(probs, out["image_scores"][:, 0], out["local_embeddings"])
 
     def _to_rgb(self, image: ImageLike, channel_order: str) -> tuple[np.ndarray, str | None]:
         if isinstance(image, (str, os.PathLike)):
@@ -382,13 +418,14 @@ class Detector:
             raise InputError(f"expected an image path or a numpy array, got {type(image).__name__}")
         return image, channel_order, None
 
-    def tile_infer(self, class_name: str, channel_order: str = "RGB", tta: bool = False):
+    def tile_infer(self, class_name: str, channel_order: str = "RGB", tta: bool = False,
+                   fewshot: FewShot | None = None):
         """An ``InferFn`` for the tiler: raw crops -> (patch_probs [N, h, w], image_scores [N])."""
         cfg = self.preprocess_config
 
         def infer(crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             px = np.stack([normalize_rgb(to_rgb_float(c, channel_order), cfg) for c in crops])
-            return self.infer_pixels(px, class_name, tta)
+            return self.infer_pixels(px, class_name, tta, fewshot)
 
         return infer
 
@@ -402,9 +439,10 @@ class Detector:
         img_thr, px_thr, src = self.thresholds(class_name, cfg.threshold, cfg.pixel_threshold)
         regions = find_regions(amap, px_thr, cfg.min_area, cfg.max_regions)
         timing["regions_ms"] = _ms(t0)
+        few = self.fewshot(class_name, cfg)
         return Result(path, class_name, float(score), "anomaly" if score > img_thr else "normal", amap, regions,
                       img_thr, px_thr, src, (int(amap.shape[0]), int(amap.shape[1])), tiles, timing,
-                      self.backend_name, self.random_weights)
+                      self.backend_name, self.random_weights, shots=few.shots if few else 0)
 
     def _config(self, class_name: str, cfg: InferConfig | None, overrides: Mapping[str, Any]) -> InferConfig:
         base = cfg or InferConfig(class_name=class_name)
@@ -429,8 +467,8 @@ class Detector:
             raw, order, path = self._raw(image, cfg.channel_order)
             load_ms = _ms(t0)
             t0 = time.perf_counter()
-            out = predict_tiled(raw, self.tile_infer(class_name, order, cfg.tta), cfg.tile_size, cfg.overlap,
-                                cfg.batch)
+            out = predict_tiled(raw, self.tile_infer(class_name, order, cfg.tta, self.fewshot(class_name, cfg)),
+                                cfg.tile_size, cfg.overlap, cfg.batch)
             timing = {"load_ms": load_ms, "tiled_ms": _ms(t0)}
             res = self._finish(path, class_name, out.anomaly_map, out.score, cfg, timing, len(out.boxes))
         else:
@@ -439,7 +477,7 @@ class Detector:
             px = normalize_rgb(rgb, self.preprocess_config)[None]
             pre_ms = _ms(t0)
             t0 = time.perf_counter()
-            probs, scores = self.infer_pixels(px, class_name, cfg.tta)
+            probs, scores = self.infer_pixels(px, class_name, cfg.tta, self.fewshot(class_name, cfg))
             inf_ms = _ms(t0)
             t0 = time.perf_counter()
             amap = anomaly_map(probs[0], rgb.shape[:2])
@@ -494,7 +532,8 @@ class Detector:
                 slots[i] = self._error(im, cfg, err, {"preprocess_ms": _ms(t0)})
         if ok:
             t0 = time.perf_counter()
-            probs, scores = self.infer_pixels(np.stack([o[1] for o in ok]), cfg.class_name, cfg.tta)
+            probs, scores = self.infer_pixels(np.stack([o[1] for o in ok]), cfg.class_name, cfg.tta,
+                                              self.fewshot(cfg.class_name, cfg))
             inf_ms = _ms(t0) / len(ok)
             for (i, _, hw, path, pre_ms), p, s in zip(ok, probs, scores):
                 t1 = time.perf_counter()
@@ -524,5 +563,5 @@ class Detector:
             res.index, res.y0 = s.index, s.y0
             return res
 
-        return StripStream(self.tile_infer(class_name, cfg.channel_order, cfg.tta), cfg.tile_size, cfg.overlap,
-                           cfg.batch, stitch, finish)
+        return StripStream(self.tile_infer(class_name, cfg.channel_order, cfg.tta, self.fewshot(class_name, cfg)),
+                           cfg.tile_size, cfg.overlap, cfg.batch, stitch, finish)

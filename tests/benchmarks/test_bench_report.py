@@ -154,3 +154,17 @@ def test_cli_rejects_bad_options(tmp_path, args, message):
     assert message in res.stderr and res.stderr.startswith("error: ")  # the one-line rule of every CLI
     assert "Traceback" not in res.stderr and res.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_fewshot_section(tiny_run):
+    _, results, paths = tiny_run
+    fs = results["fewshot"]
+    assert "error" not in fs, fs
+    sizes = {name: v["bank_size"] for name, v in fs["variants"].items()}
+    # tiny model: 8 x 8 = 64 patches per good image
+    assert sizes == {"zero-shot": 0, "1-shot": 64, "4-shot": 256, "16-shot": 1024, "10k coreset": 10000}
+    assert [fs["variants"][k]["shots"] for k in ("zero-shot", "1-shot", "4-shot", "16-shot")] == [0, 1, 4, 16]
+    assert fs["variants"]["zero-shot"]["ratio_to_zero_shot"] == 1.0
+    assert all(v["latency"]["n"] == fs["rounds"] >= 2 and v["ratio_to_zero_shot"] > 0 for v in fs["variants"].values())
+    md = paths["markdown"].read_text()
+    assert "## Few-shot reference bank cost" in md and "| 4-shot | 256 |" in md

@@ -281,7 +281,7 @@ def test_external_data_path(make_config, register_tiny, tmp_path):
     out = export_artifact(make_config(tmp_path / "ext", classes=["bottle"], precisions=["fp16"], external_data_threshold=1))
     data = mf.read_manifest(out)
     assert _listing(out) == sorted(["encoder.onnx", "encoder.onnx.data", "encoder.fp16.onnx", "encoder.fp16.onnx.data",
-                                    "manifest.json", "text_embeddings.npz"])
+                                    "manifest.json", "refsearch.onnx", "text_embeddings.npz"])
     assert data["models"]["fp32"]["external_data"] == ["encoder.onnx.data"]
     assert data["models"]["fp16"]["external_data"] == ["encoder.fp16.onnx.data"]
     assert os.path.getsize(out / "encoder.onnx") < os.path.getsize(out / "encoder.onnx.data")

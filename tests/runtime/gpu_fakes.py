@@ -229,3 +229,56 @@ class FakeTrt:
     @staticmethod
     def nptype(dtype) -> type:
         return np.float32
+
+
+class FakeDeviceValue:
+    """Stands for an ``onnxruntime.OrtValue`` on a CUDA device (``OrtValue.ortvalue_from_numpy(a, "cuda", id)``)."""
+
+    uploads: list["FakeDeviceValue"] = []
+
+    def __init__(self, array: np.ndarray, device_id: int) -> None:
+        self.array, self.device_id = np.array(array), device_id
+        FakeDeviceValue.uploads.append(self)
+
+
+class FakeIOBinding:
+    """onnxruntime ``IOBinding``: ``bind_cpu_input``, ``bind_ortvalue_input``, ``bind_output(name, device_type,
+    device_id)``, ``copy_outputs_to_cpu()`` (onnxruntime.ai/docs/api/python/api_summary.html#iobinding)."""
+
+    def __init__(self, session: "FakeCudaOrtSession") -> None:
+        self.session, self.inputs, self.outputs, self.results = session, {}, [], []
+
+    def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+        self.inputs[name] = ("cpu", array)
+
+    def bind_ortvalue_input(self, name: str, value: FakeDeviceValue) -> None:
+        assert isinstance(value, FakeDeviceValue)
+        self.inputs[name] = ("cuda", value)
+
+    def bind_output(self, name: str, device_type: str = "cpu", device_id: int = 0) -> None:
+        self.outputs.append((name, device_type, device_id))
+
+    def copy_outputs_to_cpu(self) -> list[np.ndarray]:
+        return self.results
+
+
+class FakeCudaOrtSession:
+    """An ``InferenceSession`` that reports ``providers`` (e.g. CUDA first) but computes on the real CPU EP."""
+
+    def __init__(self, path: str, so, providers: list) -> None:
+        import onnxruntime as ort
+
+        self.inner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.providers = [p[0] if isinstance(p, tuple) else p for p in providers]
+        self.bindings: list[FakeIOBinding] = []
+
+    def get_providers(self) -> list[str]:
+        return self.providers
+
+    def io_binding(self) -> FakeIOBinding:
+        self.bindings.append(FakeIOBinding(self))
+        return self.bindings[-1]
+
+    def run_with_iobinding(self, binding: FakeIOBinding) -> None:
+        feeds = {k: (v.array if where == "cuda" else v) for k, (where, v) in binding.inputs.items()}
+        binding.results = self.inner.run([name for name, _, _ in binding.outputs], feeds)

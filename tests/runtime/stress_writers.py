@@ -118,7 +118,7 @@ def check_round(art: Path, r: int) -> list[str]:
     from runtime.detector import read_artifact
 
     try:
-        manifest, protos, cal = read_artifact(art, verify=True)
+        manifest, protos, cal, _banks = read_artifact(art, verify=True)
     except ArtifactError as err:
         return [f"round {r}: the artifact is inconsistent after the round: {err}"]
     lost = []
