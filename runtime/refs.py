@@ -117,7 +117,7 @@ def _file_stem(class_name: str) -> str:
 
 
 def manifest_entry(file: str, bank: ReferenceBank) -> dict[str, Any]:
-    """The manifest's ``references.<class>`` entry for a stored bank (see ``runtime.manifest``)."""
+    """The manifest's ``references.<class>`` entry for a stored bank (see ``runtime.contract``)."""
     return {
         "file": file, "shots": bank.shots, "size": bank.size, "patches": int(bank.patches or bank.size),
         "coreset": bank.coreset, "backbone": bank.backbone, "embed_dim": bank.embed_dim,

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from anoclip_core.errors import ArtifactError, BankError
 from anoclip_core.refbank import ReferenceBank
-from runtime import manifest as mf
+from runtime import contract as mf
 from runtime.cli import main
 
 S = 64
