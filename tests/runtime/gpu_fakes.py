@@ -160,7 +160,7 @@ class FakeEngine:
             return (1, 3, self.S, self.S), (2, 3, self.S, self.S), (self.MAXB, 3, self.S, self.S)
         return (1, 2, self.D), (1, 2, self.D), (self.MAXC, 2, self.D)
 
-    def create_execution_context(self) -> "FakeContext":
+    def create_execution_context(self) -> FakeContext:
         ctx = FakeContext(self)
         self.contexts.append(ctx)
         return ctx
@@ -175,7 +175,7 @@ class FakeContext:
 
     def set_input_shape(self, n: str, shape) -> bool:
         lo, _, hi = self.e.get_tensor_profile_shape(n, 0)
-        ok = all(a <= b <= c for a, b, c in zip(lo, shape, hi))
+        ok = all(a <= b <= c for a, b, c in zip(lo, shape, hi, strict=True))
         if ok:
             self.shapes[n] = tuple(shape)
         return ok
