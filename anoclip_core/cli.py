@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import click
 
 from .errors import AnoCLIPError
 
 
-def _split_classes(text: Optional[str]) -> Optional[tuple[str, ...]]:
+def _split_classes(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     names = tuple(c.strip() for c in text.split(",") if c.strip())
@@ -53,22 +52,22 @@ def main(
     root: str,
     backbone: str,
     pretrained: str,
-    image_size: Optional[int],
+    image_size: int | None,
     tta: bool,
     tta_mode: str,
-    views: Optional[bool],
-    classes: Optional[str],
+    views: bool | None,
+    classes: str | None,
     batch_size: int,
-    out: Optional[str],
+    out: str | None,
     overlays: int,
     device: str,
-    model_config: Optional[str],
+    model_config: str | None,
     text_cache: str,
     progress: bool,
-    shots: Optional[int],
+    shots: int | None,
     seeds: int,
     visual_weight: float,
-    coreset: Optional[int],
+    coreset: int | None,
 ) -> None:
     """Evaluate AnoCLIP zero-shot (and few-shot with --shots) on MVTec AD, VisA or a folder dataset."""
     try:

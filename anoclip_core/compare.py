@@ -104,8 +104,8 @@ def compare(
     if maps.ndim == 2:
         maps, ref_maps = maps[None], ref_maps[None]
     maps_diff, scores_diff = diff(maps, ref_maps), diff(scores, ref_scores)
-    pear = [pearson(m, r) for m, r in zip(maps, ref_maps)]
-    iou = [top_fraction_iou(m, r, fraction) for m, r in zip(maps, ref_maps)]
+    pear = [pearson(m, r) for m, r in zip(maps, ref_maps, strict=True)]
+    iou = [top_fraction_iou(m, r, fraction) for m, r in zip(maps, ref_maps, strict=True)]
     return {
         "images": int(maps.shape[0]),
         "map_max_abs": maps_diff.max_abs,

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class Sample:
     path: str
     class_name: str
     label: int
-    mask_path: Optional[str]
+    mask_path: str | None
     defect_type: str
 
     @property
@@ -82,7 +82,7 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _pick(available: Sequence[str], classes: Optional[Sequence[str]], where: str) -> list[str]:
+def _pick(available: Sequence[str], classes: Sequence[str] | None, where: str) -> list[str]:
     if classes is None:
         return list(available)
     missing = [c for c in classes if c not in available]
@@ -159,7 +159,7 @@ def _visa_rows(csv_path: Path) -> list[dict[str, str]]:
         raise DatasetError(f"VisA split csv {csv_path}: cannot read ({type(err).__name__}: {err})") from None
 
 
-def _visa_samples(root: str | os.PathLike, classes: Optional[Sequence[str]]) -> list[Sample]:
+def _visa_samples(root: str | os.PathLike, classes: Sequence[str] | None) -> list[Sample]:
     csv_path, base = _visa_csv(root)
     rows = [(i + 2, r) for i, r in enumerate(_visa_rows(csv_path)) if r["split"].lower() == "test"]
     available = sorted({r["object"] for _, r in rows})
@@ -177,7 +177,7 @@ def _visa_samples(root: str | os.PathLike, classes: Optional[Sequence[str]]) -> 
         image = base / r["image"]
         if not image.is_file():
             raise DatasetError(f"{where}: image not found: {image}")
-        mask: Optional[str] = None
+        mask: str | None = None
         if label == 1:
             if not r["mask"]:
                 raise DatasetError(f"{where}: anomalous image {r['image']} has no mask path")
@@ -189,7 +189,7 @@ def _visa_samples(root: str | os.PathLike, classes: Optional[Sequence[str]]) -> 
 
 
 # generic folder -----------------------------------------------------------------------------------
-def _folder_mask(masks: Path, defect: str, stem: str) -> Optional[Path]:
+def _folder_mask(masks: Path, defect: str, stem: str) -> Path | None:
     for suffix in ("", "_mask"):
         for ext in IMAGE_EXTS:
             p = masks / defect / f"{stem}{suffix}{ext}"
@@ -222,7 +222,7 @@ def _folder_samples(root: Path, class_name: str) -> list[Sample]:
     return samples
 
 
-def _folder_class(root: Path, classes: Optional[Sequence[str]]) -> str:
+def _folder_class(root: Path, classes: Sequence[str] | None) -> str:
     if classes is None:
         return root.resolve().name
     if len(classes) != 1:
@@ -245,7 +245,7 @@ def list_classes(dataset: str, root: str | os.PathLike) -> list[str]:
     return [_folder_class(_check_root(root, FOLDER_LAYOUT), None)]
 
 
-def load_samples(dataset: str, root: str | os.PathLike, classes: Optional[Sequence[str]] = None) -> list[Sample]:
+def load_samples(dataset: str, root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[Sample]:
     """Every test sample of the chosen classes (all when None), grouped by class in class order."""
     name = _check_dataset(dataset)
     if classes is not None and len(classes) == 0:
@@ -267,7 +267,7 @@ def load_image(sample: Sample) -> np.ndarray:
     return transform.read_image(sample.path)
 
 
-def load_mask(sample: Sample, height: int, width: Optional[int] = None) -> Optional[np.ndarray]:
+def load_mask(sample: Sample, height: int, width: int | None = None) -> np.ndarray | None:
     """Ground truth resized to ``height`` x ``width`` (default square) as {0, 1} uint8.
 
     All zeros for a normal image without a mask; None when a defective image has no mask.

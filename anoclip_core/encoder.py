@@ -100,7 +100,9 @@ class DualPathEncoder(nn.Module):
         if not pixels.is_floating_point():
             raise InputError(f"pixels must be a floating-point tensor (normalised image), got dtype {pixels.dtype}")
 
-    def _dual_block(self, block: nn.Module, x_ori: torch.Tensor, x_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dual_block(
+        self, block: nn.Module, x_ori: torch.Tensor, x_loc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias, out_proj, heads = _attention_params(block)
         b, n, c = x_ori.shape
         h = block.ln_1(x_ori)

@@ -18,9 +18,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -74,23 +75,23 @@ class EvalConfig:
     dataset: str
     root: str
     backbone: str = "ViT-B-16-plus-240"
-    pretrained: Optional[str] = "laion400m_e32"
-    image_size: Optional[int] = None
+    pretrained: str | None = "laion400m_e32"
+    image_size: int | None = None
     tta: bool = False
     tta_mode: str = "reference"
-    views: Optional[bool] = None
-    classes: Optional[tuple[str, ...]] = None
+    views: bool | None = None
+    classes: tuple[str, ...] | None = None
     batch_size: int = 8
-    out: Optional[str] = None
+    out: str | None = None
     overlays: int = 3
     device: str = "cpu"
-    model_config: Optional[str] = None
-    text_cache: Optional[str] = "default"
+    model_config: str | None = None
+    text_cache: str | None = "default"
     progress: bool = True
-    shots: Optional[int] = None
+    shots: int | None = None
     seeds: int = 3
     visual_weight: float = DEFAULT_VISUAL_WEIGHT
-    coreset: Optional[int] = None
+    coreset: int | None = None
 
     def __post_init__(self) -> None:
         self.dataset = self.dataset.lower()
@@ -141,7 +142,7 @@ class ClassOutputs:
 
     samples: list[Sample] = field(default_factory=list)
     maps: list[np.ndarray] = field(default_factory=list)
-    masks: list[Optional[np.ndarray]] = field(default_factory=list)
+    masks: list[np.ndarray | None] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
 
 
@@ -173,7 +174,7 @@ def two_crop_inputs(rgb: np.ndarray, cfg: transform.PreprocessConfig) -> tuple[n
     h, w = short_side_size(rgb.shape[0], rgb.shape[1], s)
     resized = transform.resize_bilinear_antialias(rgb, h, w)
     boxes = two_crop_boxes(h, w)
-    crops = [transform.normalize_rgb(resized[t : t + bh, l : l + bw], cfg) for t, l, bh, bw in boxes]
+    crops = [transform.normalize_rgb(resized[t : t + bh, left : left + bw], cfg) for t, left, bh, bw in boxes]
     return np.stack(crops), boxes, (h, w)
 
 
@@ -181,16 +182,16 @@ def merge_crops(maps: np.ndarray, boxes: Sequence[Box], size: tuple[int, int]) -
     """Crop maps [K, S, S] -> one map of ``size``, averaged where crops overlap."""
     total = np.zeros(size, np.float64)
     count = np.zeros(size, np.float64)
-    for m, (t, l, bh, bw) in zip(maps, boxes):
-        total[t : t + bh, l : l + bw] += m
-        count[t : t + bh, l : l + bw] += 1.0
+    for m, (t, left, bh, bw) in zip(maps, boxes, strict=True):
+        total[t : t + bh, left : left + bw] += m
+        count[t : t + bh, left : left + bw] += 1.0
     return (total / np.maximum(count, 1.0)).astype(np.float32)
 
 
 def predict_two_crop(
     model: AnoCLIP, images: Sequence[transform.ImageLike], class_name: str,
-    adaptation: Optional[ClassAdaptation] = None, start_index: int = 0,
-    references: Optional[ReferenceBank] = None, visual_weight: float = DEFAULT_VISUAL_WEIGHT,
+    adaptation: ClassAdaptation | None = None, start_index: int = 0,
+    references: ReferenceBank | None = None, visual_weight: float = DEFAULT_VISUAL_WEIGHT,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """VisA protocol (§4): short side -> S, two overlapping square crops, maps averaged in the
     overlap (map size = the resized image), image score = mean of the two crops' scores; no views.
@@ -268,8 +269,8 @@ def _adapt_single(
 
 
 def class_adaptation(
-    model: AnoCLIP, class_name: str, cfg: EvalConfig, source: Optional[TTASource] = None
-) -> Optional[ClassAdaptation]:
+    model: AnoCLIP, class_name: str, cfg: EvalConfig, source: TTASource | None = None
+) -> ClassAdaptation | None:
     """The class's AnoCLIP+ state (None without TTA): reference mode carries AdamW over the class.
     ``source`` overrides the initial adapter weights and the noise (default: seeded per image index)."""
     tta = cfg.tta_config(model.temperature)
@@ -281,7 +282,7 @@ def class_adaptation(
 
 def _predict_batch(
     model: AnoCLIP, batch: list[Sample], cfg: EvalConfig, start_index: int = 0,
-    adaptation: Optional[ClassAdaptation] = None, references: Optional[ReferenceBank] = None,
+    adaptation: ClassAdaptation | None = None, references: ReferenceBank | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """One batch; ``start_index`` (the batch's offset in the class) keeps TTA independent of batch
     size (images are adapted one at a time, in dataset order, whatever the batch size)."""
@@ -299,8 +300,8 @@ def _predict_batch(
 
 
 def predict_class(
-    model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None, source: Optional[TTASource] = None,
-    references: Optional[ReferenceBank] = None,
+    model: AnoCLIP, samples: list[Sample], cfg: EvalConfig, bar: Any = None, source: TTASource | None = None,
+    references: ReferenceBank | None = None,
 ) -> ClassOutputs:
     """Maps, masks (resized to each map) and scores of one class's samples, in batches. With TTA the
     images are adapted in the given (dataset) order; ``source`` as in :func:`class_adaptation`;
@@ -310,7 +311,7 @@ def predict_class(
     for i in range(0, len(samples), cfg.batch_size):
         batch = samples[i : i + cfg.batch_size]
         maps, scores = _predict_batch(model, batch, cfg, start_index=i, adaptation=adaptation, references=references)
-        for s, m, sc in zip(batch, maps, scores):
+        for s, m, sc in zip(batch, maps, scores, strict=True):
             out.maps.append(m)
             out.masks.append(load_mask(s, m.shape[0], m.shape[1]))
             out.scores.append(float(sc))
@@ -451,7 +452,7 @@ def load_model(cfg: EvalConfig) -> AnoCLIP:
     )
 
 
-def evaluate(cfg: EvalConfig, model: Optional[AnoCLIP] = None) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, model: AnoCLIP | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the results dict (also written to ``cfg.out`` when set).
 
     ``model`` overrides building one from ``cfg`` (backbone, pretrained, image size, device).

@@ -15,8 +15,16 @@ from typing import Any
 import numpy as np
 
 from .datasets import Sample, load_train_good
-from .evaluate import REFERENCE_KEYS, TABLE_KEYS, METRIC_TITLES, EvalConfig, class_metrics, mean_metrics
-from .evaluate import predict_class, two_crop_pixels
+from .evaluate import (
+    METRIC_TITLES,
+    REFERENCE_KEYS,
+    TABLE_KEYS,
+    EvalConfig,
+    class_metrics,
+    mean_metrics,
+    predict_class,
+    two_crop_pixels,
+)
 from .metrics import METRIC_KEYS
 from .model import AnoCLIP
 from .refbank import FUSION_RULE, ReferenceBank, select_shots

@@ -15,8 +15,8 @@ interpolated at the cut, and divided by 0.3. Regions are 8-connected components 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -35,8 +35,8 @@ METRIC_KEYS = (
     "image_f1_max",
 )
 
-ArrayList = Union[np.ndarray, Sequence[np.ndarray]]
-MaskList = Union[np.ndarray, Sequence[Optional[np.ndarray]]]
+ArrayList = np.ndarray | Sequence[np.ndarray]
+MaskList = np.ndarray | Sequence[np.ndarray | None]
 
 
 @dataclass
@@ -45,7 +45,7 @@ class _SortedScores:
 
     pos: np.ndarray
     neg: np.ndarray
-    pos_cumw: Optional[np.ndarray] = None
+    pos_cumw: np.ndarray | None = None
     total_w: float = 0.0
 
 
@@ -169,12 +169,12 @@ def region_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n) - 1
 
 
-def _binary_masks(maps: list[np.ndarray], masks: MaskList) -> list[Optional[np.ndarray]]:
-    mlist: list[Optional[np.ndarray]] = [None if m is None else np.asarray(m) for m in masks]
+def _binary_masks(maps: list[np.ndarray], masks: MaskList) -> list[np.ndarray | None]:
+    mlist: list[np.ndarray | None] = [None if m is None else np.asarray(m) for m in masks]
     if len(mlist) != len(maps):
         raise InputError(f"got {len(maps)} anomaly maps but {len(mlist)} masks")
-    out: list[Optional[np.ndarray]] = []
-    for i, (a, m) in enumerate(zip(maps, mlist)):
+    out: list[np.ndarray | None] = []
+    for i, (a, m) in enumerate(zip(maps, mlist, strict=True)):
         if a.ndim != 2:
             raise InputError(f"anomaly map {i}: expected H x W, got shape {a.shape}")
         if m is None:
@@ -207,7 +207,7 @@ def sort_pixels(maps: ArrayList, masks: MaskList, with_regions: bool = True) -> 
     weights = np.empty(n_pos, dtype=np.float64) if with_regions else None
     ip = ineg = 0
     n_regions = 0
-    for a, b in zip(mlist, bins):
+    for a, b in zip(mlist, bins, strict=True):
         if b is None:
             neg[ineg : ineg + a.size] = a.ravel()
             ineg += a.size
@@ -254,7 +254,7 @@ def _sorted_from_labels(scores: np.ndarray, labels: np.ndarray) -> _SortedScores
     return _SortedScores(pos=np.sort(scores[y]), neg=np.sort(scores[~y]))
 
 
-def _undefined(s: _SortedScores, positive: str, negative: str) -> Optional[str]:
+def _undefined(s: _SortedScores, positive: str, negative: str) -> str | None:
     """Why a ranking metric is undefined (one class missing), or None."""
     if s.pos.size == 0:
         return f"no {positive} in the ground truth"
@@ -363,7 +363,7 @@ def pixel_metrics(
     """
     keys = PIXEL_KEYS + (("aupro_reference",) if reference else ())
     mlist = _as_list(maps, "maps")
-    why: Optional[str] = "no anomaly maps given"
+    why: str | None = "no anomaly maps given"
     if mlist:
         px = sort_pixels(mlist, masks, with_regions=True)
         why = _undefined(px, "defective pixels", "normal pixels")

@@ -5,9 +5,9 @@ import difflib
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,8 +18,16 @@ from .encoder import DualPathEncoder
 from .errors import InputError, ModelError
 from .fileio import sha256_file
 from .prompts import PromptCache, StateEmbeddings, default_cache_dir, encode_sentences, state_sentences
-from .refbank import DEFAULT_CHUNK, DEFAULT_VISUAL_WEIGHT, ReferenceBank, check_weight, coverage_radius, fuse
-from .refbank import fuse_image_score, greedy_coreset
+from .refbank import (
+    DEFAULT_CHUNK,
+    DEFAULT_VISUAL_WEIGHT,
+    ReferenceBank,
+    check_weight,
+    coverage_radius,
+    fuse,
+    fuse_image_score,
+    greedy_coreset,
+)
 from .scores import anomaly_map, image_views, smooth, state_probs, upsample, visual_anomaly
 from .text_tower import encode_text_truncated
 from .tta import TTAConfig, adapt_tokens
@@ -218,7 +226,7 @@ class AnoCLIP(torch.nn.Module):
         temperature: float = 1.0,
         cache_dir: str | os.PathLike | None = "default",
         weights_cache_dir: str | None = None,
-    ) -> "AnoCLIP":
+    ) -> AnoCLIP:
         """Build from an open_clip backbone name and a pretrained tag, a local file, or None.
 
         ``cache_dir`` holds encoded text prompts (``"default"``: $ANOCLIP_CACHE or

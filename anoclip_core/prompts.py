@@ -4,17 +4,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .prompt_grammar import (  # noqa: F401  (re-exported: the grammar's public names)
-    ABNORMAL_STATES, CLASS_ALIASES, DOMAIN_WORDS, DOMAINS, MVTEC_TEXTURES, NORMAL_STATES, PROMPT_SET,
-    SENTENCES_PER_STATE, StateSentences, default_domain, prompt_name, state_sentences, templates,
+    ABNORMAL_STATES,
+    CLASS_ALIASES,
+    DOMAIN_WORDS,
+    DOMAINS,
+    MVTEC_TEXTURES,
+    NORMAL_STATES,
+    PROMPT_SET,
+    SENTENCES_PER_STATE,
+    StateSentences,
+    default_domain,
+    prompt_name,
+    state_sentences,
+    templates,
 )
 
 

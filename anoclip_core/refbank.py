@@ -26,9 +26,10 @@ import json
 import math
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -61,8 +62,8 @@ class ReferenceBank:
     patch_grid: tuple[int, int]
     images: tuple[str, ...]
     source: str = ""
-    patches: Optional[int] = None
-    coreset: Optional[dict[str, Any]] = None
+    patches: int | None = None
+    coreset: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,7 +110,7 @@ class ReferenceBank:
         if int(self.image_size) != int(image_size):
             raise BankError(f"{where} was built at image size {self.image_size}, the model uses {image_size}")
 
-    def merge(self, other: "ReferenceBank") -> "ReferenceBank":
+    def merge(self, other: ReferenceBank) -> ReferenceBank:
         """This bank plus ``other``'s embeddings and images (same model; a coreset is not re-taken)."""
         other.check_compatible(self.backbone, self.embed_dim, self.image_size, "the added reference bank")
         return ReferenceBank(
@@ -125,7 +126,7 @@ class ReferenceBank:
         return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ReferenceBank":
+    def load(cls, path: str | os.PathLike) -> ReferenceBank:
         """Read and validate a bank written by :meth:`save` (one-line ``BankError`` on any problem)."""
         arrays = _read_npz(Path(path))
         meta = _provenance(arrays, path)
@@ -137,7 +138,9 @@ class ReferenceBank:
             )
         except BankError as err:
             raise BankError(f"{path}: {err}") from None
-        if bank.shots != int(meta.get("shots", bank.shots)) or bank.embed_dim != int(meta.get("embed_dim", bank.embed_dim)):
+        if bank.shots != int(meta.get("shots", bank.shots)) or bank.embed_dim != int(
+            meta.get("embed_dim", bank.embed_dim)
+        ):
             raise BankError(f"reference bank {path}: provenance (shots, embed_dim) does not match its contents")
         return bank
 
@@ -176,7 +179,9 @@ def _provenance(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> dict[
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BankError(f"reference bank {path}: not an {FORMAT} file")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise BankError(f"reference bank {path}: format_version {meta['format_version']} is newer than {FORMAT_VERSION}")
+        raise BankError(
+            f"reference bank {path}: format_version {meta['format_version']} is newer than {FORMAT_VERSION}"
+        )
     missing = [k for k in ("backbone", "image_size", "patch_grid", "images") if k not in meta]
     if missing:
         raise BankError(f"reference bank {path}: provenance lacks {', '.join(missing)}")
@@ -195,7 +200,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return found
 
 
-def select_shots(items: Sequence[T], shots: Optional[int], seed: int = 0, where: str = "good images") -> list[T]:
+def select_shots(items: Sequence[T], shots: int | None, seed: int = 0, where: str = "good images") -> list[T]:
     """``shots`` items drawn without replacement with ``seed`` (kept in their listed order); all when None."""
     if shots is None:
         return list(items)
@@ -209,7 +214,7 @@ def select_shots(items: Sequence[T], shots: Optional[int], seed: int = 0, where:
 
 # coreset ----------------------------------------------------------------------------------------
 def greedy_coreset(
-    features: np.ndarray, size: int, seed: int = 0, projection_dim: Optional[int] = None
+    features: np.ndarray, size: int, seed: int = 0, projection_dim: int | None = None
 ) -> np.ndarray:
     """PatchCore's greedy k-center coreset: indices [size] in selection order.
 

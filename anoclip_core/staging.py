@@ -14,8 +14,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def temp_dir(out: str | os.PathLike) -> Path:
@@ -51,7 +51,7 @@ def pid_alive(pid: int) -> bool:
 def _leftovers(out: Path, kind: str) -> list[tuple[Path, int]]:
     """``(path, pid)`` of ``.<name>.<kind>-<pid>[-...]`` folders beside ``out`` whose pid is dead."""
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.{kind}-(\d+)(?:-.*)?$")
-    found = []
+    found: list[tuple[Path, int]] = []
     if not out.parent.is_dir():
         return found
     for entry in out.parent.iterdir():

@@ -9,9 +9,10 @@ only: the runtime imports it without pulling in torch.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_RULES = ("stretch",)
 INTERPOLATIONS = ("bilinear_antialias",)
 
-ImageLike = Union[str, os.PathLike, np.ndarray]
+ImageLike = str | os.PathLike | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessConfig:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         if "image_size" not in known:
             raise InputError("preprocess config has no 'image_size' field")
@@ -172,7 +173,7 @@ def _check_decode_limit(p: str) -> None:
             f"{_max_pixels} pixels (raise it with --max-pixels / ANOCLIP_MAX_IMAGE_PIXELS)")
 
 
-def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as it is stored (8/16-bit, gray/BGR/BGRA); clear error if unreadable.
 
     Images over the decode limit (``set_max_image_pixels``) are refused from their header,

@@ -20,8 +20,9 @@ per-index generators above), a seam through which a test can inject its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,9 @@ class SeededSource:
         return torch.randn(*shape, generator=gen)
 
 
-def adapter_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+def adapter_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, text: torch.Tensor | None
+) -> torch.Tensor:
     """Apply B adapters: x [B, N, D], weight [B, O, D], bias [B, O] -> [B, N, D].
 
     text adapter: 0.5 x + 0.5 tanh(W x̂ + b) @ T ; linear adapter: 0.5 x + 0.5 (W x̂ + b).
@@ -147,7 +150,7 @@ def fit_adapters(
     prototypes: torch.Tensor,
     cfg: TTAConfig = TTAConfig(),
     start_index: int = 0,
-    source: Optional[TTASource] = None,
+    source: TTASource | None = None,
 ) -> FittedAdapters:
     """Initialise and fit one adapter per image of local tokens [B, h, w, D] (see ``adapt_tokens``).
 
@@ -163,7 +166,7 @@ def _fit(
     prototypes: torch.Tensor,
     cfg: TTAConfig,
     start_index: int,
-    source: Optional[TTASource] = None,
+    source: TTASource | None = None,
 ) -> tuple[FittedAdapters, TTASource]:
     _check_shapes(tokens, sentences, prototypes)
     b, gh, gw, d = tokens.shape
@@ -219,7 +222,7 @@ def adapt_tokens(
     cfg: TTAConfig = TTAConfig(),
     start_index: int = 0,
     return_losses: bool = False,
-    source: Optional[TTASource] = None,
+    source: TTASource | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Adapt projected local tokens [B, h, w, D] (unnormalised) -> adapted tokens [B, h, w, D].
 
@@ -254,10 +257,10 @@ def merge_crop_logits(logits: torch.Tensor, boxes: Sequence[Box], size: tuple[in
     its box, then merged like the VisA maps (averaged where the crops overlap)."""
     total = logits.new_zeros((logits.shape[1], *size))
     count = logits.new_zeros(size)
-    for crop, (t, l, bh, bw) in zip(logits, boxes):
+    for crop, (t, left, bh, bw) in zip(logits, boxes, strict=True):
         up = F.interpolate(crop.unsqueeze(0), size=(bh, bw), mode="bilinear", align_corners=True)[0]
-        total[:, t : t + bh, l : l + bw] += up
-        count[t : t + bh, l : l + bw] += 1.0
+        total[:, t : t + bh, left : left + bw] += up
+        count[t : t + bh, left : left + bw] += 1.0
     return total / count.clamp(min=1.0)
 
 
@@ -296,7 +299,7 @@ class ClassAdaptation:
 
     def __init__(
         self, sentences: torch.Tensor, prototypes: torch.Tensor, cfg: TTAConfig = TTAConfig(),
-        carry: bool = True, source: Optional[TTASource] = None,
+        carry: bool = True, source: TTASource | None = None,
     ) -> None:
         self.cfg, self.carry = cfg, carry
         self.source: TTASource = source if source is not None else SeededSource(cfg.seed)
@@ -321,7 +324,7 @@ class ClassAdaptation:
         if not self.carry:
             self.opt = self._new_optimizer()
 
-    def adapt(self, tokens: torch.Tensor, index: int, loss: Optional[LossFn] = None) -> torch.Tensor:
+    def adapt(self, tokens: torch.Tensor, index: int, loss: LossFn | None = None) -> torch.Tensor:
         """Adapt one image's local tokens [K, h, w, D] (K crops sharing one adapter) with the
         seed/noise stream ``index``; ``loss`` defaults to the §5 per-patch loss (K = 1).
         Returns the adapted tokens [K, h, w, D]; the step losses go to ``self.losses``."""

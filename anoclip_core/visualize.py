@@ -57,7 +57,7 @@ def heatmap_overlay(
         raise InputError(f"anomaly map: expected H x W, got shape {a.shape}")
     h, w = rgb.shape[:2]
     if a.shape != (h, w):
-        a = cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
+        a = np.asarray(cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
     heat = colorize(a, vmin, vmax).astype(np.float32)
     out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

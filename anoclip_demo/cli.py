@@ -121,11 +121,20 @@ def run_demo(cfg: DemoConfig) -> dict:
         click.echo(f"[1/3] exporting {cfg.backbone} ({cfg.pretrained}) for class '{CLASS_NAME}' -> {art}", err=True)
         if cfg.int8:
             click.echo(f"      static int8 calibrated on the {len(calib)} bundled good calibration images", err=True)
-        export_artifact(ExportConfig(
-            backbone=cfg.backbone, classes=[CLASS_NAME], domains={CLASS_NAME: DOMAIN}, pretrained=cfg.pretrained,
-            out=art, force=True, model_config=cfg.model_config, precisions=["int8"] if cfg.int8 else ["fp32"],
-            int8_mode="static" if cfg.int8 else "dynamic", calibration_images=[str(p) for p in calib] if cfg.int8 else (),
-        ))
+        export_artifact(
+            ExportConfig(
+                backbone=cfg.backbone,
+                classes=[CLASS_NAME],
+                domains={CLASS_NAME: DOMAIN},
+                pretrained=cfg.pretrained,
+                out=art,
+                force=True,
+                model_config=cfg.model_config,
+                precisions=["int8"] if cfg.int8 else ["fp32"],
+                int8_mode="static" if cfg.int8 else "dynamic",
+                calibration_images=[str(p) for p in calib] if cfg.int8 else (),
+            )
+        )
     else:
         click.echo(f"[1/3] reusing artifact {art} (pass --force-export to rebuild)", err=True)
     click.echo(f"[2/3] calibrating thresholds on {len(calib)} good images", err=True)
@@ -152,9 +161,13 @@ def run_demo(cfg: DemoConfig) -> dict:
                     rows.append(rec)
     sheet = contact_sheet(rows, out / "contact_sheet.png", random_weights=cfg.pretrained.lower() == "none")
     summary = {
-        "backbone": cfg.backbone, "pretrained": cfg.pretrained, "artifact": str(art), "precision": cfg.precision or "fp32",
+        "backbone": cfg.backbone,
+        "pretrained": cfg.pretrained,
+        "artifact": str(art),
+        "precision": cfg.precision or "fp32",
         "calibration": {k: entry[k] for k in ("image_threshold", "pixel_threshold", "images")},
-        "good": summaries["good"], "defect": summaries["defect"],
+        "good": summaries["good"],
+        "defect": summaries["defect"],
         "contact_sheet": str(sheet) if sheet else None,
         "random_weights": cfg.pretrained.lower() == "none",
     }

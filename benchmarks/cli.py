@@ -14,7 +14,6 @@ from anoclip_core.cli_errors import OneLineCommand
 
 from .config import SECTIONS, BenchConfig, ConfigError, default_batch_sizes, parse_batch_sizes, parse_contenders
 
-
 PROG = "anoclip-bench"
 
 
@@ -34,7 +33,9 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-@click.command(name=PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    name=PROG, cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
+)
 @click.option("--backbone", default="ViT-B-16-plus-240", help="open_clip ViT name.")
 @click.option("--pretrained", default="none",
               help="open_clip tag, local weights file, or 'none' (random weights: speed only, flagged in the report).")

@@ -158,7 +158,7 @@ class BenchConfig:
     def torch_contenders(self) -> tuple[str, ...]:
         return tuple(c for c in self.contenders if c in TORCH_CONTENDERS)
 
-    def with_(self, **changes) -> "BenchConfig":
+    def with_(self, **changes) -> BenchConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -179,7 +179,20 @@ def default_batch_sizes(quick: bool) -> tuple[int, ...]:
 
 
 __all__ = [
-    "ALL_CONTENDERS", "BASELINE", "BenchConfig", "CPU_BACKENDS", "ConfigError", "Effort", "FULL", "GROUPS", "QUICK",
-    "RUNTIME_CONTENDERS", "SECTIONS", "STATIC_INT8_CONTENDERS", "TORCH_CONTENDERS", "default_batch_sizes", "parse_batch_sizes",
+    "ALL_CONTENDERS",
+    "BASELINE",
+    "BenchConfig",
+    "CPU_BACKENDS",
+    "ConfigError",
+    "Effort",
+    "FULL",
+    "GROUPS",
+    "QUICK",
+    "RUNTIME_CONTENDERS",
+    "SECTIONS",
+    "STATIC_INT8_CONTENDERS",
+    "TORCH_CONTENDERS",
+    "default_batch_sizes",
+    "parse_batch_sizes",
     "parse_contenders",
 ]

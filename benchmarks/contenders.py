@@ -7,9 +7,10 @@ as numpy for the fidelity comparison, or None for contenders without maps (plain
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class Contender:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def unavailable(cls, name: str, reason: str, group: str = "runtime") -> "Contender":
+    def unavailable(cls, name: str, reason: str, group: str = "runtime") -> Contender:
         backend, _, precision = name.rpartition("-")
         return cls(name, runtime_label(name) if group == "runtime" else DESCRIPTIONS.get(name, name), group,
                    "?", precision, available=False, reason=_one_line(reason))
@@ -246,7 +247,6 @@ def static_int8_artifact(cfg: Any, main_dir: Path, main_manifest: dict, names: t
     timed ones (seed + 1000, so not the timed inputs; the benchmark has no product images) written
     as PNGs, read the way ``--calibration-images`` reads them.
     """
-    import json
     import tempfile
 
     if not any(n in STATIC_INT8_CONTENDERS for n in names):

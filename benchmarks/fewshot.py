@@ -11,7 +11,8 @@ ratio to zero-shot is the median over rounds of the paired per-call ratios.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -10,8 +10,9 @@ residual adds, the tiny score head. ``torch_flops`` cross-checks the count with
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ViTSpec:
         return d
 
     @classmethod
-    def from_encoder(cls, encoder: Any) -> "ViTSpec":
+    def from_encoder(cls, encoder: Any) -> ViTSpec:
         """Read the sizes from an ``anoclip_core.encoder.DualPathEncoder`` (its open_clip modules)."""
         visual = encoder.visual
         block = visual.transformer.resblocks[0]
@@ -65,7 +66,7 @@ class ViTSpec:
     @classmethod
     def from_open_clip_config(
         cls, model_name: str, image_size: int | None = None, dual_blocks: int | None = None
-    ) -> "ViTSpec":
+    ) -> ViTSpec:
         """Read the sizes from open_clip's JSON config of ``model_name`` (no model is built)."""
         import open_clip
 

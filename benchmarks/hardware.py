@@ -222,7 +222,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         import psutil
 
         self._proc = psutil.Process()

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 JSON_NAME = "results.json"
 MD_NAME = "report.md"
@@ -75,8 +76,10 @@ def _headline(results: dict) -> list[str]:
            "ratios of calls made in the same interleaved round (so a burst of load on the shared machine cancels).",
            ""]
     if h.get("reference_over_core_latency"):
-        out.append(f"- Reference-style pipeline (a) vs the core's fused forward (b): **{_x(h['reference_over_core_latency'])}"
-                   "** the latency (23 dual forwards vs 1).")
+        out.append(
+            f"- Reference-style pipeline (a) vs the core's fused forward (b): **{_x(h['reference_over_core_latency'])}"
+            "** the latency (23 dual forwards vs 1)."
+        )
     if h.get("core_over_open_clip_latency"):
         out.append(f"- Core (b) vs plain open_clip (c): **{_x(h['core_over_open_clip_latency'])}** the latency "
                    f"(analytical FLOP ratio {_x(h.get('dual_over_plain_flops'))}: the V-V path).")
@@ -86,7 +89,9 @@ def _headline(results: dict) -> list[str]:
                    f"{_x(r['runtime_over_open_clip_throughput'])} plain open_clip's; "
                    f"{_pct(r.get('peak_fraction_best'))} of the fp32 GEMM peak.")
     if h.get("core_peak_fraction_best") is not None:
-        out.append(f"- Core at its best batch reaches {_pct(h['core_peak_fraction_best'])} of the measured fp32 GEMM peak.")
+        out.append(
+            f"- Core at its best batch reaches {_pct(h['core_peak_fraction_best'])} of the measured fp32 GEMM peak."
+        )
     if h.get("tta_over_plain_p50") is not None:
         out.append(f"- AnoCLIP+ (TTA): {_x(h['tta_over_plain_p50'])} the latency of AnoCLIP "
                    f"(+{_f(h.get('tta_overhead_ms_p50'))} ms per image).")
@@ -111,14 +116,20 @@ def _md_title(results: dict) -> list[str]:
         ]
     lines += [f"> **Shared machine.** {NOISE_NOTE}", ""]
     if hl.get("spread") is not None:
-        lines += [f"Noise gauge: the same fp32 GEMM, timed at the start, between the contenders' calls and at the end, "
-                  f"ran at {_f(hl.get('gflops_min'))} to {_f(hl.get('gflops'))} GFLOP/s (the slowest "
-                  f"{_pct(hl['spread'])} below the best)"
-                  + (f"; {_pct(gd['slow_fraction'])} of the {gd['calls']} probes between the contenders' calls ran "
-                     "below 80% of the best" if (gd := results.get("gemm_during") or {}).get("slow_fraction") is not None
-                     else "")
-                  + f"; load average {results['machine'].get('load_average_start')} "
-                  f"at the start, {results['machine'].get('load_average_end')} at the end.", ""]
+        lines += [
+            f"Noise gauge: the same fp32 GEMM, timed at the start, between the contenders' calls and at the end, "
+            f"ran at {_f(hl.get('gflops_min'))} to {_f(hl.get('gflops'))} GFLOP/s (the slowest "
+            f"{_pct(hl['spread'])} below the best)"
+            + (
+                f"; {_pct(gd['slow_fraction'])} of the {gd['calls']} probes between the contenders' calls ran "
+                "below 80% of the best"
+                if (gd := results.get("gemm_during") or {}).get("slow_fraction") is not None
+                else ""
+            )
+            + f"; load average {results['machine'].get('load_average_start')} "
+            f"at the start, {results['machine'].get('load_average_end')} at the end.",
+            "",
+        ]
     lines += _headline(results)
     lines += ["## Command", "", "```", results.get("command") or "(library call)", "```", ""]
     lines += [f"Started {results.get('started')}, finished {results.get('finished')} "
@@ -209,10 +220,15 @@ def _md_devices(results: dict) -> list[str]:
                   "best batch (higher is faster).", ""]
         lines += _table(["contender", "prec", "p50 ms", "p90 ms", "p99 ms", "n", *[f"img/s b{b}" for b in batches],
                          "latency / (c)", "best img/s / (c)"], rows_a)
-        lines += ["", "Efficiency and resources: GFLOPs per image (analytical), achieved GFLOP/s and its fraction of "
-                  "the measured fp32 GEMM peak (at batch 1 and at the best batch), model load and first-call time "
-                  "(s), peak process RSS in MiB (+ growth during the contender; on a GPU also torch's peak allocation and the "
-                  "device-wide used memory).", ""]
+        lines += [
+            "",
+            "Efficiency and resources: GFLOPs per image (analytical), achieved GFLOP/s and its fraction of "
+            "the measured fp32 GEMM peak (at batch 1 and at the best batch), model load and first-call time "
+            "(s), peak process RSS in MiB (+ growth during the contender; on a GPU also torch's peak allocation "
+            "and the "
+            "device-wide used memory).",
+            "",
+        ]
         lines += _table(["contender", "GFLOPs/img", "GFLOP/s b1", "of peak b1", "GFLOP/s best", "of peak best",
                          "load s", "first call s", "peak RSS MiB"], rows_b)
         lines.append("")
@@ -228,7 +244,9 @@ def _md_contenders(results: dict, png_name: str | None) -> list[str]:
     for e in entries:
         lines.append(f"- `{e['name']}`: {e.get('label')}"
                      + ("" if e.get("available") else f" - **unavailable: {e.get('reason')}**"))
-    skipped = [(e["name"], b, t["skipped"]) for e in avail for b, t in e.get("throughput", {}).items() if "skipped" in t]
+    skipped = [
+        (e["name"], b, t["skipped"]) for e in avail for b, t in e.get("throughput", {}).items() if "skipped" in t
+    ]
     if skipped:
         lines += ["", "Skipped throughput points: " + "; ".join(f"`{n}` b{b}: {why}" for n, b, why in skipped)]
     lines.append("")
@@ -313,13 +331,16 @@ def _md_tta(results: dict) -> list[str]:
     tta = results.get("tta")
     lines += ["## AnoCLIP+ (test-time adaptation) cost", ""]
     if tta:
-        lines += [f"Batch 1, {tta['steps']} AdamW steps; predict(tta=True) and predict(tta=False) back to back in "
-                  f"each of {tta['predict_ms']['n']} rounds: p50 {_f(tta['predict_tta_ms']['p50_ms'])} ms vs "
-                  f"{_f(tta['predict_ms']['p50_ms'])} ms; paired by round, AnoCLIP+ costs **{_f(tta['overhead_ms_p50'])} "
-                  f"ms more per image ({_x(tta['overhead_ratio_p50'])} the latency)**. The adaptation alone "
-                  f"(adapt_tokens on the same tokens, n = {tta['adapt_only_ms']['n']}): p50 "
-                  f"{_f(tta['adapt_only_ms']['p50_ms'])} ms = {_pct(tta['adapt_fraction_of_predict'])} of a "
-                  "predict call.", ""]
+        lines += [
+            f"Batch 1, {tta['steps']} AdamW steps; predict(tta=True) and predict(tta=False) back to back in "
+            f"each of {tta['predict_ms']['n']} rounds: p50 {_f(tta['predict_tta_ms']['p50_ms'])} ms vs "
+            f"{_f(tta['predict_ms']['p50_ms'])} ms; paired by round, AnoCLIP+ costs **{_f(tta['overhead_ms_p50'])} "
+            f"ms more per image ({_x(tta['overhead_ratio_p50'])} the latency)**. The adaptation alone "
+            f"(adapt_tokens on the same tokens, n = {tta['adapt_only_ms']['n']}): p50 "
+            f"{_f(tta['adapt_only_ms']['p50_ms'])} ms = {_pct(tta['adapt_fraction_of_predict'])} of a "
+            "predict call.",
+            "",
+        ]
     else:
         lines += ["Not measured (section off).", ""]
     return lines
@@ -346,27 +367,32 @@ def _md_fewshot(results: dict) -> list[str]:
 def _md_method(results: dict) -> list[str]:
     """How it was measured, and the run's notes."""
     lines: list[str] = []
-    lines += ["## How it was measured", "",
-              "- Same backbone, image size and inputs (seeded synthetic RGB images, pre-processed once by "
-              "`anoclip_core.transform`) for every contender; each call includes its own host-to-device copy.",
-              "- (a) `reference`: `predict(views=True)`: one dual forward for the map plus the 22 views in one "
-              "batched dual forward; (b) `core`: `predict()`; (c) `open_clip`: `model.clip.encode_image` (no "
-              "scores); (d) runtime: `runtime.Detector.load(artifact, backend, precision)`, timed call "
-              "`detector.infer_pixels` plus the runtime's map post-processing at S x S.",
-              "- Per contender, one after another: the first call (lazy initialisation / engine build: `first call "
-              "s`), warm-up calls, one warm-up call at every batch size (batches whose estimated call time exceeds "
-              "the effort's limit are skipped, and say so); peak memory is taken here (process RSS sampled every "
-              "10 ms with psutil; on a GPU also torch's peak allocation and the device-wide used memory).",
-              "- Then the timed calls, interleaved: one call of every contender per round (order rotating), plus "
-              "an fp32 GEMM probe, each after 100 ms of idle time (ONNX Runtime's threads spin for 20-50 ms after a "
-              "run and would slow whatever runs next); each contender stops at its repeat count or when its time budget is spent, "
-              "never before its minimum. p50/p90/p99 use linear interpolation (with few samples p99 is about the "
-              "maximum); throughput is batch size / median call time. Ratios between contenders are medians of "
-              "per-round ratios (`time.perf_counter`; CUDA synchronised where torch uses the GPU).",
-              "- Hardware limit: the best fp32 GEMM rate seen on the same device and threads in this run (torch, "
-              "and ONNX Runtime's MatMul on a CPU); GFLOPs per image are analytical (checked against "
-              "`FlopCounterMode` above). Reduced precisions (int8/fp16) have other ceilings; their 'of peak' is "
-              "relative to fp32.", ""]
+    lines += [
+        "## How it was measured",
+        "",
+        "- Same backbone, image size and inputs (seeded synthetic RGB images, pre-processed once by "
+        "`anoclip_core.transform`) for every contender; each call includes its own host-to-device copy.",
+        "- (a) `reference`: `predict(views=True)`: one dual forward for the map plus the 22 views in one "
+        "batched dual forward; (b) `core`: `predict()`; (c) `open_clip`: `model.clip.encode_image` (no "
+        "scores); (d) runtime: `runtime.Detector.load(artifact, backend, precision)`, timed call "
+        "`detector.infer_pixels` plus the runtime's map post-processing at S x S.",
+        "- Per contender, one after another: the first call (lazy initialisation / engine build: `first call "
+        "s`), warm-up calls, one warm-up call at every batch size (batches whose estimated call time exceeds "
+        "the effort's limit are skipped, and say so); peak memory is taken here (process RSS sampled every "
+        "10 ms with psutil; on a GPU also torch's peak allocation and the device-wide used memory).",
+        "- Then the timed calls, interleaved: one call of every contender per round (order rotating), plus "
+        "an fp32 GEMM probe, each after 100 ms of idle time (ONNX Runtime's threads spin for 20-50 ms after a "
+        "run and would slow whatever runs next); each contender stops at its repeat count or when its time budget "
+        "is spent, "
+        "never before its minimum. p50/p90/p99 use linear interpolation (with few samples p99 is about the "
+        "maximum); throughput is batch size / median call time. Ratios between contenders are medians of "
+        "per-round ratios (`time.perf_counter`; CUDA synchronised where torch uses the GPU).",
+        "- Hardware limit: the best fp32 GEMM rate seen on the same device and threads in this run (torch, "
+        "and ONNX Runtime's MatMul on a CPU); GFLOPs per image are analytical (checked against "
+        "`FlopCounterMode` above). Reduced precisions (int8/fp16) have other ceilings; their 'of peak' is "
+        "relative to fp32.",
+        "",
+    ]
     for note in results.get("notes", []):
         lines.append(f"- Note: {note}")
     lines.append("")

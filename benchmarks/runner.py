@@ -13,10 +13,11 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,9 @@ def prepare_contender(c: Contender, px: np.ndarray, pt: Any, cfg: BenchConfig, c
                     continue
                 est = b * out["warm_s"]["1"]
                 if est > plan.max_call_s:
-                    out["skipped"][str(b)] = f"estimated {est:.0f} s per call > {plan.max_call_s:g} s limit of this effort"
+                    out["skipped"][str(b)] = (
+                        f"estimated {est:.0f} s per call > {plan.max_call_s:g} s limit of this effort"
+                    )
                     continue
                 try:
                     out["warm_s"][str(b)] = _timed(c, px[:b], pt[:b])
@@ -462,7 +465,7 @@ def measure_tta(model, px_t, class_name: str, repeats: int, progress: bool, sync
         "predict_tta_ms": s_on.to_dict(),
         "adapt_only_ms": s_ad.to_dict(),
         # paired: the two calls of one round ran back to back under the same load
-        "overhead_ms_p50": percentile([(b - a) * 1000 for a, b in zip(off, on)], 50),
+        "overhead_ms_p50": percentile([(b - a) * 1000 for a, b in zip(off, on, strict=True)], 50),
         "overhead_ratio_p50": paired_ratio(on, off),
         "overhead_ms_unpaired": s_on.p50_ms - s_off.p50_ms,
         "adapt_fraction_of_predict": ratio(s_ad.p50_ms, s_off.p50_ms),
@@ -608,7 +611,9 @@ def load_model(run: BenchRun) -> None:
     domain = state_sentences(cfg.class_name).domain
     key = PromptCache.key(model.backbone, model.weights.cache_id, cfg.class_name, domain)
     text_cached = model.prompt_cache.load(key) is not None
-    run.say("text prototypes" + (" (from cache)" if text_cached else " (encoding 924 sentences once; cached afterwards)"))
+    run.say(
+        "text prototypes" + (" (from cache)" if text_cached else " (encoding 924 sentences once; cached afterwards)")
+    )
     t0 = time.perf_counter()
     states = model.state_embeddings(cfg.class_name)
     text_s = time.perf_counter() - t0

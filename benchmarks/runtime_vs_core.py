@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     def core_e2e():
         with torch.no_grad():
             px = model.load_images(imgs)
-            g, l = model.encoder.forward_tokens(px)
-            maps = anomaly_map(F.normalize(l.float(), dim=-1), protos, (S, S), model.temperature)
+            g, loc = model.encoder.forward_tokens(px)
+            maps = anomaly_map(F.normalize(loc.float(), dim=-1), protos, (S, S), model.temperature)
             scores = state_probs(F.normalize(g.float(), dim=-1), protos, model.temperature)
             return maps.numpy(), scores.numpy()
 
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def core_net():
         with torch.no_grad():
-            g, l = model.encoder.forward_tokens(pixels_t)
-            state_probs(F.normalize(l, dim=-1), protos, model.temperature)
+            g, loc = model.encoder.forward_tokens(pixels_t)
+            state_probs(F.normalize(loc, dim=-1), protos, model.temperature)
             state_probs(F.normalize(g, dim=-1), protos, model.temperature)
 
     def rt_e2e():

@@ -25,9 +25,10 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,11 +38,14 @@ from anoclip_core.choices import DEFAULT_OPSET, DOMAINS, MAX_OPSET, MIN_OPSET
 from anoclip_core.errors import AnoCLIPError, ArtifactError
 from anoclip_core.fileio import swap_dir
 from anoclip_core.pretrained import cached_tag_file
-from anoclip_core.progress import progress as progress_bar, say
+from anoclip_core.progress import progress as progress_bar
+from anoclip_core.progress import say
 from anoclip_core.prompt_grammar import SENTENCES_PER_STATE
 from runtime import contract as mf
 
-from . import quantize, refsearch, text, trt as trt_mod, triton as triton_mod
+from . import quantize, refsearch, text
+from . import triton as triton_mod
+from . import trt as trt_mod
 from .onnx_export import EXPORTERS, TWO_GB, ExportError, export_onnx, onnx_opset
 from .verify import BATCH_SIZES, VERIFY_PROBE_CLASS, Verifier
 from .wrapper import AnoCLIPExportWrapper
@@ -174,7 +178,9 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
     if cfg.exporter not in EXPORTERS:
         raise AnoCLIPError(f"unknown exporter {cfg.exporter!r} (expected one of {EXPORTERS})")
     if not MIN_OPSET <= int(cfg.opset) <= MAX_OPSET:
-        raise AnoCLIPError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17), got {cfg.opset}")
+        raise AnoCLIPError(
+            f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17), got {cfg.opset}"
+        )
     if cfg.exporter == "dynamo" and int(cfg.opset) < 18:
         raise AnoCLIPError(f"the dynamo exporter writes opset >= 18; for opset {cfg.opset} use --exporter legacy")
     if cfg.temperature <= 0:
@@ -194,7 +200,9 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
     for name in classes:
         dom = cfg.domains.get(name) or default_domain(name)
         if dom not in DOMAINS:
-            raise AnoCLIPError(f"unknown prompt domain {dom!r} for class {name!r} (expected one of {', '.join(DOMAINS)})")
+            raise AnoCLIPError(
+                f"unknown prompt domain {dom!r} for class {name!r} (expected one of {', '.join(DOMAINS)})"
+            )
         domains[name] = dom
     return classes, precisions, domains
 
@@ -257,7 +265,9 @@ def calibration_record(images: Sequence[str | os.PathLike]) -> dict[str, Any]:
             "files_sha256": hashlib.sha256(listing.encode("utf-8")).hexdigest()}
 
 
-def _create_model(backbone: str, pretrained, image_size, dual_blocks, temperature, text_cache, weights_cache_dir, progress):
+def _create_model(
+    backbone: str, pretrained, image_size, dual_blocks, temperature, text_cache, weights_cache_dir, progress
+):
     from anoclip_core import AnoCLIP
 
     bar = _bar(1, "weights", progress)
@@ -279,7 +289,12 @@ def _create_model(backbone: str, pretrained, image_size, dual_blocks, temperatur
 def _pretrained_entry(model, backbone: str, weights_cache_dir: str | None) -> dict[str, Any]:
     w = model.weights
     sha = w.sha256
-    entry: dict[str, Any] = {"source": w.source, "kind": w.kind, "sha256": sha, "random_weights": bool(w.random_weights)}
+    entry: dict[str, Any] = {
+        "source": w.source,
+        "kind": w.kind,
+        "sha256": sha,
+        "random_weights": bool(w.random_weights),
+    }
     if w.kind == "tag":
         path = cached_tag_file(backbone, w.source, weights_cache_dir)
         entry["sha256"] = mf.sha256_file(path) if path else None
@@ -567,7 +582,9 @@ def model_from_manifest(data: Mapping[str, Any], text_cache: str | os.PathLike |
     model = _create_model(data["backbone"], source, data["image_size"], data["dual_blocks"], data["temperature"],
                           text_cache, weights_cache_dir, progress)
     if kind == "file" and pre.get("sha256") and model.weights.sha256 != pre["sha256"]:
-        raise ArtifactError(f"weights file {source} changed since export (sha256 differs from manifest pretrained.sha256)")
+        raise ArtifactError(
+            f"weights file {source} changed since export (sha256 differs from manifest pretrained.sha256)"
+        )
     expected = pre.get("state_sha256")
     if expected and state_fingerprint(model.clip) != expected:
         hint = ""

@@ -22,7 +22,14 @@ from pathlib import Path
 import click
 
 from anoclip_core.choices import (
-    DEFAULT_OPSET, DEFAULT_TRT_PROFILE, DOMAINS, TRT_PRECISIONS, Exporter, Int8Mode, Precision, values,
+    DEFAULT_OPSET,
+    DEFAULT_TRT_PROFILE,
+    DOMAINS,
+    TRT_PRECISIONS,
+    Exporter,
+    Int8Mode,
+    Precision,
+    values,
 )
 from anoclip_core.cli_errors import OneLineGroup
 from anoclip_core.errors import AnoCLIPError
@@ -90,9 +97,13 @@ def cli() -> None:
 
 @cli.command("export")
 @click.option("--backbone", required=True, help="open_clip model name, e.g. ViT-B-16-plus-240, ViT-L-14.")
-@click.option("--pretrained", default="auto", show_default=True,
-              help="open_clip tag (openai, laion400m_e32, ...), a local weights file, or 'none' (seeded random weights). "
-                   "'auto': the paper's tag for ViT-B-16-plus-240, else openai.")
+@click.option(
+    "--pretrained",
+    default="auto",
+    show_default=True,
+    help="open_clip tag (openai, laion400m_e32, ...), a local weights file, or 'none' (seeded random weights). "
+    "'auto': the paper's tag for ViT-B-16-plus-240, else openai.",
+)
 @click.option("--image-size", type=int, default=None, help="Input size S (default: the backbone's).")
 @click.option("--classes", "classes", default=None, help="Comma-separated class names, e.g. bottle,carpet.")
 @click.option("--classes-file", type=click.Path(dir_okay=False), default=None, help="One class per line.")
@@ -108,11 +119,18 @@ def cli() -> None:
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs tensorrt + a CUDA GPU).")
 @click.option("--trt-profile", default=",".join(map(str, DEFAULT_TRT_PROFILE)), show_default=True,
               help="TensorRT batch profile min,opt,max.")
-@click.option("--trt-precision", type=click.Choice(TRT_PRECISIONS), default=None,
-              help="TensorRT engine precision [default: the most reduced of --precision]; bf16 needs no ONNX Runtime bf16 support.")
+@click.option(
+    "--trt-precision",
+    type=click.Choice(TRT_PRECISIONS),
+    default=None,
+    help="TensorRT engine precision [default: the most reduced of --precision]; "
+    "bf16 needs no ONNX Runtime bf16 support.",
+)
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT timing cache file (default ~/.cache/anoclip/trt/timing-<trt>-<gpu>.cache).")
-@click.option("--triton", type=click.Path(file_okay=False), default=None, help="Also write a Triton model repository here.")
+@click.option(
+    "--triton", type=click.Path(file_okay=False), default=None, help="Also write a Triton model repository here."
+)
 @click.option("--triton-name", default="anoclip", show_default=True, help="Triton model name.")
 @click.option("--out", default=None, type=click.Path(),
               help="Artifact folder [default: a folder named after the backbone, e.g. ./ViT-L-14].")
@@ -122,8 +140,14 @@ def cli() -> None:
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--exporter", type=click.Choice(values(Exporter)), default=Exporter.DYNAMO.value, show_default=True,
               help="torch.onnx exporter (see export/onnx_export.py for the measured comparison).")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature baked into the graph.")
-@click.option("--text-cache", default=None, help="Text-embedding cache folder ('none' disables; default $ANOCLIP_CACHE or ~/.cache/anoclip/text).")
+@click.option(
+    "--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature baked into the graph."
+)
+@click.option(
+    "--text-cache",
+    default=None,
+    help="Text-embedding cache folder ('none' disables; default $ANOCLIP_CACHE or ~/.cache/anoclip/text).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
 def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_opts, precisions, int8_mode,
@@ -205,8 +229,11 @@ def _summary(path: Path, seconds: float) -> None:
         click.echo(f"  {name:28s} {_human(os.path.getsize(path / name))}")
     for key, entry in data["models"].items():
         v = entry["verification"]
-        line = (f"  verify {key:5s} map {v['map_max_abs']:.2e} (mean {v['map_mean_abs']:.2e}) score {v['score_max_abs']:.2e} "
-                f"embedding {v['embedding_max_abs']:.2e}  <= {v['tolerance']['map']:.0e}: ok")
+        line = (
+            f"  verify {key:5s} map {v['map_max_abs']:.2e} (mean {v['map_mean_abs']:.2e}) "
+            f"score {v['score_max_abs']:.2e} "
+            f"embedding {v['embedding_max_abs']:.2e}  <= {v['tolerance']['map']:.0e}: ok"
+        )
         click.echo(line)
     if data.get("tensorrt"):
         t = data["tensorrt"]
@@ -223,7 +250,9 @@ def _summary(path: Path, seconds: float) -> None:
 @click.argument("class_name")
 @click.option("--domain", type=click.Choice(DOMAINS), default=None,
               help="Prompt domain (default: MVTec textures 'texture', others 'object').")
-@click.option("--model-config", type=click.Path(), default=None, help="Extra open_clip model config JSON file or folder.")
+@click.option(
+    "--model-config", type=click.Path(), default=None, help="Extra open_clip model config JSON file or folder."
+)
 @click.option("--text-cache", default=None, help="Text-embedding cache folder ('none' disables).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
@@ -237,7 +266,9 @@ def add_class_cmd(artifact, class_name, domain, model_config, text_cache, quiet)
     add_class(artifact, class_name, domain, text_cache=_text_cache(text_cache), model_config=model_config,
               progress=not quiet)
     data = mf.read_manifest(artifact, check_files=False)
-    click.echo(f"added {class_name!r} to {artifact} ({time.time() - t0:.1f} s); classes: {', '.join(data['text']['classes'])}")
+    click.echo(
+        f"added {class_name!r} to {artifact} ({time.time() - t0:.1f} s); classes: {', '.join(data['text']['classes'])}"
+    )
 
 
 main = cli

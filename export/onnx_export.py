@@ -59,7 +59,6 @@ import torch
 
 from anoclip_core.choices import DEFAULT_OPSET, Exporter, values
 from anoclip_core.errors import AnoCLIPError
-
 from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 from .wrapper import AnoCLIPExportWrapper
@@ -79,7 +78,9 @@ def external_data_name(onnx_file: str) -> str:
     return Path(onnx_file).name + ".data"
 
 
-def example_inputs(image_size: int, embed_dim: int, batch: int = 2, classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(
+    image_size: int, embed_dim: int, batch: int = 2, classes: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Example tensors for tracing; batch/classes >= 2 so torch.export does not specialise 1."""
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, image_size, image_size, generator=g)

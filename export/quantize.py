@@ -12,7 +12,8 @@
   Sigmoid kernels** (checked by ``bf16_support()`` at run time: NOT_IMPLEMENTED for MatMul(13)
   with onnxruntime 1.32), so a bf16 graph cannot be verified here and ``--precision bf16``
   fails at once with that message instead of shipping an unverified graph.
-* ``int8`` (``int8_mode="dynamic"``, the default): ``onnxruntime.quantization.quantize_dynamic``: int8 weights (per-tensor) for every
+* ``int8`` (``int8_mode="dynamic"``, the default): ``onnxruntime.quantization.quantize_dynamic``:
+  int8 weights (per-tensor) for every
   MatMul whose B is a constant (``MatMulConstBOnly``: the Linear layers); activations quantised
   dynamically per call. Attention score/value matmuls (both inputs activations), Softmax,
   LayerNorm, the patch-embedding Conv and the text-prototype head stay fp32. Dynamic

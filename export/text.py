@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 
 from anoclip_core.errors import AnoCLIPError
-
 
 
 def check_class_name(name: str) -> str:
@@ -77,7 +76,9 @@ def encode_class(model, class_name: str, domain: str | None = None) -> tuple[np.
     )
 
 
-def encode_classes(model, classes: Mapping[str, str | None], progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+def encode_classes(
+    model, classes: Mapping[str, str | None], progress: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
     """Encode every class with a progress bar (924 sentences each through the text tower)."""
     from anoclip_core.progress import progress as progress_bar
 

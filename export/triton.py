@@ -18,16 +18,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from anoclip_core.errors import AnoCLIPError
 from anoclip_core.fileio import swap_dir
+from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 from .onnx_export import TWO_GB, save_onnx
-from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 DEFAULT_MODEL_NAME = "anoclip"
 DEFAULT_MAX_BATCH = 32
@@ -46,7 +47,9 @@ def max_batch_size(trt_profile: Sequence[int] | None, requested: int | None = No
         return size
     bmin, _, bmax = (int(v) for v in trt_profile)
     if bmin != 1:
-        raise AnoCLIPError(f"--triton with --trt needs --trt-profile min = 1 (Triton sends batches of 1 and up), got {bmin}")
+        raise AnoCLIPError(
+            f"--triton with --trt needs --trt-profile min = 1 (Triton sends batches of 1 and up), got {bmin}"
+        )
     if requested is not None and not 1 <= int(requested) <= bmax:
         raise AnoCLIPError(f"Triton max_batch_size {requested} must be in [1, {bmax}] (the TensorRT profile max)")
     return bmax if requested is None else int(requested)

@@ -175,7 +175,9 @@ def build_engine(
     attach_timing_cache(config, cache_path)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {Path(onnx_path).name} (see its log above)")
+        raise ExportError(
+            f"TensorRT {trt.__version__} failed to build an engine from {Path(onnx_path).name} (see its log above)"
+        )
     plan_path = Path(plan_path)
     write_atomic(plan_path, bytes(plan))
     save_timing_cache(config, cache_path)

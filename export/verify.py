@@ -31,13 +31,13 @@ against the fp32 ONNX graph (``vs_fp32``), which isolates the precision loss fro
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from anoclip_core.compare import compare as compare_maps, diff
+from anoclip_core.compare import compare as compare_maps
+from anoclip_core.compare import diff
 from anoclip_core.errors import AnoCLIPError
-
 from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 VERIFY_SEED = 0
@@ -74,7 +74,9 @@ def make_pixels(preprocess: Mapping, n: int = VERIFY_IMAGES, seed: int = VERIFY_
     return ((rgb - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
 
 
-def reference_outputs(model, pixels: np.ndarray, classes: Sequence[str], domains: Mapping[str, str]) -> dict[str, np.ndarray]:
+def reference_outputs(
+    model, pixels: np.ndarray, classes: Sequence[str], domains: Mapping[str, str]
+) -> dict[str, np.ndarray]:
     """The core's outputs for ``pixels``: maps [B, C, S, S], scores [B, C], embeddings, tokens."""
     import torch
     import torch.nn.functional as F
@@ -119,7 +121,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
 
 def run_graph(session, pixels: np.ndarray, prototypes: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
     values = session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: prototypes})
-    out = {name: np.asarray(v, dtype=np.float32) for name, v in zip(OUTPUT_NAMES, values)}
+    out = {name: np.asarray(v, dtype=np.float32) for name, v in zip(OUTPUT_NAMES, values, strict=True)}
     out["maps"] = graph_maps(out["patch_probs"], image_size)
     return out
 

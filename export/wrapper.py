@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 class AnoCLIPExportWrapper(nn.Module):
-    """``(pixels, text_prototypes) -> (global_embedding, local_embeddings, local_tokens, patch_probs, image_scores)``."""
+    """``(pixels, text_prototypes)`` -> ``(global_embedding, local_embeddings, local_tokens, patch_probs,
+    image_scores)``."""
 
     def __init__(self, encoder: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()

@@ -30,15 +30,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from anoclip_core.errors import InputError
 
 from .contract import (  # noqa: F401  (the calibration file is part of the contract; re-exported)
-    CALIBRATION_NAME, THRESHOLD_FIELDS, check_threshold, load_calibration, validate_calibration, write_calibration,
+    CALIBRATION_NAME,
+    THRESHOLD_FIELDS,
+    check_threshold,
+    load_calibration,
+    validate_calibration,
+    write_calibration,
 )
 from .inputs import collect_inputs
 
@@ -56,8 +62,8 @@ def _subsample(amap: np.ndarray, limit: int = MAX_PIXELS_PER_IMAGE) -> np.ndarra
     return amap[::step, ::step].ravel()
 
 
-def calibrate(detector: "Detector", good: Iterable[str | os.PathLike], class_name: str, quantile: float = 0.99,
-              config: "InferConfig | None" = None, write: bool = True, progress=None) -> dict[str, Any]:
+def calibrate(detector: Detector, good: Iterable[str | os.PathLike], class_name: str, quantile: float = 0.99,
+              config: InferConfig | None = None, write: bool = True, progress=None) -> dict[str, Any]:
     """Compute (and by default store) the class's thresholds; returns the class entry."""
     from .detector import InferConfig
     if not 0.0 < quantile <= 1.0:
@@ -97,6 +103,7 @@ def calibrate(detector: "Detector", good: Iterable[str | os.PathLike], class_nam
         "binding": detector.calibration_binding(class_name),
     }
     if write:
+        assert detector.artifact_dir is not None  # checked above
         data = write_calibration(detector.artifact_dir, class_name, entry)
         detector.calibration = detector._check_calibration(data)
     entry["errors"] = errors

@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 import numpy as np
@@ -52,24 +53,10 @@ def _warn_random(det: Detector) -> None:
 
 
 def _visualize():
-    try:
-        from anoclip_core.visualize import heatmap_overlay, save_png
+    """The overlay and PNG writer (anoclip_core.visualize: torch-free, imported on first use)."""
+    from anoclip_core.visualize import heatmap_overlay, save_png
 
-        return heatmap_overlay, save_png
-    except ImportError:  # fallback while anoclip_core.visualize is not installed
-        import cv2
-
-        def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-            heat = cv2.applyColorMap((np.clip(amap, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
-            base = (np.clip(rgb, 0, 1) * 255).astype(np.float32) if rgb.dtype != np.uint8 else rgb.astype(np.float32)
-            return (base * (1 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
-
-        def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-            arr = rgb[:, :, ::-1] if rgb.ndim == 3 else rgb
-            if not cv2.imwrite(os.fspath(path), np.ascontiguousarray(arr)):
-                raise OSError(f"cannot write {path}")
-
-        return heatmap_overlay, save_png
+    return heatmap_overlay, save_png
 
 
 #: Longest side of written overlays: bounds the overlay's memory whatever the image size.
@@ -133,7 +120,7 @@ class _Writer:
         d = res.to_json()
         if self.out and res.ok and (self.cfg.overlays or self.cfg.masks):
             stem = self._stem(res, i)
-            if self.cfg.overlays and res.path:
+            if self.cfg.overlays and res.path and res.anomaly_map is not None:
                 rgb, amap = _bounded(res.path, res.anomaly_map)
                 self._save(self.out / f"{stem}_overlay.png", self._overlay(rgb, amap, self.cfg.alpha))
                 d["overlay"] = f"{stem}_overlay.png"

@@ -35,8 +35,9 @@ import logging
 import math
 import numbers
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from anoclip_core import staging
 from anoclip_core.artlock import artifact_lock
@@ -251,7 +252,8 @@ def verify_files(artifact_dir: str | os.PathLike, data: Mapping[str, Any], names
             raise ArtifactError(f"artifact file missing: {path}")
         if sha256_file(path) != files[name]:
             raise ArtifactError(
-                f"sha256 mismatch for artifact file {name!r} in {root}: modified or corrupted since export; re-export it"
+                f"sha256 mismatch for artifact file {name!r} in {root}: modified or corrupted since export; "
+                "re-export it"
             )
 
 
@@ -465,7 +467,11 @@ def check_threshold(value: Any, where: str, error: type[Exception] = InputError)
 
 def validate_calibration(data: Any, path: str | os.PathLike) -> dict[str, Any]:
     """Format, version and every class's thresholds; ``ArtifactError`` naming the class and field."""
-    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT or not isinstance(data.get("classes"), dict):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != CALIBRATION_FORMAT
+        or not isinstance(data.get("classes"), dict)
+    ):
         raise ArtifactError(f"{path} is not an anoclip calibration file")
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version > CALIBRATION_VERSION:
@@ -517,14 +523,22 @@ def write_calibration(artifact_dir: str | os.PathLike, class_name: str, entry: M
         except ArtifactError as err:
             log.warning("starting a new calibration file: the old one is unusable (%s)", err)
             old = {}
-        data = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "classes": dict(old.get("classes", {}))}
+        data: dict[str, Any] = {
+            "format": CALIBRATION_FORMAT,
+            "format_version": CALIBRATION_VERSION,
+            "classes": dict(old.get("classes", {})),
+        }
         data["classes"][class_name] = dict(entry)
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         atomic_write_text(root / CALIBRATION_NAME, text)
         record = dict(manifest.get("calibration") or {"classes": {}})
         record["classes"] = {k: v for k, v in dict(record.get("classes", {})).items() if k in data["classes"]}
         record["classes"][class_name] = {k: entry[k] for k in ("images", "quantile", "created") if k in entry}
-        record.update(file=CALIBRATION_NAME, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), modified=entry.get("created"))
+        record.update(
+            file=CALIBRATION_NAME,
+            sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            modified=entry.get("created"),
+        )
         manifest["calibration"] = record
         write_manifest(root, manifest)
     return data

@@ -18,9 +18,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from anoclip_core import staging
 from anoclip_core.artlock import consistent_read
 from anoclip_core.errors import AnoCLIPError, ArtifactError, InferenceError, InputError
 from anoclip_core.refbank import DEFAULT_VISUAL_WEIGHT, ReferenceBank, check_weight
-from anoclip_core.transform import PreprocessConfig, ImageLike, normalize_rgb, read_image, to_rgb_float
+from anoclip_core.transform import ImageLike, PreprocessConfig, normalize_rgb, read_image, to_rgb_float
 
 from . import contract as mf
 from .backends import DEFAULT_OUTPUTS, BackendChoice, check_backend_graph, check_precision, create_backend
@@ -40,7 +41,9 @@ from .tiler import StripOutput, StripStream, predict_tiled
 
 log = logging.getLogger("anoclip.runtime")
 
-RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: this artifact was exported without pretrained weights; scores are NOT meaningful"
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: this artifact was exported without pretrained weights; scores are NOT meaningful"
+)
 DEFAULT_IMAGE_THRESHOLD = 0.5
 DEFAULT_PIXEL_THRESHOLD = 0.5
 
@@ -96,7 +99,7 @@ class InferConfig:
             raise InputError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
         check_weight(self.visual_weight)
 
-    def replace(self, **changes: Any) -> "InferConfig":
+    def replace(self, **changes: Any) -> InferConfig:
         return replace(self, **changes)
 
 
@@ -147,7 +150,7 @@ class Result:
             d["error"] = self.error
         else:
             d.update({
-                "score": round(float(self.score), 6), "label": self.label,
+                "score": round(float(self.score or 0.0), 6), "label": self.label,
                 "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold,
                 "threshold_source": self.threshold_source,
                 "size": list(self.size) if self.size else None, "tiles": self.tiles,
@@ -257,7 +260,7 @@ class Detector:
     # construction ----------------------------------------------------------------------------
     @classmethod
     def load(cls, artifact: str | os.PathLike, backend: str = "auto", precision: str | None = None,
-             verify: bool = True, **backend_opts: Any) -> "Detector":
+             verify: bool = True, **backend_opts: Any) -> Detector:
         """Validate the artifact (manifest, sha256 of every file) and start a backend.
 
         ``backend``: auto | ort-cpu | openvino | ort-cuda | ort-trt | trt (auto picks the fastest available
@@ -279,7 +282,7 @@ class Detector:
         if close:
             close()
 
-    def __enter__(self) -> "Detector":
+    def __enter__(self) -> Detector:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -344,7 +347,6 @@ class Detector:
                    pixel_threshold: float | None = None) -> tuple[float, float, str]:
         """(image threshold, pixel threshold, source): explicit > calibration > default 0.5."""
         cal = self.calibration.get("classes", {}).get(class_name) if self.calibration else None
-        src = []
         if threshold is not None:
             img, s1 = float(threshold), "given"
         elif cal:
@@ -535,7 +537,7 @@ class Detector:
             probs, scores = self.infer_pixels(np.stack([o[1] for o in ok]), cfg.class_name, cfg.tta,
                                               self.fewshot(cfg.class_name, cfg))
             inf_ms = _ms(t0) / len(ok)
-            for (i, _, hw, path, pre_ms), p, s in zip(ok, probs, scores):
+            for (i, _, hw, path, pre_ms), p, s in zip(ok, probs, scores, strict=True):
                 t1 = time.perf_counter()
                 amap = anomaly_map(p, (int(hw[0]), int(hw[1])))
                 timing = {"preprocess_ms": pre_ms, "infer_ms": inf_ms, "map_ms": _ms(t1)}

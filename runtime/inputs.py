@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from anoclip_core.errors import InputError
 
@@ -39,5 +39,4 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], recursive: bool = True) 
             out.extend(found)
         else:
             out.append(text)
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    return list(dict.fromkeys(out))  # duplicates dropped, first occurrence kept

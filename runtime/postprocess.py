@@ -70,7 +70,7 @@ def upsample_align_corners(grid: np.ndarray, height: int, width: int) -> np.ndar
     for i, gi in enumerate(flat):
         # columns first on the small grid (OpenCV GEMM, [h, W]), then each output row is a 2-tap blend
         # of two of those rows: ~5 passes over H x W instead of an H x h x W product
-        cols = cv2.gemm(gi, wxt, 1.0, None, 0.0)
+        cols = cv2.gemm(gi, wxt, 1.0, None, 0.0)  # type: ignore[call-overload]  # (opencv stubs: src3 may be None)
         o = out[i]
         np.multiply(cols[y0], 1.0 - ly, out=o)
         o += cols[y1] * ly

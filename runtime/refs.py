@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ def manifest_entry(file: str, bank: ReferenceBank) -> dict[str, Any]:
         "file": file, "shots": bank.shots, "size": bank.size, "patches": int(bank.patches or bank.size),
         "coreset": bank.coreset, "backbone": bank.backbone, "embed_dim": bank.embed_dim,
         "images_sha256": images_digest(bank.images), "source": bank.source,
-        "updated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "updated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 

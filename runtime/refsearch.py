@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class DeviceSearch:
     """``refsearch.onnx`` on ONNX Runtime's CUDA EP with the bank resident on the device."""
 
     def __init__(self, graph: str | os.PathLike, bank: ReferenceBank, device_id: int = 0,
-                 available: Optional[Sequence[str]] = None, session_factory: Callable[..., Any] | None = None,
+                 available: Sequence[str] | None = None, session_factory: Callable[..., Any] | None = None,
                  upload: Callable[[np.ndarray, int], Any] | None = None) -> None:
         self.device_id = int(device_id)
         providers = select_providers("cuda", available, self.device_id)  # BackendUnavailable without CUDA

@@ -36,8 +36,9 @@ a defect crossing a strip boundary is reported in both strips.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -93,7 +94,7 @@ def axis_layout(length: int, t: int, overlap: int) -> list[AxisTile]:
         starts.append(length - t)
     n = len(starts)
     return [AxisTile(s, axis_weight(t, overlap, (e - s) if k > 0 else None, k < n - 1))
-            for k, (s, e) in enumerate(zip(starts, effective))]
+            for k, (s, e) in enumerate(zip(starts, effective, strict=True))]
 
 
 def resolve_tile(height: int, width: int, tile: int | None, overlap: int | None) -> tuple[int, int]:
@@ -136,7 +137,7 @@ def predict_tiled(raw: np.ndarray, infer: InferFn, tile: int | None = None, over
     for chunk in _batched(tiles, batch):
         probs, sc = infer([raw[ay.start:ay.start + t, ax.start:ax.start + t] for ay, ax in chunk])
         maps = anomaly_map(probs, (t, t))
-        for (ay, ax), m in zip(chunk, maps):
+        for (ay, ax), m in zip(chunk, maps, strict=True):
             acc[ay.start:ay.start + t, ax.start:ax.start + t] += (ay.weight[:, None] * ax.weight[None, :]) * m
         scores.extend(float(s) for s in np.asarray(sc).reshape(-1))
     wsum_y = np.zeros(height, dtype=np.float32)
@@ -159,7 +160,7 @@ def _row_map(rows: np.ndarray, infer: InferFn, t: int, lx: list[AxisTile], batch
     for chunk in _batched(lx, batch):
         probs, sc = infer([rows[:, ax.start:ax.start + t] for ax in chunk])
         maps = anomaly_map(probs, (t, t))
-        for ax, m in zip(chunk, maps):
+        for ax, m in zip(chunk, maps, strict=True):
             acc[:, ax.start:ax.start + t] += ax.weight[None, :] * m
             wsum[ax.start:ax.start + t] += ax.weight
         best = max(best, float(np.max(sc)))
@@ -254,7 +255,9 @@ class StripStream:
         need = y + t - self._acc_y0
         if need > self._acc.shape[0]:
             extra = need - self._acc.shape[0]
-            self._acc = np.concatenate([self._acc.reshape(-1, self.width), np.zeros((extra, self.width), np.float32)])
+            assert self.width is not None  # set by the first push
+            width = self.width
+            self._acc = np.concatenate([self._acc.reshape(-1, width), np.zeros((extra, width), np.float32)])
             self._wsum = np.concatenate([self._wsum, np.zeros(extra, np.float32)])
         lo = y - self._acc_y0
         if lo < 0:  # rows already final: they get weight 0 from this tile by construction

@@ -41,6 +41,7 @@ def adapted_patch_probs(tokens: np.ndarray, sentences: np.ndarray, prototypes: n
         protos = torch.from_numpy(np.ascontiguousarray(prototypes, dtype=np.float32))
         sents = torch.from_numpy(np.ascontiguousarray(sentences, dtype=np.float32))
     adapted = adapt_tokens(x, sents, protos, cfg)
+    assert isinstance(adapted, torch.Tensor)  # (a tuple only with return_losses=True)
     with torch.no_grad():
         local = F.normalize(adapted.float(), dim=-1)
         logits = local @ protos.t() / cfg.temperature

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
@@ -51,7 +52,9 @@ def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision
 
         trt_entry = manifest.get("tensorrt")
         if not trt_entry:
-            raise BackendUnavailable("the artifact has no TensorRT engine (export it with anoclip-export --trt on a GPU machine)")
+            raise BackendUnavailable(
+                "the artifact has no TensorRT engine (export it with anoclip-export --trt on a GPU machine)"
+            )
         return TrtBackend(artifact_dir / trt_entry["file"], trt=opts.get("trt_module"),
                           cudart=opts.get("cudart_module"), device_id=opts.get("device_id", 0))
     if name == "openvino":
@@ -70,9 +73,11 @@ def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision
                                                                                "anoclip")
         trt_cache = opts.get("trt_cache_dir") or os.path.join(base, "ort-trt", graph_id)
     return OrtBackend(
-        model, kind,
+        model,
+        kind,
         intra_threads=opts.get("threads"),
-        optimized_cache_dir=opts.get("optimized_cache_dir") or (os.path.join(cache_root, "ort-opt") if cache_root else None),
+        optimized_cache_dir=opts.get("optimized_cache_dir")
+        or (os.path.join(cache_root, "ort-opt") if cache_root else None),
         trt_cache_dir=trt_cache,
         trt_fp16=False,  # the fp16 graph is typed fp16 already; the flag would make the network weakly typed
         trt_profile=_ort_trt_profile(manifest) if kind == "trt" else None,

@@ -12,9 +12,10 @@ Torch-free: numpy only.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,7 +23,6 @@ from anoclip_core.compare import diff, pearson
 from anoclip_core.errors import ArtifactError, InputError
 
 from ..contract import DEFAULT_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES
-
 from .onnx_info import Dim, read_graph_info
 
 ALL_OUTPUTS = OUTPUT_NAMES
@@ -97,7 +97,7 @@ class BaseBackend:
 def _fits(declared: Sequence[Dim], expected: Sequence[Dim]) -> bool:
     """Same rank, and every fixed size on both sides agrees (symbolic or unknown sizes fit anything)."""
     return len(declared) == len(expected) and all(
-        not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(declared, expected))
+        not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(declared, expected, strict=True))
 
 
 def _show(dims: Sequence[Dim]) -> str:
@@ -192,5 +192,7 @@ def parity_check(
             tol = DEFAULT_TOLERANCE[name]
         d = diff(ra[name], rb[name])
         corr = pearson(ra[name], rb[name]) if d.finite else None
-        report.outputs[name] = OutputDiff(list(d.shape), d.max_abs, d.mean_abs, tol, d.finite and d.max_abs <= tol, corr)
+        report.outputs[name] = OutputDiff(
+            list(d.shape), d.max_abs, d.mean_abs, tol, d.finite and d.max_abs <= tol, corr
+        )
     return report

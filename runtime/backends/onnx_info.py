@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from anoclip_core.errors import ArtifactError
 

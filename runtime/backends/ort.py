@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,13 +53,12 @@ def manifest_profile(manifest: Any) -> dict[str, Shapes]:
     pixels batch from ``manifest["tensorrt"]["profile"]`` (default 1/8/32), classes 1/C/max(64, 2C)."""
     s, d = int(manifest["image_size"]), int(manifest["embed_dim"])
     trt_entry = manifest.get("tensorrt") or {}
-    batch = trt_entry.get("profile") or dict(zip(("min", "opt", "max"), DEFAULT_BATCH_PROFILE))
+    batch = trt_entry.get("profile") or dict(zip(("min", "opt", "max"), DEFAULT_BATCH_PROFILE, strict=True))
     c = max(1, len(manifest.get("text", {}).get("classes", {})))
     classes = trt_entry.get("classes_profile") or {"min": 1, "opt": c, "max": max(64, 2 * c)}
-    return {
-        INPUT_NAMES[0]: tuple((int(batch[k]), 3, s, s) for k in ("min", "opt", "max")),  # type: ignore[misc]
-        INPUT_NAMES[1]: tuple((int(classes[k]), 2, d) for k in ("min", "opt", "max")),  # type: ignore[misc]
-    }
+    px: Shapes = ((int(batch["min"]), 3, s, s), (int(batch["opt"]), 3, s, s), (int(batch["max"]), 3, s, s))
+    pr: Shapes = ((int(classes["min"]), 2, d), (int(classes["opt"]), 2, d), (int(classes["max"]), 2, d))
+    return {INPUT_NAMES[0]: px, INPUT_NAMES[1]: pr}
 
 
 def trt_profile_options(shapes: dict[str, Shapes]) -> dict[str, str]:
@@ -218,7 +218,7 @@ class OrtBackend(BaseBackend):
         feeds = {INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: prototypes}
         if not self._use_iobinding:
             res = self.session.run(list(outs), feeds)
-            return dict(zip(outs, res))
+            return dict(zip(outs, res, strict=True))
         binding = self.session.io_binding()  # one per call: bindings are not shared between threads
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
@@ -226,7 +226,7 @@ class OrtBackend(BaseBackend):
             binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         res = binding.copy_outputs_to_cpu()
-        return dict(zip(outs, res))
+        return dict(zip(outs, res, strict=True))
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

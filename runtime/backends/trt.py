@@ -26,14 +26,16 @@ import ctypes
 import os
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
-from ..contract import INPUT_NAMES, OUTPUT_NAMES as ALL_OUTPUTS
+from ..contract import INPUT_NAMES
+from ..contract import OUTPUT_NAMES as ALL_OUTPUTS
 from .base import BaseBackend
 
 
@@ -98,9 +100,9 @@ def probe_gpus(cudart: Any | None = None) -> tuple[int, str]:
         cudart = cudart or import_cudart()
     except BackendUnavailable as err:
         return 0, str(err)
-    err, n = cudart.cudaGetDeviceCount()
-    if int(err) != 0:
-        return 0, f"cudaGetDeviceCount failed: {cuda_error_name(err)}{_hint(err)}"
+    status, n = cudart.cudaGetDeviceCount()
+    if int(status) != 0:
+        return 0, f"cudaGetDeviceCount failed: {cuda_error_name(status)}{_hint(status)}"
     return int(n), "" if int(n) else "the CUDA runtime reports 0 devices"
 
 
@@ -215,7 +217,7 @@ class TrtBackend(BaseBackend):
         dtype = self.dtypes[name]
         count = int(np.prod(shape))
         raw = (ctypes.c_byte * self._nbytes[name]).from_address(slot.host[name])
-        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+        return np.frombuffer(memoryview(raw), dtype=dtype, count=count).reshape(shape)
 
     def _enqueue(self, slot: _Slot, px: np.ndarray, pr: np.ndarray, outs: Sequence[str]) -> None:
         """Stage inputs in pinned memory and queue copies + execution + output copies on the slot's stream."""

@@ -194,11 +194,11 @@ def test_layer_scale_blocks():
 def test_forward_tokens_unnormalised_and_consistent(tiny_model):
     x = _pixels(2, 64, seed=7)
     g_tok, l_tok = tiny_model.encode_tokens(x)
-    g, l = tiny_model.encode_image(x)
+    g, loc = tiny_model.encode_image(x)
     norms = l_tok.norm(dim=-1)
     assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
     torch.testing.assert_close(torch.nn.functional.normalize(g_tok, dim=-1), g)
-    torch.testing.assert_close(torch.nn.functional.normalize(l_tok, dim=-1), l)
+    torch.testing.assert_close(torch.nn.functional.normalize(l_tok, dim=-1), loc)
 
 
 def test_encoder_does_not_modify_open_clip(tiny_model):

@@ -98,7 +98,7 @@ def test_results_keep_all_definitions_and_headline_the_official_ones() -> None:
     header = next(line for line in table.splitlines() if line.startswith("| class"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     row = next(line for line in table.splitlines() if line.startswith("| part"))
-    cells = dict(zip(cols, [c.strip() for c in row.strip("|").split("|")]))
+    cells = dict(zip(cols, [c.strip() for c in row.strip("|").split("|")], strict=True))
     assert cells["AUPRO"] == f"{100 * r['aupro_reference']:.1f}"
     assert cells["AUPRO (exact)"] == f"{100 * r['aupro']:.1f}"
     assert cells["image AP"] == f"{100 * r['image_ap_reference']:.1f}"

@@ -96,8 +96,10 @@ def test_bf16_autocast_close_to_fp32(tiny_model, tta):
     # a constant map/score (the mean) or swapped states (1 - p) must fail the same bound
     map_tol = 0.05 * float((maps - maps.mean()).abs().max())
     score_tol = 0.1 * float((scores - 0.5).abs().max())
-    for wrong_maps, wrong_scores in ((torch.full_like(maps, float(maps.mean())), torch.full_like(scores, float(scores.mean()))),
-                                     (1 - maps, 1 - scores)):
+    for wrong_maps, wrong_scores in (
+        (torch.full_like(maps, float(maps.mean())), torch.full_like(scores, float(scores.mean()))),
+        (1 - maps, 1 - scores),
+    ):
         assert (wrong_maps - maps).abs().max() > map_tol and (wrong_scores - scores).abs().max() > score_tol
     torch.testing.assert_close(maps_bf, maps, atol=map_tol, rtol=0)
     torch.testing.assert_close(scores_bf, scores, atol=score_tol, rtol=0)

@@ -120,7 +120,10 @@ def test_class_names_used_as_given():
 
 def test_domain_override_and_errors():
     assert state_sentences("bottle", "texture").normal == expected_sentences("bottle", "texture", NORMAL)
-    assert state_sentences("carpet", "object").normal[-1] == "a manufacturing image of a carpet without damage for anomaly detection"
+    assert (
+        state_sentences("carpet", "object").normal[-1]
+        == "a manufacturing image of a carpet without damage for anomaly detection"
+    )
     with pytest.raises(AnoCLIPError, match="domain"):
         state_sentences("bottle", "fabric")
     with pytest.raises(AnoCLIPError):
@@ -279,7 +282,11 @@ def test_grammar_is_torch_free_and_the_sentence_count_derives_from_it():
     assert out.stdout.split() == ["462", "object,texture"]
     from anoclip_core.prompt_grammar import SENTENCES_PER_STATE, state_sentences
 
-    assert len(state_sentences("bottle").normal) == len(state_sentences("carpet", "texture").abnormal) == SENTENCES_PER_STATE
+    assert (
+        len(state_sentences("bottle").normal)
+        == len(state_sentences("carpet", "texture").abnormal)
+        == SENTENCES_PER_STATE
+    )
 
 
 def test_cli_choices_come_from_the_choice_enums():

@@ -34,7 +34,7 @@ def brute_visual(local: np.ndarray, bank: np.ndarray) -> np.ndarray:
     out = np.zeros(local.shape[:-1])
     for idx in np.ndindex(*local.shape[:-1]):
         q = local[idx].astype(np.float64)
-        out[idx] = 1.0 - max(sum(float(a) * float(b) for a, b in zip(q, row)) for row in bank)
+        out[idx] = 1.0 - max(sum(float(a) * float(b) for a, b in zip(q, row, strict=True)) for row in bank)
     return out
 
 
@@ -162,8 +162,11 @@ def test_bank_validation_errors() -> None:
 
 @pytest.mark.parametrize(
     "args, match",
-    [(("ViT-B-16", 8, 64), "built with backbone 'anoclip-tiny'"), (("anoclip-tiny", 32, 64), "D = 8, the model has D = 32"),
-     (("anoclip-tiny", 8, 224), "image size 64")],
+    [
+        (("ViT-B-16", 8, 64), "built with backbone 'anoclip-tiny'"),
+        (("anoclip-tiny", 32, 64), "D = 8, the model has D = 32"),
+        (("anoclip-tiny", 8, 224), "image size 64"),
+    ],
 )
 def test_check_compatible(args: tuple, match: str) -> None:
     bank = make_bank()

@@ -45,7 +45,9 @@ def np_smooth_upsample(p: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("grid,size", [((8, 8), (64, 64)), ((5, 7), (33, 20)), ((15, 15), (240, 240)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize(
+    "grid,size", [((8, 8), (64, 64)), ((5, 7), (33, 20)), ((15, 15), (240, 240)), ((4, 4), (4, 4))]
+)
 def test_smooth_and_upsample_matches_numpy(grid, size):
     gen = torch.Generator().manual_seed(0)
     probs = torch.rand(2, *grid, generator=gen)

@@ -182,7 +182,9 @@ def test_preprocess_batch_and_mask():
 
 
 def test_transform_does_not_import_torch():
-    code = "import sys, anoclip_core.transform, anoclip_core.timing; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, anoclip_core.transform, anoclip_core.timing; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -202,7 +202,7 @@ def test_mvtec_tta_replays_official_loop(tiny_model, mvtec_one_class: Path, mode
     want = replay_class(mvtec_tokens(tiny_model, mvtec_one_class), states.sentences.float(),
                         states.prototypes.float(), src, tiny_model.image_size, carry=mode == "reference")
     assert len(got) == N_IMAGES
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w.numpy(), atol=1e-5, rtol=0)
 
 
@@ -216,7 +216,7 @@ def test_visa_tta_replays_official_loop(tiny_model, visa_one_class: Path, mode: 
     tokens, width = visa_tokens(tiny_model, visa_one_class)
     want = replay_class(tokens, None, states.prototypes.float(), src, tiny_model.image_size, visa_width=width,
                         carry=mode == "reference")
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.shape == tuple(w.shape)
         np.testing.assert_allclose(g, w.numpy(), atol=1e-5, rtol=0)
 
@@ -232,7 +232,7 @@ def test_modes_differ_beyond_tolerance(tiny_model, mvtec_one_class: Path, visa_o
     ref = run_eval(tiny_model, root, dataset, cls, InjectedSource(out_dim, d, rows, seed=3), "reference")
     per = run_eval(tiny_model, root, dataset, cls, InjectedSource(out_dim, d, rows, seed=3), "per-image")
     np.testing.assert_allclose(ref[0], per[0], atol=1e-6)
-    assert max(float(np.abs(r - p).max()) for r, p in zip(ref[1:], per[1:])) > 1e-4
+    assert max(float(np.abs(r - p).max()) for r, p in zip(ref[1:], per[1:], strict=True)) > 1e-4
 
 
 def test_reference_mode_does_not_depend_on_batch_size(tiny_model, visa_one_class: Path) -> None:

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from benchmarks.config import (
-    ALL_CONTENDERS, QUICK, BenchConfig, ConfigError, Effort, parse_batch_sizes, parse_contenders,
+    ALL_CONTENDERS,
+    QUICK,
+    BenchConfig,
+    ConfigError,
+    Effort,
+    parse_batch_sizes,
+    parse_contenders,
 )
 from benchmarks.contenders import Contender
 from benchmarks.report import markdown, write_report

@@ -6,9 +6,9 @@ contenders say why, and that the fp32 runtime agrees with the fp32 core as an ex
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
-import math
 from pathlib import Path
 
 import pytest

@@ -9,8 +9,6 @@ from click.testing import CliRunner
 from runtime import contract as mf
 
 
-
-
 @pytest.fixture()
 def runner():
     return CliRunner()
@@ -42,7 +40,9 @@ def test_default_command_export_then_add_class(runner, configs, tmp_path, artifa
     data = mf.read_manifest(out)
     assert data["pretrained"]["random_weights"] is True and data["exporter"] == "legacy"
 
-    result = runner.invoke(main, ["add-class", str(out), "carpet", "--domain", "texture", "--text-cache", "none", "--quiet"])
+    result = runner.invoke(
+        main, ["add-class", str(out), "carpet", "--domain", "texture", "--text-cache", "none", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert "added 'carpet'" in result.output
     assert mf.read_manifest(out)["text"]["classes"] == {"bottle": "object", "carpet": "texture"}

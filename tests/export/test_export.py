@@ -41,10 +41,13 @@ def test_fp32_parity_with_core(artifact, tiny_model, batch):
     protos = _protos(artifact, CLASSES)
     g = torch.Generator().manual_seed(1234 + batch)
     pixels = torch.randn(batch, 3, 64, 64, generator=g)
-    out = dict(zip(
-        ["global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores"],
-        _session(artifact / "encoder.onnx").run(None, {"pixels": pixels.numpy(), "text_prototypes": protos}),
-    ))
+    out = dict(
+        zip(
+            ["global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores"],
+            _session(artifact / "encoder.onnx").run(None, {"pixels": pixels.numpy(), "text_prototypes": protos}),
+            strict=False,
+        )
+    )
     assert out["patch_probs"].shape == (batch, 2, 8, 8)
     assert out["image_scores"].shape == (batch, 2)
     glob, local = tiny_model.encode_tokens(pixels)
@@ -70,7 +73,13 @@ def test_manifest_fields(artifact, manifest, tiny_model):
     assert manifest["dual_blocks"] == 2 and manifest["temperature"] == 1.0 and manifest["opset"] == 18
     assert manifest["preprocess"] == tiny_model.preprocess_config.to_dict()
     assert manifest["io"]["inputs"] == ["pixels", "text_prototypes"]
-    assert manifest["io"]["outputs"] == ["global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores"]
+    assert manifest["io"]["outputs"] == [
+        "global_embedding",
+        "local_embeddings",
+        "local_tokens",
+        "patch_probs",
+        "image_scores",
+    ]
     assert manifest["text"]["classes"] == {"bottle": "object", "carpet": "texture"}
     assert manifest["text"]["sentences_per_state"] == 462
     assert set(manifest["models"]) == {"fp32", "fp16", "int8"}
@@ -278,7 +287,9 @@ def test_external_data_path(make_config, register_tiny, tmp_path):
     """Threshold lowered to 1 byte: weights go to encoder.onnx.data (the >2 GB path of ViT-L-14 class models)."""
     from export.api import export_artifact
 
-    out = export_artifact(make_config(tmp_path / "ext", classes=["bottle"], precisions=["fp16"], external_data_threshold=1))
+    out = export_artifact(
+        make_config(tmp_path / "ext", classes=["bottle"], precisions=["fp16"], external_data_threshold=1)
+    )
     data = mf.read_manifest(out)
     assert _listing(out) == sorted(["encoder.onnx", "encoder.onnx.data", "encoder.fp16.onnx", "encoder.fp16.onnx.data",
                                     "manifest.json", "refsearch.onnx", "text_embeddings.npz"])
@@ -295,7 +306,9 @@ def test_legacy_exporter_deep_model(make_config, register_tiny, tmp_path):
     """The TorchScript exporter also works, including plain open_clip blocks (MHA fast path disabled)."""
     from export.api import export_artifact
 
-    out = export_artifact(make_config(tmp_path / "legacy", backbone="anoclip-tiny-24", classes=["bottle"], exporter="legacy"))
+    out = export_artifact(
+        make_config(tmp_path / "legacy", backbone="anoclip-tiny-24", classes=["bottle"], exporter="legacy")
+    )
     data = mf.read_manifest(out)
     assert data["exporter"] == "legacy" and data["dual_blocks"] == 12
     assert data["models"]["fp32"]["verification"]["map_max_abs"] <= 1e-4
@@ -330,9 +343,8 @@ def test_cached_tag_file_found_in_hf_cache(tmp_path):
 
 def test_static_int8_qdq(make_config, register_tiny, tmp_path):
     """int8_mode='static': QDQ graph, attention/LayerNorm/Softmax unquantised, verified within the int8 bound."""
-    import onnx
-
     import cv2
+    import onnx
 
     from export.api import export_artifact
 

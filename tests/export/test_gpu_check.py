@@ -22,7 +22,9 @@ def _with_engine(artifact: Path, dst: Path) -> Path:
     data = mf.read_manifest(dst)
     data["tensorrt"] = {"file": "encoder.fp16.plan", "precision": "fp16", "trt_version": "11.1.0", "gpu": "Fake GPU",
                         "profile": {"min": 1, "opt": 8, "max": 32}}
-    data["files"] = mf.file_hashes(dst, sorted(p.name for p in dst.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME))
+    data["files"] = mf.file_hashes(
+        dst, sorted(p.name for p in dst.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME)
+    )
     mf.write_manifest(dst, data)
     return dst
 

@@ -67,7 +67,7 @@ def _run(path: Path, pixels: np.ndarray, protos: np.ndarray) -> dict[str, np.nda
 
     sess = ort_session(path)
     out = sess.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: protos})
-    return dict(zip(OUTPUT_NAMES, out))
+    return dict(zip(OUTPUT_NAMES, out, strict=True))
 
 
 def test_manifest_records_temperature_and_external_data(t_art):

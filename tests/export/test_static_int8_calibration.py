@@ -181,7 +181,9 @@ def test_over_tolerance_int8_is_refused_and_never_shipped(register_tiny, make_co
 
 # --- the demo calibrates on the bundled good images -------------------------------------------------
 def test_demo_int8_calibrates_on_bundled_good_images(register_tiny, tmp_path):
-    ccd = pytest.importorskip("conformal_clip_data", reason="sample data not installed (pip install conformal-clip-data)")
+    ccd = pytest.importorskip(
+        "conformal_clip_data", reason="sample data not installed (pip install conformal-clip-data)"
+    )
     from anoclip_demo.cli import DemoConfig, run_demo, sample_images
 
     cfg = DemoConfig(backbone=register_tiny, pretrained="none", images=2, calibration_images=3, out=tmp_path / "demo",

@@ -54,7 +54,7 @@ def test_triton_graph_equals_artifact_graph(artifact):
     ref = ort.InferenceSession(str(artifact / "encoder.onnx"), providers=["CPUExecutionProvider"])
     a = tri.run(None, {"pixels": pixels})
     b = ref.run(None, {"pixels": pixels, "text_prototypes": protos})
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+from trt_fakes import fake_tensorrt
 
 from anoclip_core.errors import AnoCLIPError, BackendUnavailable
 from runtime import contract as mf
-
-from trt_fakes import fake_tensorrt
 
 
 def _no_weights(monkeypatch):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+from trt_fakes import fake_tensorrt
 
 from anoclip_core.errors import AnoCLIPError
 from runtime import contract as mf
-from trt_fakes import fake_tensorrt
 
 
 def _build(trt, artifact, tmp_path, precision="fp32", cache=None, src="encoder.onnx"):
@@ -87,7 +87,8 @@ def test_engine_precision_is_independent_of_graphs():
                                             ("11.1.0", ".encoder.bf16.engine-source.onnx")])
 def test_bf16_engine_without_ort_bf16(make_config, register_tiny, tmp_path, monkeypatch, version, source):
     """A bf16 engine is built although ONNX Runtime CPU has no bf16 kernels (the ORT check is for graphs only)."""
-    from export import quantize, trt as trt_mod
+    from export import quantize
+    from export import trt as trt_mod
     from export.api import export_artifact
 
     monkeypatch.setattr(quantize, "bf16_support", lambda: (False, "no bf16 kernels (fake)"))

@@ -160,7 +160,7 @@ class FakeEngine:
             return (1, 3, self.S, self.S), (2, 3, self.S, self.S), (self.MAXB, 3, self.S, self.S)
         return (1, 2, self.D), (1, 2, self.D), (self.MAXC, 2, self.D)
 
-    def create_execution_context(self) -> "FakeContext":
+    def create_execution_context(self) -> FakeContext:
         ctx = FakeContext(self)
         self.contexts.append(ctx)
         return ctx
@@ -175,7 +175,7 @@ class FakeContext:
 
     def set_input_shape(self, n: str, shape) -> bool:
         lo, _, hi = self.e.get_tensor_profile_shape(n, 0)
-        ok = all(a <= b <= c for a, b, c in zip(lo, shape, hi))
+        ok = all(a <= b <= c for a, b, c in zip(lo, shape, hi, strict=True))
         if ok:
             self.shapes[n] = tuple(shape)
         return ok
@@ -234,7 +234,7 @@ class FakeTrt:
 class FakeDeviceValue:
     """Stands for an ``onnxruntime.OrtValue`` on a CUDA device (``OrtValue.ortvalue_from_numpy(a, "cuda", id)``)."""
 
-    uploads: list["FakeDeviceValue"] = []
+    uploads: list[FakeDeviceValue] = []
 
     def __init__(self, array: np.ndarray, device_id: int) -> None:
         self.array, self.device_id = np.array(array), device_id
@@ -245,7 +245,7 @@ class FakeIOBinding:
     """onnxruntime ``IOBinding``: ``bind_cpu_input``, ``bind_ortvalue_input``, ``bind_output(name, device_type,
     device_id)``, ``copy_outputs_to_cpu()`` (onnxruntime.ai/docs/api/python/api_summary.html#iobinding)."""
 
-    def __init__(self, session: "FakeCudaOrtSession") -> None:
+    def __init__(self, session: FakeCudaOrtSession) -> None:
         self.session, self.inputs, self.outputs, self.results = session, {}, [], []
 
     def bind_cpu_input(self, name: str, array: np.ndarray) -> None:

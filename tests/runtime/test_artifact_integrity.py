@@ -6,11 +6,10 @@ import copy
 from pathlib import Path
 
 import pytest
+from test_contract import _artifact
 
 from anoclip_core.errors import ArtifactError
 from runtime import contract as mf
-
-from test_contract import _artifact
 
 
 def _with_external(root: Path) -> dict:

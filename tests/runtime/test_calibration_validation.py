@@ -12,11 +12,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from rt_fakes import PatchMeanBackend, fake_detector
 
 from anoclip_core.errors import ArtifactError, InputError
 from runtime import Detector, InferConfig
 from runtime.calibration import calibrate
-from rt_fakes import PatchMeanBackend, fake_detector
 
 ROOT = Path(__file__).resolve().parents[2]
 

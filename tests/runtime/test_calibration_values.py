@@ -32,7 +32,7 @@ class FakeDetector:
         return {"model": "fp32"}
 
     def iter_predict(self, files, class_name, cfg):
-        for i, (path, s, m) in enumerate(zip(files, self.scores, self.maps)):
+        for path, s, m in zip(files, self.scores, self.maps, strict=False):  # more files than scores: the rest fail
             yield Result(path=path, class_name=class_name, score=s, anomaly_map=m)
         for path in list(files)[len(self.scores):len(self.scores) + self.fail]:
             yield Result(path=path, class_name=class_name, error="unreadable")

@@ -154,7 +154,11 @@ def test_atomic_write_keeps_old_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         mf.write_manifest(tmp_path / "a", data)
     assert (tmp_path / "a" / "manifest.json").read_text() == before
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["encoder.onnx", "manifest.json", "text_embeddings.npz"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "encoder.onnx",
+        "manifest.json",
+        "text_embeddings.npz",
+    ]
 
 
 def test_manifest_module_is_torch_free():

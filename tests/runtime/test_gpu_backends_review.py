@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from anoclip_core.errors import BackendUnavailable
 from gpu_fakes import FakeCudart, FakeEngine, FakeTrt, cudaError_t, cudaStream_t
 from rt_fakes import fake_manifest
+
+from anoclip_core.errors import BackendUnavailable
 from runtime.backends import create_backend
 from runtime.backends.trt import TrtBackend, probe_gpus, stream_handle
 

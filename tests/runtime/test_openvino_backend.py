@@ -244,7 +244,10 @@ def test_without_openvino_auto_keeps_ort_cpu_and_explicit_is_refused(tiny_artifa
         Detector.load(tiny_artifact, backend="openvino")
     det = Detector.load(tiny_artifact, backend="auto")
     try:
-        assert det.backend_name == "ort-cpu" and "openvino: backend openvino needs the openvino package" in det.backend_note
+        assert (
+            det.backend_name == "ort-cpu"
+            and "openvino: backend openvino needs the openvino package" in det.backend_note
+        )
     finally:
         det.close()
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -239,7 +238,7 @@ def test_tiling_streaming_and_batches_use_the_bank(banked):
         stream = det.stream("bottle", stitch=False)
         strip = stream.push(imgs[1]) + stream.flush()
         zero_tiled = det.predict(imgs[0], "bottle", tile=True, use_refs=False)
-    for a, b in zip(single, batch):
+    for a, b in zip(single, batch, strict=True):
         assert b.shots == 2 and abs(a.score - b.score) <= 1e-6
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
     assert tiled.shots == 2 and tiled.tiles == 1 and abs(tiled.score - single[0].score) <= 1e-6

@@ -6,12 +6,11 @@ import logging
 
 import numpy as np
 import pytest
+from gpu_fakes import FakeCudaOrtSession, FakeDeviceValue
 
 from anoclip_core.refbank import ReferenceBank, visual_anomaly
 from export import refsearch as export_refsearch
 from runtime.refsearch import DeviceSearch, make_search
-
-from gpu_fakes import FakeCudaOrtSession, FakeDeviceValue
 
 CUDA_AVAILABLE = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -116,11 +115,10 @@ class AsGpu:
 
 def test_detector_on_a_gpu_backend_uses_the_device_search(artifact_copy, tmp_path):
     from click.testing import CliRunner
+    from test_refs import write_images
 
     from runtime import Detector
     from runtime.cli import main
-
-    from test_refs import write_images
 
     write_images(tmp_path / "good", [1, 2])
     assert CliRunner().invoke(main, ["refs", str(artifact_copy), "--class", "bottle", "--backend", "ort-cpu",

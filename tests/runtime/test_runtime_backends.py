@@ -6,15 +6,14 @@ import types
 
 import numpy as np
 import pytest
+from gpu_fakes import FakeCudart, FakeEngine, FakeTrt
+from rt_fakes import ConstantBackend, PatchMeanBackend
 
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 from runtime.backends import create_backend, parity_check
 from runtime.backends.base import Backend
 from runtime.backends.ort import CPU, CUDA, TRT, OrtBackend, physical_cores, select_providers, session_options
 from runtime.backends.trt import TrtBackend
-
-from gpu_fakes import FakeCudart, FakeEngine, FakeTrt
-from rt_fakes import ConstantBackend, PatchMeanBackend
 
 
 def test_select_providers_cpu_cuda_trt():
@@ -71,7 +70,10 @@ class FakeSession:
 
     def _compute(self, names, feeds):
         b = feeds["pixels"].shape[0]
-        full = {"patch_probs": np.full((b, 1, 8, 8), 0.25, np.float32), "image_scores": np.full((b, 1), 0.5, np.float32)}
+        full = {
+            "patch_probs": np.full((b, 1, 8, 8), 0.25, np.float32),
+            "image_scores": np.full((b, 1), 0.5, np.float32),
+        }
         return [full[n] for n in names]
 
     def run(self, names, feeds):
@@ -163,8 +165,14 @@ def test_auto_picks_fastest_available_and_says_why(tmp_path):
     assert choice.name == "ort-cuda"
     assert set(choice.skipped) == {"trt", "ort-trt"}
     assert "auto -> ort-cuda" in choice.describe() and "TensorRT" in choice.describe()
-    choice = create_backend("auto", tmp_path, _manifest(), available_providers=[TRT, CUDA, CPU], session_factory=factory,
-                            cache_dir=str(tmp_path / "cache"))
+    choice = create_backend(
+        "auto",
+        tmp_path,
+        _manifest(),
+        available_providers=[TRT, CUDA, CPU],
+        session_factory=factory,
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert choice.name == "ort-trt"
     assert choice.backend.session.requested[0][1]["trt_engine_cache_path"].startswith(str(tmp_path / "cache"))
     choice = create_backend("auto", tmp_path, _manifest(), available_providers=[CPU], session_factory=factory)
@@ -246,7 +254,7 @@ def test_trt_context_is_serialised_across_threads(tmp_path):
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         np.testing.assert_array_equal(e, g)
 
 

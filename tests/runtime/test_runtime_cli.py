@@ -38,13 +38,13 @@ def test_infer_to_stdout_with_folder_glob_and_bad_file(tiny_artifact, tmp_path):
     lines = _lines(res.stdout)
     assert res.exit_code == 1, res.output  # one image failed
     assert len(lines) == 4  # img1 listed twice -> deduplicated
-    ok = [l for l in lines if "error" not in l]
-    assert len(ok) == 3 and all(l["random_weights"] is True and "RANDOM WEIGHTS" in l["warning"] for l in lines)
-    assert all(l["label"] == ("anomaly" if l["score"] > 0.4 else "normal") for l in ok)
+    ok = [ln for ln in lines if "error" not in ln]
+    assert len(ok) == 3 and all(ln["random_weights"] is True and "RANDOM WEIGHTS" in ln["warning"] for ln in lines)
+    assert all(ln["label"] == ("anomaly" if ln["score"] > 0.4 else "normal") for ln in ok)
     assert {"path", "score", "label", "regions", "timing", "backend"} <= set(ok[0])
     assert "cannot decode" in lines[-1]["error"]
     assert "WARNING" in res.stderr and "RANDOM WEIGHTS" in res.stderr
-    n_anom = sum(l["label"] == "anomaly" for l in ok)
+    n_anom = sum(ln["label"] == "anomaly" for ln in ok)
     assert f"{n_anom} anomal{'y' if n_anom == 1 else 'ies'}, 1 error(s)" in res.stderr
     cpu_backend = "openvino" if importlib.util.find_spec("openvino") else "ort-cpu"  # auto on a CPU
     assert f"backend {cpu_backend}" in res.stderr
@@ -58,10 +58,10 @@ def test_infer_out_dir_writes_jsonl_overlays_masks_summary(tiny_artifact, tmp_pa
     assert res.exit_code == 0, res.output
     lines = _lines((out / "results.jsonl").read_text())
     assert len(lines) == 2 and res.stdout.strip() == ""
-    for l in lines:
-        overlay = cv2.imread(str(out / l["overlay"]))
-        mask = cv2.imread(str(out / l["mask"]), cv2.IMREAD_UNCHANGED)
-        h, w = l["size"]
+    for ln in lines:
+        overlay = cv2.imread(str(out / ln["overlay"]))
+        mask = cv2.imread(str(out / ln["mask"]), cv2.IMREAD_UNCHANGED)
+        h, w = ln["size"]
         assert overlay.shape == (h, w, 3) and mask.shape == (h, w)
         assert set(np.unique(mask)) <= {0, 255}
     summary = json.loads((out / "summary.json").read_text())
@@ -108,8 +108,8 @@ def test_calibrate_then_infer_uses_calibration(artifact_copy, tmp_path):
     assert (artifact_copy / "calibration.json").is_file()
     res = CliRunner().invoke(infer_main, [str(artifact_copy), str(good), "--class", "bottle", "--quiet"])
     lines = _lines(res.stdout)
-    assert all(l["threshold_source"] == "calibration" for l in lines)
-    assert sum(l["label"] == "anomaly" for l in lines) == 2  # median threshold: 2 of 4 above
+    assert all(ln["threshold_source"] == "calibration" for ln in lines)
+    assert sum(ln["label"] == "anomaly" for ln in lines) == 2  # median threshold: 2 of 4 above
 
 
 class _Shifted:

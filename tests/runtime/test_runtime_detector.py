@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-
 import json
 import os
 import subprocess
@@ -12,12 +11,11 @@ import threading
 import cv2
 import numpy as np
 import pytest
+from rt_fakes import fake_detector
 
 from anoclip_core.errors import ArtifactError, InputError
 from runtime import Detector, InferConfig
 from runtime.calibration import calibrate
-
-from rt_fakes import fake_detector
 
 
 def _img(seed=0, h=64, w=64):
@@ -199,7 +197,7 @@ def test_concurrent_threads_equal_sequential(tiny_detector):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors
-    for (i, rep), res in got.items():
+    for (i, _rep), res in got.items():
         if i < 0:
             for k, r in enumerate(res):
                 assert r.score == seq_batch[k].score and np.array_equal(r.anomaly_map, seq_batch[k].anomaly_map)

@@ -67,7 +67,7 @@ def test_file_inputs_match_core(tiny_model, tiny_detector, tmp_path):
     cv2.imwrite(str(tmp_path / "c.png"), bgra)
     files.append(tmp_path / "c.png")
     results = tiny_detector.predict_batch([str(f) for f in files], "bottle", batch=2)
-    for f, res in zip(files, results):
+    for f, res in zip(files, results, strict=True):
         core_map, core_score, _ = core_outputs(tiny_model, str(f), "RGB")
         assert res.ok and res.path == str(f)
         assert abs(res.score - core_score) <= 1e-5
@@ -89,10 +89,10 @@ def test_all_graph_outputs_match_core(tiny_model, tiny_detector):
     rng = np.random.default_rng(3)
     px = rng.standard_normal((3, 3, S, S)).astype(np.float32)
     out = tiny_detector.run_graph(px, "bottle", ("global_embedding", "local_embeddings", "local_tokens"))
-    g, l = tiny_model.encode_tokens(torch.from_numpy(px))
-    np.testing.assert_allclose(out["local_tokens"], l.numpy(), atol=1e-4, rtol=1e-4)
+    g, loc = tiny_model.encode_tokens(torch.from_numpy(px))
+    np.testing.assert_allclose(out["local_tokens"], loc.numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(out["global_embedding"], F.normalize(g, dim=-1).numpy(), atol=1e-5)
-    np.testing.assert_allclose(out["local_embeddings"], F.normalize(l, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["local_embeddings"], F.normalize(loc, dim=-1).numpy(), atol=1e-5)
 
 
 def test_tta_matches_core(tiny_model, tiny_detector):

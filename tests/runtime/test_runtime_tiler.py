@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rt_fakes import ConstantBackend, PatchMeanBackend, fake_detector
 
 from anoclip_core.errors import InputError
 from runtime.postprocess import anomaly_map, find_regions
 from runtime.tiler import StripStream, axis_layout, predict_tiled
-
-from rt_fakes import ConstantBackend, PatchMeanBackend, fake_detector
 
 
 def infer_fn(backend=None):
@@ -148,7 +147,7 @@ def test_stream_without_stitch_is_per_strip_and_checks_width():
     strips = [smooth_strip(64, 300, seed=i) for i in range(3)]
     stream = StripStream(infer_fn(), stitch=False)
     out = [stream.push(s) for s in strips]
-    for s, res in zip(strips, out):
+    for s, res in zip(strips, out, strict=True):
         assert len(res) == 1
         np.testing.assert_array_equal(res[0].anomaly_map, predict_tiled(s, infer_fn()).anomaly_map)
     assert stream.flush() == []

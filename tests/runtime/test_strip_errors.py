@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rt_fakes import PatchMeanBackend, fake_detector
 
 from anoclip_core.errors import InputError
 from runtime.tiler import StripStream
-
-from rt_fakes import PatchMeanBackend, fake_detector
 
 
 def infer_fn():
@@ -38,7 +37,7 @@ def test_nan_strip_fails_alone_and_later_results_match_a_clean_stream():
         out.extend(stream.push(s))
     out.extend(stream.flush())
     assert [r.index for r in out] == list(range(6))
-    for a, b in zip(out, clean):
+    for a, b in zip(out, clean, strict=True):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
         assert a.score == b.score
 

@@ -8,11 +8,10 @@ at the blended output, so a reversed or missing ramp fails whatever the map look
 from __future__ import annotations
 
 import numpy as np
+from rt_fakes import PatchMeanBackend, fake_detector
 
 from runtime.postprocess import anomaly_map
 from runtime.tiler import predict_tiled
-
-from rt_fakes import PatchMeanBackend, fake_detector
 
 
 def _strip(h: int, w: int) -> np.ndarray:
@@ -35,7 +34,7 @@ def test_overlaps_are_the_raised_cosine_blend_of_the_two_tiles():
     i = np.arange(o)
     r = 0.5 - 0.5 * np.cos(np.pi * (i + 0.5) / o)
     expected = np.zeros((h, w))
-    for k, (s, m) in enumerate(zip(starts, maps)):
+    for k, (s, m) in enumerate(zip(starts, maps, strict=True)):
         wx = np.ones(t)
         if k > 0:
             wx[:o] = r

@@ -56,7 +56,7 @@ def hand_tta(tokens, sents, protos, index, steps, lr, noise, wd, temperature):
         lc, ln = logp(adapt(x, *ps)), logp(adapt(x + eps, *ps))
         loss = -(lc.exp() * lc).sum(-1).mean() + 0.5 * (-lc[:, 0] - ln[:, 1]).mean()
         grads = torch.autograd.grad(loss, ps)
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             p.mul_(1 - lr * wd)
             m[i] = 0.9 * m[i] + 0.1 * g
             v[i] = 0.999 * v[i] + 0.001 * g * g
