@@ -57,9 +57,8 @@ def _quiet() -> None:
     logging.disable(logging.WARNING)  # random-weights banners from every process
 
 
-def adder(k: int, art: str, barrier, stop, results) -> None:
-    from export.api import add_class
-
+def _rounds(kind: str, k: int, barrier, stop, results, op) -> None:
+    """Run ``op(r)`` once per round, in step with the other writers; report each outcome, never raise."""
     _quiet()
     r = 0
     while True:
@@ -67,32 +66,30 @@ def adder(k: int, art: str, barrier, stop, results) -> None:
         if stop.is_set():
             return
         try:
-            add_class(art, f"c{k}r{r}", text_cache=None, progress=False)
-            results.put(("add", k, r, None))
+            op(r)
+            results.put((kind, k, r, None))
         except Exception as err:  # noqa: BLE001 - reported, not raised
-            results.put(("add", k, r, f"{type(err).__name__}: {err}"))
+            results.put((kind, k, r, f"{type(err).__name__}: {err}"))
         barrier.wait()
         r += 1
+
+
+def adder(k: int, art: str, barrier, stop, results) -> None:
+    from export.api import add_class
+
+    _rounds("add", k, barrier, stop, results,
+            lambda r: add_class(art, f"c{k}r{r}", text_cache=None, progress=False))
 
 
 def calibrator(k: int, art: str, good: str, barrier, stop, results) -> None:
     from runtime.calibration import calibrate
     from runtime.detector import Detector
 
-    _quiet()
-    r = 0
-    while True:
-        barrier.wait()
-        if stop.is_set():
-            return
-        try:
-            with Detector.load(art, backend="ort-cpu", threads=1) as det:
-                calibrate(det, [good], CALIBRATED[k], quantile(r, k))
-            results.put(("cal", k, r, None))
-        except Exception as err:  # noqa: BLE001
-            results.put(("cal", k, r, f"{type(err).__name__}: {err}"))
-        barrier.wait()
-        r += 1
+    def op(r: int) -> None:
+        with Detector.load(art, backend="ort-cpu", threads=1) as det:
+            calibrate(det, [good], CALIBRATED[k], quantile(r, k))
+
+    _rounds("cal", k, barrier, stop, results, op)
 
 
 def loader(art: str, stop, counts, failures) -> None:
