@@ -223,6 +223,9 @@ def _infer_options(f):
         click.option("--no-overlays", is_flag=True, default=False, help="do not write heat-map overlays"),
         click.option("--no-masks", is_flag=True, default=False, help="do not write binary masks"),
         click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
+        click.option("--no-prefetch", is_flag=True, default=False,
+                     help="decode and pre-process on the calling thread only (default: the next batch is "
+                          "prepared on a worker while the backend runs; for debugging)"),
         click.option("--no-verify", is_flag=True, default=False, help="skip the sha256 check of artifact files"),
         click.option("--quiet", is_flag=True, default=False, help="no progress bar"),
         click.option("--max-pixels", type=int, default=None,
@@ -238,8 +241,8 @@ def _infer_options(f):
 def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir: str | None, batch: int, tile: bool,
                tile_size: int | None, overlap: int | None, backend: str, precision: str | None,
                threshold: float | None, pixel_threshold: float | None, min_area: int, tta: bool, channel_order: str,
-               no_overlays: bool, no_masks: bool, threads: int | None, no_verify: bool, quiet: bool,
-               max_pixels: int | None) -> None:
+               no_overlays: bool, no_masks: bool, threads: int | None, no_prefetch: bool, no_verify: bool,
+               quiet: bool, max_pixels: int | None) -> None:
     """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -250,7 +253,8 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
         cfg = InferConfig(class_name=class_name, backend=backend, precision=precision, batch=batch, tile=tile,
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
-                          overlays=not no_overlays, masks=not no_masks, threads=threads, verify=not no_verify)
+                          overlays=not no_overlays, masks=not no_masks, threads=threads, verify=not no_verify,
+                          prefetch=0 if no_prefetch else 1)
         summary = run_infer(artifact, inputs, cfg, progress=not quiet)
     except AnoCLIPError as err:
         _fail(err)
