@@ -1,8 +1,8 @@
 """``InferConfig``: every inference setting, from the CLI (or a caller) down to ``Detector``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
 
 from anoclip_core.errors import InputError
 
@@ -65,3 +65,13 @@ class InferConfig:
 
     def replace(self, **changes: Any) -> "InferConfig":
         return replace(self, **changes)
+
+    @classmethod
+    def merged(cls, class_name: str, base: "InferConfig | None", overrides: Mapping[str, Any]) -> "InferConfig":
+        """``base`` (or the defaults) for ``class_name`` with keyword ``overrides``; an unknown
+        option is a ``TypeError`` naming it (as a misspelt keyword argument would be)."""
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise TypeError(f"unknown inference option(s): {', '.join(bad)}")
+        return replace(base or cls(class_name=class_name), class_name=class_name, **overrides)

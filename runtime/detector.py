@@ -9,12 +9,13 @@ named steps, whether it comes alone (``predict``), in a list (``predict_batch`` 
 ``read`` decodes a file (or checks an array), ``pre_process`` is the core's own
 ``anoclip_core.transform`` (resize + normalise: the runtime sees exactly the tensor the PyTorch
 core sees), ``forward`` is one backend call on a batch of pixels, ``post_process`` is
-``runtime.postprocess`` (map at the ORIGINAL image size, label, regions). ``predict(image)`` IS
-the batch path with one item. The first two steps of the next batch run on a worker thread while
+``runtime.postprocess`` (map at the ORIGINAL image size, label, regions). This class defines the
+steps; ``runtime.pipeline.Pipeline`` runs them, one path for everything: ``predict(image)`` IS the
+batch path with one item, tiled images (``tile=True``) are batches of one whose tiles the tiler
+pre-processes and forwards, and the next batch is read and pre-processed on a worker thread while
 ``forward`` runs the current one (``runtime.prefetch``; ``InferConfig.prefetch = 0`` turns it off).
-Tiled images (``tile=True``) are read whole, and the tiler runs ``pre_process`` + ``forward`` per
-batch of tiles (``tile_infer``). Artifact reading lives in ``runtime.artifact``, threshold and
-calibration rules in ``runtime.calibration`` / ``runtime.contract``.
+Artifact reading lives in ``runtime.artifact``, threshold and calibration rules in
+``runtime.calibration`` / ``runtime.contract``.
 
 Thread model: one loaded ``Detector`` may serve ``predict`` / ``predict_batch`` from several
 threads at once. Everything it holds is read-only after ``load`` (manifest, prototypes,
@@ -29,13 +30,12 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from anoclip_core.errors import AnoCLIPError, ArtifactError, InferenceError, InputError
+from anoclip_core.errors import ArtifactError, InferenceError, InputError
 from anoclip_core.transform import ImageLike, PreprocessConfig, normalize_rgb, read_image, to_rgb_float
 
 from . import contract as mf
@@ -49,51 +49,17 @@ from .calibration import (  # noqa: F401 (defaults re-exported)
     resolve_thresholds,
 )
 from .config import InferConfig
-from .postprocess import anomaly_map, find_regions
-from .prefetch import Prefetch
+from .pipeline import Item, Pipeline, elapsed_ms
+from .postprocess import find_regions
 from .result import RANDOM_WEIGHTS_WARNING, Result
-from .tiler import StagedInfer, StripOutput, StripStream, predict_tiled
+from .tiler import StripOutput, StripStream
 
 __all__ = ["RANDOM_WEIGHTS_WARNING", "Detector", "InferConfig", "Result", "read_artifact"]
 
 log = logging.getLogger("anoclip.runtime")
 
 
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1e3
-
-
-@dataclass
-class Item:
-    """One input on its way through the steps: what ``read`` made of it (float RGB and its size,
-    untiled; the array as stored, tiled), its pixels once pre-processed (the RGB copy is then
-    dropped), the timings so far, and the result or the error that stopped it."""
-
-    image: Any
-    path: str | None = None
-    rgb: np.ndarray | None = None
-    size: tuple[int, int] = (0, 0)
-    raw: np.ndarray | None = None
-    channel_order: str = "RGB"
-    pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    timing: dict[str, float] = field(default_factory=dict)
-    result: Result | None = None
-    error: AnoCLIPError | None = None
-
-
-def _batches(images: Iterable[ImageLike], size: int) -> Iterator[list[ImageLike]]:
-    """``images`` in lists of ``size`` (the last one shorter), read lazily."""
-    chunk: list[ImageLike] = []
-    for im in images:
-        chunk.append(im)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-class Detector:
+class Detector(Pipeline):
     """A loaded artifact + backend. ``Detector.load(ART).predict(image, "bottle")`` -> ``Result``."""
 
     def __init__(
@@ -232,7 +198,7 @@ class Detector:
         t0 = time.perf_counter()
         img_thr, px_thr, src = self.thresholds(cfg.class_name, cfg.threshold, cfg.pixel_threshold)
         regions = find_regions(amap, px_thr, cfg.min_area, cfg.max_regions)
-        item.timing["regions_ms"] = _ms(t0)
+        item.timing["regions_ms"] = elapsed_ms(t0)
         return Result(item.path, cfg.class_name, float(score), "anomaly" if score > img_thr else "normal", amap,
                       regions, img_thr, px_thr, src, (int(amap.shape[0]), int(amap.shape[1])), tiles, item.timing,
                       self.backend_name, self.random_weights)
@@ -242,94 +208,6 @@ class Detector:
         """Raw graph outputs for normalised pixels [B, 3, S, S] and one class."""
         return self.backend.run(pixels, self.prototypes(class_name), outputs)
 
-    # batches ---------------------------------------------------------------------------------
-    def _prepare(self, images: Sequence[ImageLike], cfg: InferConfig) -> list[Item]:
-        """``read`` + ``pre_process`` of one batch (on the prefetch worker); a bad image keeps its error."""
-        items = []
-        for image in images:
-            t0 = time.perf_counter()
-            try:
-                item = self.read(image, cfg)
-                if item.rgb is not None:
-                    item.pixels, item.rgb = self.pre_process(item.rgb), None
-            except AnoCLIPError as err:
-                item = Item(image, error=err)
-            item.timing["load_ms" if cfg.tile else "preprocess_ms"] = _ms(t0)
-            items.append(item)
-        return items
-
-    def _run_batch(self, items: list[Item], cfg: InferConfig) -> list[Item]:
-        """``forward`` the batch's good items in one backend call, then ``post_process`` each."""
-        if cfg.tile:
-            return [self._run_tiled(item, cfg) for item in items]
-        ok = [item for item in items if item.error is None]
-        if not ok:
-            return items
-        t0 = time.perf_counter()
-        probs, scores = self.forward(np.stack([item.pixels for item in ok]), cfg.class_name, cfg.tta)
-        infer_ms = _ms(t0) / len(ok)
-        for item, p, s in zip(ok, probs, scores):
-            item.timing["infer_ms"] = infer_ms
-            t1 = time.perf_counter()
-            amap = anomaly_map(p, item.size)
-            item.timing["map_ms"] = _ms(t1)
-            try:
-                item.result = self.post_process(item, amap, float(s), cfg)
-            except InferenceError as err:
-                item.error = err
-                continue
-            item.timing["total_ms"] = sum(item.timing[k] for k in ("preprocess_ms", "infer_ms", "map_ms",
-                                                                   "regions_ms"))
-            item.timing["batch"] = float(len(ok))
-        return items
-
-    def _run_tiled(self, item: Item, cfg: InferConfig) -> Item:
-        """A tiled image: the tiler runs ``pre_process`` + ``forward`` per batch of tiles and blends."""
-        if item.error is not None or item.raw is None:
-            return item
-        t0 = time.perf_counter()
-        try:
-            out = predict_tiled(item.raw, self.tile_infer(cfg.class_name, item.channel_order, cfg.tta, cfg.prefetch),
-                                cfg.tile_size, cfg.overlap, cfg.batch)
-            item.timing["tiled_ms"] = _ms(t0)
-            item.result = self.post_process(item, out.anomaly_map, out.score, cfg, len(out.boxes))
-        except AnoCLIPError as err:
-            item.error = err
-            return item
-        item.timing["total_ms"] = item.timing["load_ms"] + item.timing["tiled_ms"] + item.timing["regions_ms"]
-        return item
-
-    def _items(self, images: Iterable[ImageLike], cfg: InferConfig) -> Iterator[Item]:
-        """Every image through the four steps, in order; the next batch is read and pre-processed
-        on a worker while the backend runs this one (tiled: one image per batch)."""
-        with Prefetch(_batches(images, 1 if cfg.tile else cfg.batch), lambda b: self._prepare(b, cfg),
-                      cfg.prefetch) as prepared:
-            for _, items in prepared:
-                yield from self._run_batch(items, cfg)
-
-    def tile_infer(self, class_name: str, channel_order: str = "RGB", tta: bool = False,
-                   prefetch: int = 1) -> StagedInfer:
-        """The tiler's ``InferFn``: raw crops -> (patch_probs [N, h, w], image_scores [N]), in two
-        steps (``pre_process``, ``forward``) so the tiler can prepare the next crops while one runs."""
-
-        def prepare(crops: Sequence[np.ndarray]) -> np.ndarray:
-            return np.stack([self.pre_process(to_rgb_float(c, channel_order)) for c in crops])
-
-        return StagedInfer(prepare, lambda pixels: self.forward(pixels, class_name, tta), prefetch)
-
-    def _config(self, class_name: str, cfg: InferConfig | None, overrides: Mapping[str, Any]) -> InferConfig:
-        base = cfg or InferConfig(class_name=class_name)
-        known = {f.name for f in fields(InferConfig)}
-        bad = sorted(set(overrides) - known)
-        if bad:
-            raise TypeError(f"unknown inference option(s): {', '.join(bad)}")
-        return replace(base, class_name=class_name, **overrides)
-
-    def _error(self, item: Item, cfg: InferConfig) -> Result:
-        path = os.fspath(item.image) if isinstance(item.image, (str, os.PathLike)) else None
-        return Result(path, cfg.class_name, error=f"{type(item.error).__name__}: {item.error}", timing=item.timing,
-                      backend=self.backend_name, random_weights=self.random_weights)
-
     # public API ------------------------------------------------------------------------------
     def predict(self, image: ImageLike, class_name: str, config: InferConfig | None = None, **options: Any) -> Result:
         """One image (path or array) -> ``Result`` with the map at the image's ORIGINAL size.
@@ -338,7 +216,7 @@ class Detector:
         ``threshold=0.7``, ``tta=True``, ``channel_order="BGR"``, ...). Raises ``AnoCLIPError``
         on bad input.
         """
-        cfg = self._config(class_name, config, options)
+        cfg = InferConfig.merged(class_name, config, options)
         self.prototypes(class_name)
         (item,) = self._items([image], cfg)
         if item.error is not None:
@@ -355,24 +233,21 @@ class Detector:
     def iter_predict(self, images: Iterable[ImageLike], class_name: str, config: InferConfig | None = None,
                      **options: Any) -> Iterator[Result]:
         """Generator form of ``predict_batch`` (bounded memory for long lists)."""
-        cfg = self._config(class_name, config, options)
+        cfg = InferConfig.merged(class_name, config, options)
         self.prototypes(class_name)
         for item in self._items(images, cfg):
-            yield self._error(item, cfg) if item.error is not None or item.result is None else item.result
+            yield self._result(item, cfg)
 
     def stream(self, class_name: str, config: InferConfig | None = None, stitch: bool = True,
                **options: Any) -> StripStream:
         """A ``StripStream`` for line-scan strips of one class (see ``runtime.tiler``)."""
-        cfg = self._config(class_name, config, options)
+        cfg = InferConfig.merged(class_name, config, options)
         self.prototypes(class_name)
 
         def finish(s: StripOutput) -> Result:
             item = Item(None)
-            try:
-                res = self.post_process(item, s.anomaly_map, s.score, cfg)
-            except InferenceError as err:
-                item.error = err
-                res = self._error(item, cfg)
+            self._post(item, s.anomaly_map, s.score, cfg)
+            res = self._result(item, cfg)
             res.index, res.y0 = s.index, s.y0
             return res
 
