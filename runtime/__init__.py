@@ -9,8 +9,8 @@ from anoclip_core.lazy import lazy_getattr
 
 _LAZY = {
     "Detector": "runtime.detector",
-    "InferConfig": "runtime.detector",
-    "Result": "runtime.detector",
+    "InferConfig": "runtime.config",
+    "Result": "runtime.result",
     "Region": "runtime.postprocess",
     "StripStream": "runtime.tiler",
     "predict_tiled": "runtime.tiler",

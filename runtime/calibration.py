@@ -1,4 +1,8 @@
-"""Per-class thresholds: the ``calibration.json`` file (read, validate, write) and ``calibrate``.
+"""Per-class thresholds: the threshold rule, the calibration binding, and ``calibrate``.
+
+``resolve_thresholds`` is the one rule a ``Detector`` applies (given > calibration > 0.5),
+``bind_calibration`` keeps the classes whose binding still matches; the file itself (read,
+validate, write, ``check_threshold``) is part of the contract (``runtime.contract``).
 
 The file lives in the artifact folder beside the manifest. It is not in the manifest's ``files``
 set (the graphs and text are never modified by it); instead ``anoclip calibrate`` records its
@@ -28,9 +32,10 @@ different classes all land; other classes already in the file are kept.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +58,57 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("anoclip.runtime")
 MAX_PIXELS_PER_IMAGE = 1 << 16
+DEFAULT_IMAGE_THRESHOLD = 0.5
+DEFAULT_PIXEL_THRESHOLD = 0.5
+
+
+def resolve_thresholds(calibration: Mapping[str, Any], class_name: str, threshold: float | None = None,
+                       pixel_threshold: float | None = None) -> tuple[float, float, str]:
+    """(image threshold, pixel threshold, source) of a class: explicit > calibration > default 0.5.
+
+    ``source`` is "given", "calibration" or "default", or "image:<s1>,pixel:<s2>" when they differ.
+    """
+    cal = calibration.get("classes", {}).get(class_name) if calibration else None
+    if threshold is not None:
+        img, s1 = float(threshold), "given"
+    elif cal:
+        img, s1 = float(cal["image_threshold"]), "calibration"
+    else:
+        img, s1 = DEFAULT_IMAGE_THRESHOLD, "default"
+    if pixel_threshold is not None:
+        px, s2 = float(pixel_threshold), "given"
+    elif cal:
+        px, s2 = float(cal["pixel_threshold"]), "calibration"
+    else:
+        px, s2 = DEFAULT_PIXEL_THRESHOLD, "default"
+    return img, px, (s1 if s1 == s2 else f"image:{s1},pixel:{s2}")
+
+
+def calibration_binding(manifest: Mapping[str, Any], precision: str | None,
+                        prototypes: np.ndarray | None) -> dict[str, Any]:
+    """What a class's calibration depends on: the graph file's sha256 and the class prototypes.
+
+    (Not the manifest: ``add-class`` rewrites it without changing existing classes' scores.)
+    """
+    model_file = manifest.get("models", {}).get(precision, {}).get("file")
+    return {"model": precision, "graph_sha256": manifest.get("files", {}).get(model_file),
+            "prototypes_sha256": hashlib.sha256(prototypes.tobytes()).hexdigest() if prototypes is not None else None}
+
+
+def bind_calibration(data: Mapping[str, Any], binding: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """The calibration file's content, keeping only the classes whose ``binding`` still matches
+    ``binding(class)`` (this graph, these prototypes); the others are dropped with a warning."""
+    if not data:
+        return {}
+    validate_calibration(data, CALIBRATION_NAME)
+    kept = {}
+    for cls_name, entry in data.get("classes", {}).items():
+        if "binding" in entry and entry["binding"] != binding(cls_name):
+            log.warning("calibration for %r was made with another graph or other text embeddings "
+                        "(re-exported artifact?); ignoring it, re-run anoclip calibrate", cls_name)
+        else:
+            kept[cls_name] = entry
+    return {**data, "classes": kept}
 
 
 def _subsample(amap: np.ndarray, limit: int = MAX_PIXELS_PER_IMAGE) -> np.ndarray:
@@ -84,6 +140,7 @@ def calibrate(detector: Detector, good: Iterable[str | os.PathLike], class_name:
         if not res.ok:
             errors.append(f"{res.path}: {res.error}")
             continue
+        assert res.score is not None and res.anomaly_map is not None  # an ok result has both
         scores.append(float(res.score))
         pixels.append(_subsample(res.anomaly_map))
     if not scores:
@@ -105,6 +162,6 @@ def calibrate(detector: Detector, good: Iterable[str | os.PathLike], class_name:
     if write:
         assert detector.artifact_dir is not None  # checked above
         data = write_calibration(detector.artifact_dir, class_name, entry)
-        detector.calibration = detector._check_calibration(data)
+        detector.calibration = bind_calibration(data, detector.calibration_binding)
     entry["errors"] = errors
     return entry

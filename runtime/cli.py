@@ -213,6 +213,9 @@ def _infer_options(f):
         click.option("--no-overlays", is_flag=True, default=False, help="do not write heat-map overlays"),
         click.option("--no-masks", is_flag=True, default=False, help="do not write binary masks"),
         click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
+        click.option("--no-prefetch", is_flag=True, default=False,
+                     help="decode and pre-process on the calling thread only (default: the next batch is "
+                          "prepared on a worker while the backend runs; for debugging)"),
         click.option("--no-verify", is_flag=True, default=False, help="skip the sha256 check of artifact files"),
         click.option("--no-refs", is_flag=True, default=False,
                      help="ignore the class's reference bank (pure zero-shot); by default a bank is used when present"),
@@ -232,8 +235,8 @@ def _infer_options(f):
 def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir: str | None, batch: int, tile: bool,
                tile_size: int | None, overlap: int | None, backend: str, precision: str | None,
                threshold: float | None, pixel_threshold: float | None, min_area: int, tta: bool, channel_order: str,
-               no_overlays: bool, no_masks: bool, threads: int | None, no_verify: bool, no_refs: bool,
-               visual_weight: float, quiet: bool, max_pixels: int | None) -> None:
+               no_overlays: bool, no_masks: bool, threads: int | None, no_prefetch: bool, no_verify: bool,
+               no_refs: bool, visual_weight: float, quiet: bool, max_pixels: int | None) -> None:
     """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -245,7 +248,7 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
                           overlays=not no_overlays, masks=not no_masks, threads=threads, verify=not no_verify,
-                          use_refs=not no_refs, visual_weight=visual_weight)
+                          prefetch=0 if no_prefetch else 1, use_refs=not no_refs, visual_weight=visual_weight)
         summary = run_infer(artifact, inputs, cfg, progress=not quiet)
     except AnoCLIPError as err:
         _fail(err)

@@ -33,6 +33,11 @@ the newest strip), the un-finalised accumulator (< t rows) and the finished rows
 not yet emitted. With ``stitch=False`` every strip is tiled on its own (no carry, no latency).
 Regions are found per strip, in strip coordinates (``StripResult.y0`` places them in the scan);
 a defect crossing a strip boundary is reported in both strips.
+
+Overlap: given a ``StagedInfer`` (``Detector.tile_infer`` returns one), the crops of the next
+batch of tiles (in a stream: possibly of the next tile row) are converted, resized and normalised
+on a worker (``runtime.prefetch``) while the backend runs the current batch; results are the same
+bit for bit. A plain ``InferFn`` runs everything on the caller's thread.
 """
 from __future__ import annotations
 
@@ -45,9 +50,41 @@ import numpy as np
 from anoclip_core.errors import InputError
 
 from .postprocess import anomaly_map
+from .prefetch import Prefetch
 
 # infer(crops) -> (patch_probs [N, h, w] float32, image_scores [N] float32)
 InferFn = Callable[[Sequence[np.ndarray]], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass(frozen=True)
+class StagedInfer:
+    """An ``InferFn`` in two steps, so the tiler can prepare the next batch while this one runs.
+
+    ``prepare(crops)`` -> whatever ``forward`` takes (normalised pixels); ``forward(prepared)`` ->
+    (patch_probs [N, h, w], image_scores [N]); ``prefetch``: batches prepared ahead (0 = off).
+    """
+
+    prepare: Callable[[Sequence[np.ndarray]], Any]
+    forward: Callable[[Any], tuple[np.ndarray, np.ndarray]]
+    prefetch: int = 1
+
+    def __call__(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.forward(self.prepare(crops))
+
+
+def _stages(infer: InferFn) -> StagedInfer:
+    """``infer`` itself when it is staged, else one step on the caller's thread."""
+    if isinstance(infer, StagedInfer):
+        return infer
+    return StagedInfer(list, infer, 0)
+
+
+def _infer_batches(infer: InferFn, batches: Iterable[Any], crops: Callable[[Any], Sequence[np.ndarray]]
+                   ) -> Prefetch[Any, Any]:
+    """``with _infer_batches(...) as run: for batch, prepared in run: infer.forward(prepared)``,
+    the crops of later batches prepared ahead when ``infer`` is staged."""
+    staged = _stages(infer)
+    return Prefetch(batches, lambda b: staged.prepare(crops(b)), staged.prefetch)
 
 
 def ramp(n: int) -> np.ndarray:
@@ -134,12 +171,15 @@ def predict_tiled(raw: np.ndarray, infer: InferFn, tile: int | None = None, over
     tiles = [(ay, ax) for ay in ly for ax in lx]
     acc = np.zeros((height, width), dtype=np.float32)
     scores: list[float] = []
-    for chunk in _batched(tiles, batch):
-        probs, sc = infer([raw[ay.start:ay.start + t, ax.start:ax.start + t] for ay, ax in chunk])
-        maps = anomaly_map(probs, (t, t))
-        for (ay, ax), m in zip(chunk, maps, strict=True):
-            acc[ay.start:ay.start + t, ax.start:ax.start + t] += (ay.weight[:, None] * ax.weight[None, :]) * m
-        scores.extend(float(s) for s in np.asarray(sc).reshape(-1))
+    forward = _stages(infer).forward
+    with _infer_batches(infer, _batched(tiles, batch),
+                        lambda chunk: [raw[ay.start:ay.start + t, ax.start:ax.start + t] for ay, ax in chunk]) as run:
+        for chunk, prepared in run:
+            probs, sc = forward(prepared)
+            maps = anomaly_map(probs, (t, t))
+            for (ay, ax), m in zip(chunk, maps, strict=True):
+                acc[ay.start:ay.start + t, ax.start:ax.start + t] += (ay.weight[:, None] * ax.weight[None, :]) * m
+            scores.extend(float(s) for s in np.asarray(sc).reshape(-1))
     wsum_y = np.zeros(height, dtype=np.float32)
     for ay in ly:
         wsum_y[ay.start:ay.start + t] += ay.weight
@@ -151,20 +191,25 @@ def predict_tiled(raw: np.ndarray, infer: InferFn, tile: int | None = None, over
     return TiledOutput(acc, float(ts.max()), ts, [(ay.start, ax.start, t) for ay, ax in tiles])
 
 
-def _row_map(rows: np.ndarray, infer: InferFn, t: int, lx: list[AxisTile], batch: int) -> tuple[np.ndarray, float]:
-    """One tile row (t x W raw rows) -> x-blended map [t, W] and the max tile score."""
-    width = rows.shape[1]
-    acc = np.zeros((t, width), dtype=np.float32)
-    wsum = np.zeros(width, dtype=np.float32)
-    best = -np.inf
-    for chunk in _batched(lx, batch):
-        probs, sc = infer([rows[:, ax.start:ax.start + t] for ax in chunk])
-        maps = anomaly_map(probs, (t, t))
-        for ax, m in zip(chunk, maps, strict=True):
-            acc[:, ax.start:ax.start + t] += ax.weight[None, :] * m
-            wsum[ax.start:ax.start + t] += ax.weight
-        best = max(best, float(np.max(sc)))
-    return acc / wsum[None, :], best
+def _row_maps(rows: Sequence[np.ndarray], infer: InferFn, t: int, lx: list[AxisTile], batch: int,
+              sink: Callable[[int, np.ndarray, float], None]) -> None:
+    """Tile rows (each t x W raw rows) -> ``sink(k, x-blended map [t, W], max tile score)`` for each
+    row k in order; one row's map is held at a time, while later crops are prepared ahead."""
+    width = rows[0].shape[1] if rows else 0
+    batches = [(k, chunk) for k in range(len(rows)) for chunk in _batched(lx, batch)]
+    forward = _stages(infer).forward
+    acc, wsum, best = np.zeros((t, width), np.float32), np.zeros(width, np.float32), -np.inf
+    with _infer_batches(infer, batches, lambda b: [rows[b[0]][:, ax.start:ax.start + t] for ax in b[1]]) as run:
+        for (k, chunk), prepared in run:
+            probs, sc = forward(prepared)
+            maps = anomaly_map(probs, (t, t))
+            for ax, m in zip(chunk, maps, strict=True):
+                acc[:, ax.start:ax.start + t] += ax.weight[None, :] * m
+                wsum[ax.start:ax.start + t] += ax.weight
+            best = max(best, float(np.max(sc)))
+            if chunk[-1] is lx[-1]:
+                sink(k, acc / wsum[None, :], best)
+                acc, wsum, best = np.zeros((t, width), np.float32), np.zeros(width, np.float32), -np.inf
 
 
 @dataclass
@@ -248,9 +293,21 @@ class StripStream:
         self._raw = [buf]
         return buf[y - self._raw_y0: y - self._raw_y0 + n]
 
-    def _accumulate(self, y: int, eff: int, down: bool) -> None:
+    def _run_rows(self, rows: Sequence[tuple[int, int, bool]]) -> None:
+        """Run tile rows ``(y, eff, down)`` (their raw rows all received) and blend each into the
+        accumulator; after a regular row (``down``) the rows above the next one become final."""
+        raws = [self._raw_rows(y, self.t) for y, _, _ in rows]
+
+        def add(k: int, rmap: np.ndarray, score: float) -> None:
+            y, eff, down = rows[k]
+            self._accumulate(y, eff, down, rmap, score)
+            if down:
+                self._finalize(y + self.t - self.o)
+
+        _row_maps(raws, self._infer, self.t, self._lx, self.batch, add)
+
+    def _accumulate(self, y: int, eff: int, down: bool, rmap: np.ndarray, score: float) -> None:
         t, o = self.t, self.o
-        rmap, score = _row_map(self._raw_rows(y, t), self._infer, t, self._lx, self.batch)
         wy = axis_weight(t, o, (eff - y) if eff > 0 else None, down)
         need = y + t - self._acc_y0
         if need > self._acc.shape[0]:
@@ -323,10 +380,11 @@ class StripStream:
         self._raw.append(raw)
         self._pending.append((index, y0, raw.shape[0]))
         stride = self.t - self.o
+        rows = []
         while self._next_y + self.t <= self._rows:
-            self._accumulate(self._next_y, self._next_y, down=True)
+            rows.append((self._next_y, self._next_y, True))
             self._next_y += stride
-            self._finalize(self._next_y)
+        self._run_rows(rows)
         self._trim_raw()
         return self._emit()
 
@@ -349,7 +407,7 @@ class StripStream:
             self._row_scores.append((0, self._rows, res.score))
         else:
             if self._rows > self._row_end:
-                self._accumulate(self._rows - self.t, self._next_y, down=False)
+                self._run_rows([(self._rows - self.t, self._next_y, False)])
             self._finalize(self._rows)
         return self._emit()
 

@@ -45,7 +45,7 @@ def test_fp32_parity_with_core(artifact, tiny_model, batch):
         zip(
             ["global_embedding", "local_embeddings", "local_tokens", "patch_probs", "image_scores"],
             _session(artifact / "encoder.onnx").run(None, {"pixels": pixels.numpy(), "text_prototypes": protos}),
-            strict=False,
+            strict=True,
         )
     )
     assert out["patch_probs"].shape == (batch, 2, 8, 8)

@@ -1,0 +1,239 @@
+"""Pre-processing overlapped with inference in ``Detector``: predict_batch / iter_predict, the tiler,
+StripStream and the CLI give the same results bit for bit with prefetch on and off; a bad image
+still fails alone; the next batch's pre-processing really runs while the backend is busy (events,
+no timings); no thread is left behind when a generator is closed early or something raises."""
+from __future__ import annotations
+
+import json
+import threading
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from rt_fakes import PatchMeanBackend, fake_detector
+
+from runtime.cli import infer_main
+from runtime.tiler import StagedInfer, predict_tiled
+
+WAIT_S = 30.0  # only reached when the overlap is missing
+
+
+def _images(folder, n=7, seed=5):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"im{i}.png"
+        cv2.imwrite(str(p), cv2.GaussianBlur((rng.random((40 + 7 * i, 64 + 3 * i, 3)) * 255).astype(np.uint8),
+                                             (5, 5), 0))
+        paths.append(str(p))
+    return paths
+
+
+def _same(a, b):
+    """Every observable of two result lists equal, maps bit for bit."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert (x.path, x.error, x.score, x.label, x.size, x.tiles, x.index, x.y0) == \
+               (y.path, y.error, y.score, y.label, y.size, y.tiles, y.index, y.y0)
+        assert (x.anomaly_map is None) == (y.anomaly_map is None)
+        if x.anomaly_map is not None:
+            assert x.anomaly_map.tobytes() == y.anomaly_map.tobytes()
+        assert [r.to_dict() for r in x.regions] == [r.to_dict() for r in y.regions]
+
+
+@pytest.fixture()
+def mixed_inputs(tmp_path):
+    """Good files, a corrupt file and a missing one mid-batch, and arrays."""
+    paths = _images(tmp_path / "imgs")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rng = np.random.default_rng(9)
+    arrays = [(rng.random((50, 70, 3)) * 255).astype(np.uint8), rng.random((33, 45)).astype(np.float32)]
+    return paths[:3] + [str(tmp_path / "bad.png"), str(tmp_path / "missing.png")] + arrays + paths[3:]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_batch_results_identical_with_and_without_prefetch(tiny_detector, mixed_inputs, batch):
+    off = tiny_detector.predict_batch(mixed_inputs, "bottle", batch=batch, prefetch=0)
+    for depth in (1, 2):
+        _same(off, tiny_detector.predict_batch(mixed_inputs, "bottle", batch=batch, prefetch=depth))
+    # the bad image mid-batch fails alone; every other image has a result
+    assert [i for i, r in enumerate(off) if not r.ok] == [3, 4]
+    assert "cannot decode" in off[3].error and "not found" in off[4].error
+
+
+def test_each_batch_result_equals_the_image_alone(tiny_detector, mixed_inputs):
+    """Batch neighbours (and the prefetched next batch) do not change an image's result."""
+    batched = tiny_detector.predict_batch(mixed_inputs, "bottle", batch=4)
+    for image, res in zip(mixed_inputs, batched, strict=True):
+        if res.ok:
+            _same([res], [tiny_detector.predict(image, "bottle")])
+
+
+def test_tiled_results_identical_with_and_without_prefetch(tiny_detector, mixed_inputs):
+    kw = dict(tile=True, tile_size=24, overlap=6, batch=3)
+    off = tiny_detector.predict_batch(mixed_inputs, "bottle", prefetch=0, **kw)
+    _same(off, tiny_detector.predict_batch(mixed_inputs, "bottle", prefetch=1, **kw))
+    assert [i for i, r in enumerate(off) if not r.ok] == [3, 4] and all(r.tiles > 1 for r in off if r.ok)
+
+
+@pytest.mark.parametrize("stitch", [True, False])
+def test_stream_results_identical_with_and_without_prefetch(tiny_detector, stitch):
+    rng = np.random.default_rng(2)
+    scan = cv2.GaussianBlur((rng.random((260, 900, 3)) * 255).astype(np.uint8), (7, 7), 0)
+    cuts = [0, 50, 130, 150, 260]
+    out = {}
+    for depth in (0, 1):
+        s = tiny_detector.stream("bottle", stitch=stitch, batch=4, tile_size=64, prefetch=depth)
+        res = [r for a, b in zip(cuts, cuts[1:], strict=True) for r in s.push(scan[a:b])] + s.flush()
+        out[depth] = res
+    assert len(out[0]) == len(cuts) - 1 and all(r.ok for r in out[0])
+    _same(out[0], out[1])
+
+
+def test_cli_no_prefetch_gives_the_same_lines(tiny_artifact, tmp_path):
+    paths = _images(tmp_path / "imgs", 5)
+    lines = {}
+    for flag in ([], ["--no-prefetch"]):
+        res = CliRunner().invoke(infer_main, [str(tiny_artifact), *paths, "--class", "carpet", "--batch", "2",
+                                              "--backend", "ort-cpu", "--quiet", *flag])
+        assert res.exit_code == 0, res.output
+        lines[bool(flag)] = [{k: v for k, v in json.loads(ln).items() if k != "timing"}
+                             for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines[False]) == 5 and lines[False] == lines[True]
+
+
+# overlap: the backend blocks in run() until the NEXT batch's pre-processing has happened ---------
+
+class BlockingBackend(PatchMeanBackend):
+    """The first ``run`` says it started, then waits for ``next_prepared`` and records whether it came."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__()
+        self.started, self.next_prepared = threading.Event(), threading.Event()
+        self.wait_s, self.saw = wait_s, []
+
+    def run(self, pixels, prototypes, outputs=("patch_probs", "image_scores")):
+        if not self.saw:
+            self.started.set()
+            self.saw.append(self.next_prepared.wait(self.wait_s))
+        return super().run(pixels, prototypes, outputs)
+
+
+def _recording_detector(first_of_next: int, overlaps: bool):
+    """A detector whose pre_process call number ``first_of_next`` (the first image or tile of the
+    second batch) signals the blocked backend, but only once that backend call has started: so
+    the signal proves the two ran at the same time (preparing ahead before ``run`` would not do)."""
+    wait_s = WAIT_S if overlaps else 0.2
+    det = fake_detector(BlockingBackend(wait_s))
+    calls = [0]
+    original = det.pre_process
+
+    def pre_process(rgb):
+        calls[0] += 1
+        if calls[0] == first_of_next and det.backend.started.wait(wait_s):
+            det.backend.next_prepared.set()
+        return original(rgb)
+
+    det.pre_process = pre_process
+    return det
+
+
+@pytest.mark.parametrize("prefetch", [1, 0])
+def test_next_batch_is_pre_processed_while_the_backend_runs(prefetch):
+    det = _recording_detector(first_of_next=4, overlaps=bool(prefetch))
+    rng = np.random.default_rng(0)
+    images = [(rng.random((30, 40, 3)) * 255).astype(np.uint8) for _ in range(9)]
+    res = det.predict_batch(images, "bottle", batch=3, prefetch=prefetch)
+    assert all(r.ok for r in res)
+    assert det.backend.saw == [bool(prefetch)]
+
+
+@pytest.mark.parametrize("prefetch", [1, 0])
+def test_tiler_prepares_the_next_tiles_while_the_backend_runs(prefetch):
+    det = _recording_detector(first_of_next=3, overlaps=bool(prefetch))
+    strip = (np.random.default_rng(1).random((32, 200, 3)) * 255).astype(np.uint8)
+    res = det.predict(strip, "bottle", tile=True, batch=2, prefetch=prefetch)  # 8 tiles of 32, 4 batches
+    assert res.tiles > 2 and det.backend.saw == [bool(prefetch)]
+
+
+@pytest.mark.parametrize("prefetch", [1, 0])
+def test_strip_stream_prepares_the_next_tiles_while_the_backend_runs(prefetch):
+    det = _recording_detector(first_of_next=3, overlaps=bool(prefetch))
+    strip = (np.random.default_rng(1).random((32, 200, 3)) * 255).astype(np.uint8)
+    s = det.stream("bottle", batch=2, prefetch=prefetch)
+    res = s.push(strip) + s.flush()
+    assert len(res) == 1 and res[0].ok and det.backend.saw == [bool(prefetch)]
+
+
+def test_staged_infer_in_the_tiler_equals_the_plain_function():
+    """A StagedInfer and the same two steps composed by hand give the same tiled map."""
+    det = fake_detector(PatchMeanBackend())
+    staged = det.tile_infer("bottle", prefetch=2)
+    raw = (np.random.default_rng(4).random((48, 300, 3)) * 255).astype(np.uint8)
+    a = predict_tiled(raw, staged, 48, 12, 2)
+    b = predict_tiled(raw, lambda crops: staged.forward(staged.prepare(crops)), 48, 12, 2)
+    assert a.anomaly_map.tobytes() == b.anomaly_map.tobytes() and a.score == b.score
+    assert isinstance(staged, StagedInfer)
+
+
+# no thread left behind ------------------------------------------------------------------------
+
+def test_closing_iter_predict_early_leaves_no_thread(tiny_detector, mixed_inputs):
+    before = threading.active_count()
+    gen = tiny_detector.iter_predict(mixed_inputs * 3, "bottle", batch=2, prefetch=2)
+    first = next(gen)
+    assert first.ok and threading.active_count() > before  # the worker is preparing the next batches
+    gen.close()
+    assert threading.active_count() == before
+
+
+class FailingBackend(PatchMeanBackend):
+    def run(self, pixels, prototypes, outputs=("patch_probs", "image_scores")):
+        if self.calls == 1:
+            raise RuntimeError("device lost")
+        return super().run(pixels, prototypes, outputs)
+
+
+@pytest.mark.parametrize("tile", [False, True])
+def test_a_backend_failure_mid_run_leaves_no_thread(tile):
+    det = fake_detector(FailingBackend())
+    rng = np.random.default_rng(0)
+    images = [(rng.random((30, 90, 3)) * 255).astype(np.uint8) for _ in range(8)]
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="device lost"):
+        det.predict_batch(images, "bottle", batch=2, tile=tile)
+    assert threading.active_count() == before
+
+
+def test_a_failing_pre_process_surfaces_in_the_caller_and_leaves_no_thread():
+    det = fake_detector(PatchMeanBackend())
+    calls = [0]
+    original = det.pre_process
+
+    def pre_process(rgb):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise MemoryError("worker ran out")
+        return original(rgb)
+
+    det.pre_process = pre_process
+    rng = np.random.default_rng(0)
+    images = [(rng.random((30, 40, 3)) * 255).astype(np.uint8) for _ in range(9)]
+    before = threading.active_count()
+    got = []
+    with pytest.raises(MemoryError, match="worker ran out"):
+        for r in det.iter_predict(images, "bottle", batch=2):
+            got.append(r)
+    assert len(got) == 4 and all(r.ok for r in got)  # the two batches before the failing one
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("value", [-1, 5])
+def test_prefetch_setting_out_of_range_is_a_clear_error(value):
+    from anoclip_core.errors import InputError
+    from runtime import InferConfig
+
+    with pytest.raises(InputError, match=f"prefetch must be between 0 \\(off\\) and 4 batches, got {value}"):
+        InferConfig(class_name="bottle", prefetch=value)
