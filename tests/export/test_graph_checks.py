@@ -63,7 +63,7 @@ def _pixels(model) -> np.ndarray:
 
 def _run(path: Path, pixels: np.ndarray, protos: np.ndarray) -> dict[str, np.ndarray]:
     from export.verify import ort_session
-    from export.wrapper import INPUT_NAMES, OUTPUT_NAMES
+    from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
     sess = ort_session(path)
     out = sess.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: protos})
