@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +36,7 @@ from .runner import paired_ratio
 from .stats import summarize, time_calls
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--model-config", default=None, help="extra open_clip model configs (tests/configs for tiny)")
@@ -47,7 +49,79 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.reps < 1 or args.warmup < 0 or args.batch < 1:
         ap.error("need --reps >= 1, --warmup >= 0 and --batch >= 1")
+    return args
 
+
+def _core_model(manifest: dict, model_config: str | None, threads: int):
+    """The PyTorch core with the artifact's backbone, weights, size, dual blocks and temperature."""
+    import torch
+
+    from anoclip_core import AnoCLIP
+
+    torch.set_num_threads(threads)
+    if model_config:
+        import open_clip
+
+        open_clip.add_model_config(model_config)
+    pre = manifest["pretrained"]
+    weights = None if pre.get("random_weights") else pre.get("source")
+    return AnoCLIP.create(manifest["backbone"], pretrained=weights, image_size=manifest["image_size"], cache_dir=None,
+                          dual_blocks=manifest.get("dual_blocks"), temperature=manifest["temperature"])
+
+
+def _contenders(det, model, imgs: list[np.ndarray], cls: str, batch: int) -> dict[str, Callable[[], Any]]:
+    """The four timed calls: core and runtime, end to end (decoded image -> map) and network only."""
+    import torch
+    import torch.nn.functional as F
+
+    from anoclip_core.scores import anomaly_map, state_probs
+    from anoclip_core.transform import preprocess
+
+    protos = torch.from_numpy(det.prototypes(cls)[0].copy())
+    size = model.image_size
+    pixels_np = np.stack([preprocess(im, det.preprocess_config) for im in imgs])
+    pixels_t = torch.from_numpy(pixels_np)
+
+    def core_e2e():
+        with torch.no_grad():
+            g, loc = model.encoder.forward_tokens(model.load_images(imgs))
+            maps = anomaly_map(F.normalize(loc.float(), dim=-1), protos, (size, size), model.temperature)
+            return maps.numpy(), state_probs(F.normalize(g.float(), dim=-1), protos, model.temperature).numpy()
+
+    def core_net():
+        with torch.no_grad():
+            g, loc = model.encoder.forward_tokens(pixels_t)
+            state_probs(F.normalize(loc, dim=-1), protos, model.temperature)
+            state_probs(F.normalize(g, dim=-1), protos, model.temperature)
+
+    def rt_e2e():
+        failed = [r.error for r in det.predict_batch(imgs, cls, batch=batch) if not r.ok]
+        if failed:
+            raise RuntimeError(f"runtime failed on {len(failed)} image(s): {failed[0]}")
+
+    def rt_net():
+        det.run_graph(pixels_np, cls, ("patch_probs", "image_scores"))
+
+    return {"core_end_to_end": core_e2e, "runtime_end_to_end": rt_e2e, "core_network": core_net,
+            "runtime_network": rt_net}
+
+
+def _time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Per-call seconds, the contenders interleaved in a rotating order (a busy machine hits all alike)."""
+    for fn in fns.values():
+        if warmup:
+            time_calls(fn, repeats=warmup, warmup=0)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps):
+        names = list(fns)
+        names = names[rep % len(names):] + names[: rep % len(names)]
+        for name in names:
+            times[name] += time_calls(fns[name], repeats=1, warmup=0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
     from runtime import Detector
     from runtime.backends.ort import physical_cores
 
@@ -58,76 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     h, w = (int(v) for v in args.size.lower().split("x"))
     rng = np.random.default_rng(0)
     imgs = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(args.batch)]
-
-    import torch
-    import torch.nn.functional as F
-
-    from anoclip_core import AnoCLIP
-    from anoclip_core.scores import anomaly_map, state_probs
-
-    torch.set_num_threads(threads)
-    if args.model_config:
-        import open_clip
-
-        open_clip.add_model_config(args.model_config)
-    pre = m["pretrained"]
-    weights = None if pre.get("random_weights") else pre.get("source")
-    model = AnoCLIP.create(m["backbone"], pretrained=weights, image_size=m["image_size"], cache_dir=None,
-                           dual_blocks=m.get("dual_blocks"), temperature=m["temperature"])
-    protos = torch.from_numpy(det.prototypes(cls)[0].copy())
-    S = model.image_size
-
-    def core_e2e():
-        with torch.no_grad():
-            px = model.load_images(imgs)
-            g, loc = model.encoder.forward_tokens(px)
-            maps = anomaly_map(F.normalize(loc.float(), dim=-1), protos, (S, S), model.temperature)
-            scores = state_probs(F.normalize(g.float(), dim=-1), protos, model.temperature)
-            return maps.numpy(), scores.numpy()
-
-    from anoclip_core.transform import preprocess
-
-    pixels_np = np.stack([preprocess(im, det.preprocess_config) for im in imgs])
-    pixels_t = torch.from_numpy(pixels_np)
-
-    def core_net():
-        with torch.no_grad():
-            g, loc = model.encoder.forward_tokens(pixels_t)
-            state_probs(F.normalize(loc, dim=-1), protos, model.temperature)
-            state_probs(F.normalize(g, dim=-1), protos, model.temperature)
-
-    def rt_e2e():
-        res = det.predict_batch(imgs, cls, batch=args.batch)
-        failed = [r.error for r in res if not r.ok]
-        if failed:
-            raise RuntimeError(f"runtime failed on {len(failed)} image(s): {failed[0]}")
-
-    def rt_net():
-        det.run_graph(pixels_np, cls, ("patch_probs", "image_scores"))
-
-    # same numbers on both sides (sanity, not timed)
-    cm, cs = core_e2e()
-    rs = det.predict_batch(imgs, cls, batch=args.batch)
-    score_diff = float(np.max(np.abs(cs - np.array([r.score for r in rs]))))
-
-    fns = {"core_end_to_end": core_e2e, "runtime_end_to_end": rt_e2e, "core_network": core_net,
-           "runtime_network": rt_net}
-    for fn in fns.values():
-        if args.warmup:
-            time_calls(fn, repeats=args.warmup, warmup=0)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(args.reps):  # interleaved, rotating order: a busy shared machine hits both sides alike
-        names = list(fns)
-        names = names[rep % len(names):] + names[: rep % len(names)]
-        for name in names:
-            times[name] += time_calls(fns[name], repeats=1, warmup=0)
+    model = _core_model(m, args.model_config, threads)
+    fns = _contenders(det, model, imgs, cls, args.batch)
+    _, core_scores = fns["core_end_to_end"]()  # same numbers on both sides (sanity, not timed)
+    rt_scores = np.array([r.score for r in det.predict_batch(imgs, cls, batch=args.batch)])
+    score_diff = float(np.max(np.abs(core_scores - rt_scores)))
+    times = _time_interleaved(fns, args.reps, args.warmup)
     results = {}
     for name, ts in times.items():
         st = summarize([t / args.batch for t in ts])
         results[name] = {"median_ms_per_image": round(st.p50_ms, 3), "mean_ms_per_image": round(st.mean_ms, 3),
                          "min_ms_per_image": round(st.min_ms, 3)}
     report = {
-        "backbone": m["backbone"], "image_size": S, "original_size": [h, w], "batch": args.batch,
+        "backbone": m["backbone"], "image_size": model.image_size, "original_size": [h, w], "batch": args.batch,
         "reps": args.reps, "threads": threads, "backend": det.backend_name, "random_weights": det.random_weights,
         "max_score_diff_core_vs_runtime": score_diff, "cpu": platform.processor() or platform.machine(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "results": results,
@@ -137,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
