@@ -59,7 +59,7 @@ def sample_images(n_test: int, n_calib: int) -> tuple[list[Path], list[Path], li
 
 
 def _existing_artifact_matches(art: Path, cfg: DemoConfig) -> bool:
-    from runtime import contract as mf
+    from anoclip.runtime import contract as mf
 
     try:
         m = mf.read_manifest(art, check_files=False)
@@ -109,10 +109,10 @@ def contact_sheet(results: list[dict], path: Path, random_weights: bool = False)
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Export (or reuse) the artifact, calibrate, infer; returns the summary."""
-    from export.api import ExportConfig, export_artifact
-    from runtime.calibration import calibrate
-    from runtime.cli import run_infer
-    from runtime.detector import Detector, InferConfig
+    from anoclip.export.api import ExportConfig, export_artifact
+    from anoclip.runtime.calibration import calibrate
+    from anoclip.runtime.cli import run_infer
+    from anoclip.runtime.detector import Detector, InferConfig
 
     calib, good, defective = sample_images(cfg.images, cfg.calibration_images)
     out = Path(cfg.out)

@@ -1,3 +1,3 @@
 from .cli import main
 
-main(prog="python -m benchmarks")
+main(prog="python -m anoclip.benchmarks")

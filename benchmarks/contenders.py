@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime import contract as mf
+from anoclip.runtime import contract as mf
 
 from .config import RUNTIME_CONTENDERS, STATIC_INT8_CONTENDERS
 
@@ -136,7 +136,7 @@ def missing_precision_reason(precision: str, models) -> str:
     have = ", ".join(models) or "none"
     if precision == "bf16":
         try:
-            from export.quantize import bf16_support
+            from anoclip.export.quantize import bf16_support
 
             ok, why = bf16_support()
             if not ok:
@@ -194,9 +194,9 @@ def runtime_contender(
     why = _missing_graph(backend_name, precision, graph_precision, manifest, skipped or {})
     if why:
         return Contender.unavailable(name, why)
+    from anoclip.runtime import postprocess
+    from anoclip.runtime.detector import Detector
     from anoclip_core.errors import AnoCLIPError
-    from runtime import postprocess
-    from runtime.detector import Detector
 
     opts: dict[str, Any] = {}
     if threads:
@@ -282,7 +282,7 @@ def _write_calibration_images(folder: Path, seed: int, n: int = 8) -> list[str]:
 
 
 def _export_static_int8(cfg: Any, folder: Path, images: list[str]) -> None:
-    from export import api
+    from anoclip.export import api
 
     api.export_artifact(api.ExportConfig(
         backbone=cfg.backbone, classes=(cfg.class_name,), pretrained=cfg.pretrained, image_size=cfg.image_size,

@@ -1,4 +1,4 @@
-"""One command that checks the whole GPU path on this machine: ``python -m benchmarks.gpu_check``.
+"""One command that checks the whole GPU path on this machine: ``python -m anoclip.benchmarks.gpu_check``.
 
 Steps, each printed as one ``[gpu-check]`` line, all recorded in ``OUT/gpu_check.json``:
 
@@ -7,7 +7,7 @@ Steps, each printed as one ``[gpu-check]`` line, all recorded in ``OUT/gpu_check
    native ``trt`` (the engine's precision) and ``ort-cuda`` / ``ort-trt`` on every exported graph,
    on ``patch_probs`` and ``image_scores`` with the tolerance of the backend's precision
    (``TOLERANCE``); a GPU backend that does not start is a failure, not a skip;
-3. the GPU benchmark (``python -m benchmarks --artifact OUT/artifact --device cuda``), report in ``OUT/bench``.
+3. the GPU benchmark (``python -m anoclip.benchmarks --artifact OUT/artifact --device cuda``), report in ``OUT/bench``.
 
 Exit status 0 and a last line ``GPU CHECK PASSED ...`` when every step passed, else 1 and
 ``GPU CHECK FAILED: <steps>``; ``error: <one line>`` and exit 2 when there is nothing to check
@@ -57,7 +57,7 @@ class Step:
 
 
 def default_export(cfg: CheckConfig) -> Path:
-    from export.api import ExportConfig, export_artifact
+    from anoclip.export.api import ExportConfig, export_artifact
 
     return export_artifact(ExportConfig(
         backbone=cfg.backbone, classes=list(cfg.classes),
@@ -75,8 +75,8 @@ def default_bench(cfg: CheckConfig, artifact: Path) -> tuple[int, Path]:
 
 
 def default_backend(name: str, artifact: Path, precision: str | None) -> Any:
-    from runtime.backends import create_backend
-    from runtime.contract import read_manifest
+    from anoclip.runtime.backends import create_backend
+    from anoclip.runtime.contract import read_manifest
 
     return create_backend(name, artifact, read_manifest(artifact), precision).backend
 
@@ -95,8 +95,8 @@ def parity_plan(manifest: dict[str, Any]) -> list[tuple[str, str | None, str]]:
 def check_parity(artifact: Path, manifest: dict[str, Any], cfg: CheckConfig,
                  backend_factory: Callable[[str, Path, str | None], Any]) -> list[Step]:
     """Every GPU backend of ``parity_plan`` against ort-cpu (fp32 graph) on the same inputs."""
-    from runtime.backends import parity_check
-    from runtime.detector import Detector
+    from anoclip.runtime.backends import parity_check
+    from anoclip.runtime.detector import Detector
 
     ref = Detector.load(artifact, backend="ort-cpu", precision="fp32")
     s = int(manifest["image_size"])
@@ -119,7 +119,7 @@ def check_parity(artifact: Path, manifest: dict[str, Any], cfg: CheckConfig,
 def run_check(cfg: CheckConfig, export_fn: Callable = default_export, bench_fn: Callable = default_bench,
               backend_factory: Callable = default_backend, say: Callable[[str], None] = print) -> list[Step]:
     """Export, parity, benchmark; a failed export stops the rest. Writes OUT/gpu_check.json."""
-    from runtime.contract import read_manifest
+    from anoclip.runtime.contract import read_manifest
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     steps: list[Step] = []
@@ -156,7 +156,7 @@ def cuda_available() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m anoclip.benchmarks.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("gpu-check"))
     p.add_argument("--backbone", default="ViT-B-16-plus-240")
     p.add_argument("--pretrained", default="none")

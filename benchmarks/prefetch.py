@@ -2,8 +2,8 @@
 
 Run it by hand (a harness, not a test)::
 
-    python -m benchmarks.prefetch --artifact /tmp/art-tiny --batch 8 --images 32
-    python -m benchmarks.prefetch --artifact /tmp/b16 --batch 8 --images 16 --reps 3 --strip 1024x16384
+    python -m anoclip.benchmarks.prefetch --artifact /tmp/art-tiny --batch 8 --images 32
+    python -m anoclip.benchmarks.prefetch --artifact /tmp/b16 --batch 8 --images 16 --reps 3 --strip 1024x16384
 
 Two workloads, each timed with ``InferConfig.prefetch`` 1 (the default: the next batch is decoded,
 resized and normalised on a worker while the backend runs the current one) and 0 (everything on
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.images < 1:
         ap.error("need --reps >= 1, --warmup >= 0, --batch >= 1 and --images >= 1")
 
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     det = Detector.load(args.artifact, backend=args.backend, threads=args.threads)
     cls = args.class_name or det.classes[0]
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         times = _interleaved({"prefetch_on": stream(1), "prefetch_off": stream(0)}, args.reps, args.warmup)
         report["strip"] = {"size": [sh, sw], "identical": same, **_section(times, 1)}
     report["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    report["command"] = " ".join(["python -m benchmarks.prefetch"] + list(sys.argv[1:] if argv is None else argv))
+    report["command"] = " ".join(
+        ["python -m anoclip.benchmarks.prefetch"] + list(sys.argv[1:] if argv is None else argv)
+    )
     det.close()
     print(json.dumps(report, indent=2))
     return 0

@@ -169,7 +169,7 @@ def _md_machine(results: dict) -> list[str]:
         if "error" in art:
             lines += [f"- Artifact: **{art['error']}**"]
         else:
-            how = (f"exported inside this run with `export.api.export_artifact` in {_f(art.get('export_s'))} s "
+            how = (f"exported inside this run with `anoclip.export.api.export_artifact` in {_f(art.get('export_s'))} s "
                    "(graph export, reduced precisions, verification"
                    + (", TensorRT engine build" if art.get("tensorrt") else "") + ")"
                    if art.get("built_in_run") else "reused")

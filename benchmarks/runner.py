@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from anoclip.runtime import contract as mf
 from anoclip_core.compare import compare
-from runtime import contract as mf
 
 from . import flops as fl
 from .config import BASELINE, BenchConfig
@@ -355,8 +355,8 @@ def build_artifact(cfg: BenchConfig, out_dir: Path, contenders: tuple[str, ...],
     with the reason; a TensorRT engine is built only when a ``trt-*`` contender is asked for and
     TensorRT + a GPU are present (else left out with the reason).
     """
-    from export import api, quantize
-    from export import trt as trt_mod
+    from anoclip.export import api, quantize
+    from anoclip.export import trt as trt_mod
 
     skipped: dict[str, str] = {}
     precisions = artifact_precisions(contenders)
@@ -404,7 +404,7 @@ def build_artifact(cfg: BenchConfig, out_dir: Path, contenders: tuple[str, ...],
 
 
 def load_artifact(path: Path) -> dict:
-    from runtime.contract import read_manifest
+    from anoclip.runtime.contract import read_manifest
 
     return read_manifest(path)
 
@@ -481,7 +481,7 @@ def measure_linescan(c: Contender, class_name: str, size: tuple[int, int], repea
                      batch: int, progress: bool) -> dict:
     """Strips per second for one ``height x width`` strip: ``Detector.predict(strip, tile=True)``
     (the runtime tiler: tiles of the strip height, blended, plus defect regions)."""
-    from runtime import tiler
+    from anoclip.runtime import tiler
 
     det = c.detector
     height, width = size

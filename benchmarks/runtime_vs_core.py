@@ -3,8 +3,8 @@
 Run it by hand (``anoclip-bench`` measures network calls on pre-processed pixels; this one adds the
 pre-processing of full-size camera images and the runtime's post-processing at the original size)::
 
-    python -m benchmarks.runtime_vs_core --artifact /tmp/art-tiny --model-config tests/configs --batch 8
-    python -m benchmarks.runtime_vs_core --artifact /tmp/art-b16p --batch 1 --reps 10 --warmup 2
+    python -m anoclip.benchmarks.runtime_vs_core --artifact /tmp/art-tiny --model-config tests/configs --batch 8
+    python -m anoclip.benchmarks.runtime_vs_core --artifact /tmp/art-b16p --batch 1 --reps 10 --warmup 2
 
 Both sides get the same uint8 images (``--size`` H x W, default 480 x 640) and the same thread
 count (``--threads``, default: physical cores). Timed per batch, reported per image (median, mean and
@@ -122,8 +122,8 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int)
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    from runtime import Detector
-    from runtime.backends.ort import physical_cores
+    from anoclip.runtime import Detector
+    from anoclip.runtime.backends.ort import physical_cores
 
     threads = args.threads or physical_cores()
     det = Detector.load(args.artifact, backend="ort-cpu", threads=threads)
@@ -144,13 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"median_ms_per_image": round(st.p50_ms, 3), "mean_ms_per_image": round(st.mean_ms, 3),
                          "min_ms_per_image": round(st.min_ms, 3)}
     report = {
-        "backbone": m["backbone"], "image_size": model.image_size, "original_size": [h, w], "batch": args.batch,
-        "reps": args.reps, "threads": threads, "backend": det.backend_name, "random_weights": det.random_weights,
-        "max_score_diff_core_vs_runtime": score_diff, "cpu": platform.processor() or platform.machine(),
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "results": results,
+        "backbone": m["backbone"],
+        "image_size": model.image_size,
+        "original_size": [h, w],
+        "batch": args.batch,
+        "reps": args.reps,
+        "threads": threads,
+        "backend": det.backend_name,
+        "random_weights": det.random_weights,
+        "max_score_diff_core_vs_runtime": score_diff,
+        "cpu": platform.processor() or platform.machine(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "results": results,
         "speedup_end_to_end": round(paired_ratio(times["core_end_to_end"], times["runtime_end_to_end"]), 2),
         "speedup_network": round(paired_ratio(times["core_network"], times["runtime_network"]), 2),
-        "command": " ".join(["python -m benchmarks.runtime_vs_core"] + list(sys.argv[1:] if argv is None else argv)),
+        "command": " ".join(
+            ["python -m anoclip.benchmarks.runtime_vs_core"] + list(sys.argv[1:] if argv is None else argv)
+        ),
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -2,7 +2,7 @@
 
 Run by hand::
 
-    python -m benchmarks.text_encoding --backbone ViT-B-16-plus-240 --reps 3
+    python -m anoclip.benchmarks.text_encoding --backbone ViT-B-16-plus-240 --reps 3
 
 Both ways encode the same sentences with the same weights and batch size (``TEXT_BATCH``),
 interleaved round by round; the speed-up is the median of per-round ratios (as in

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from anoclip.runtime import contract as mf
 from anoclip_core import staging
 from anoclip_core.artlock import artifact_lock
 from anoclip_core.choices import DEFAULT_OPSET, DOMAINS, MAX_OPSET, MIN_OPSET
@@ -41,7 +42,6 @@ from anoclip_core.pretrained import cached_tag_file
 from anoclip_core.progress import progress as progress_bar
 from anoclip_core.progress import say
 from anoclip_core.prompt_grammar import SENTENCES_PER_STATE
-from runtime import contract as mf
 
 from . import quantize, refsearch, text
 from . import triton as triton_mod

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from anoclip.runtime import contract as mf
 from anoclip_core.choices import (
     DEFAULT_OPSET,
     DEFAULT_TRT_PROFILE,
@@ -33,7 +34,6 @@ from anoclip_core.choices import (
 )
 from anoclip_core.cli_errors import OneLineGroup
 from anoclip_core.errors import AnoCLIPError
-from runtime import contract as mf
 
 DEFAULT_COMMAND = "export"
 

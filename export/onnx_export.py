@@ -57,9 +57,9 @@ from pathlib import Path
 
 import torch
 
+from anoclip.runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from anoclip_core.choices import DEFAULT_OPSET, Exporter, values
 from anoclip_core.errors import AnoCLIPError
-from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 from .wrapper import AnoCLIPExportWrapper
 

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
+from anoclip.runtime.contract import INPUT_NAMES
 from anoclip_core.choices import Int8Mode, Precision, values
 from anoclip_core.errors import AnoCLIPError
-from runtime.contract import INPUT_NAMES
 
 from .onnx_export import TWO_GB, ExportError, save_onnx
 

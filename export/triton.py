@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from anoclip.runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from anoclip_core.errors import AnoCLIPError
 from anoclip_core.fileio import swap_dir
-from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 from .onnx_export import TWO_GB, save_onnx
 

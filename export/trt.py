@@ -35,9 +35,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from anoclip.runtime.contract import INPUT_NAMES
 from anoclip_core.choices import DEFAULT_TRT_PROFILE, TRT_PRECISIONS
 from anoclip_core.errors import AnoCLIPError, BackendUnavailable
-from runtime.contract import INPUT_NAMES
 
 from .onnx_export import ExportError
 

@@ -35,10 +35,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from anoclip.runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from anoclip_core.compare import compare as compare_maps
 from anoclip_core.compare import diff
 from anoclip_core.errors import AnoCLIPError
-from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 VERIFY_SEED = 0
 VERIFY_IMAGES = 3

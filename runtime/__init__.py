@@ -8,14 +8,14 @@ from __future__ import annotations
 from anoclip_core.lazy import lazy_getattr
 
 _LAZY = {
-    "Detector": "runtime.detector",
-    "InferConfig": "runtime.config",
-    "Result": "runtime.result",
-    "Region": "runtime.postprocess",
-    "StripStream": "runtime.tiler",
-    "predict_tiled": "runtime.tiler",
-    "parity_check": "runtime.backends.base",
-    "calibrate": "runtime.calibration",
+    "Detector": "anoclip.runtime.detector",
+    "InferConfig": "anoclip.runtime.config",
+    "Result": "anoclip.runtime.result",
+    "Region": "anoclip.runtime.postprocess",
+    "StripStream": "anoclip.runtime.tiler",
+    "predict_tiled": "anoclip.runtime.tiler",
+    "parity_check": "anoclip.runtime.backends.base",
+    "calibrate": "anoclip.runtime.calibration",
 }
 
 __all__ = sorted(_LAZY)

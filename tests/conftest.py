@@ -61,7 +61,7 @@ def write_good_images(folder: Path, n: int = 6, seed: int = 3) -> Path:
 @pytest.fixture(scope="session")
 def static_int8_artifact(register_tiny: str, text_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """anoclip-tiny with fp32 + a static QDQ int8 graph calibrated on 6 'good' PNGs (folder ``good``)."""
-    from export.api import ExportConfig, export_artifact
+    from anoclip.export.api import ExportConfig, export_artifact
 
     root = tmp_path_factory.mktemp("static-int8")
     good = write_good_images(root / "good")

@@ -98,8 +98,8 @@ def test_export_numeric_options(tmp_path: Path, opts: list[str], needle: str):
 
 
 def test_library_threads_zero_is_refused():
+    from anoclip.runtime.backends import create_backend
     from anoclip_core.errors import InputError
-    from runtime.backends import create_backend
 
     with pytest.raises(InputError, match="threads must be >= 1"):
         create_backend("ort-cpu", "/nonexistent", {}, threads=0)

@@ -84,8 +84,8 @@ def test_diff_hand_computed_and_refusals():
 
 def test_one_routine_serves_verification_parity_and_fidelity():
     """Export verification and the runtime parity check measure with anoclip_core.compare."""
-    import export.verify as verify
-    import runtime.backends.base as base
+    import anoclip.export.verify as verify
+    import anoclip.runtime.backends.base as base
     from anoclip_core import compare as cmp
 
     assert verify.diff is cmp.diff and base.diff is cmp.diff and base.pearson is cmp.pearson

@@ -95,7 +95,7 @@ def test_infer_piped_to_a_log_writes_lines_not_frames(tiny_artifact_for_progress
 
 @pytest.fixture(scope="module")
 def tiny_artifact_for_progress(register_tiny: str, text_cache: Path, tmp_path_factory) -> Path:
-    from export.api import ExportConfig, export_artifact
+    from anoclip.export.api import ExportConfig, export_artifact
 
     out = tmp_path_factory.mktemp("progress-art") / "tiny"
     return Path(export_artifact(ExportConfig(backbone=register_tiny, classes=["bottle"], pretrained="none", out=out,

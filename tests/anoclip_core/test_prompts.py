@@ -293,8 +293,8 @@ def test_cli_choices_come_from_the_choice_enums():
     """One source: the export CLI offers exactly the enums' values (adding one is one edit)."""
     import click
 
+    from anoclip.export.cli import add_class_cmd, export_cmd
     from anoclip_core.choices import DOMAINS, Exporter, Int8Mode, values
-    from export.cli import add_class_cmd, export_cmd
 
     opts = {p.name: p for p in export_cmd.params}
     assert tuple(opts["exporter"].type.choices) == values(Exporter) == ("dynamo", "legacy")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("conformal_clip_data")
 
-from anoclip_demo.cli import DemoConfig, main, run_demo, sample_images  # noqa: E402
+from anoclip.demo.cli import DemoConfig, main, run_demo, sample_images  # noqa: E402
 from tests.conftest import CONFIG_DIR, TINY  # noqa: E402
 
 

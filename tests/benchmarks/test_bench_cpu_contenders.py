@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cli import main
-from benchmarks.config import GROUPS, Effort, parse_contenders
-from benchmarks.contenders import runtime_label, split_runtime_name
-from benchmarks.report import JSON_NAME, MD_NAME
+from anoclip.benchmarks.cli import main
+from anoclip.benchmarks.config import GROUPS, Effort, parse_contenders
+from anoclip.benchmarks.contenders import runtime_label, split_runtime_name
+from anoclip.benchmarks.report import JSON_NAME, MD_NAME
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU_RUNTIME = ("ort-cpu-fp32", "ort-cpu-int8", "ort-cpu-int8s", "openvino-fp32", "openvino-bf16", "openvino-int8")
@@ -45,7 +45,7 @@ def _bf16_cpu() -> bool:
 @pytest.fixture(scope="module")
 def cpu_run(register_tiny, text_cache, tmp_path_factory):
     """``anoclip-bench`` (quick, tiny model) with the core and every CPU runtime contender."""
-    import benchmarks.config as bc
+    import anoclip.benchmarks.config as bc
 
     out = tmp_path_factory.mktemp("bench-cpu")
     mp = pytest.MonkeyPatch()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.flops import ViTSpec, flop_breakdown, gflops, torch_flops, vit_flops
+from anoclip.benchmarks.flops import ViTSpec, flop_breakdown, gflops, torch_flops, vit_flops
 
 
 @pytest.mark.parametrize("batch", [1, 2])

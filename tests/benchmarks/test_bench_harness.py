@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.config import (
+from anoclip.benchmarks.config import (
     ALL_CONTENDERS,
     QUICK,
     BenchConfig,
@@ -15,9 +15,9 @@ from benchmarks.config import (
     parse_batch_sizes,
     parse_contenders,
 )
-from benchmarks.contenders import Contender
-from benchmarks.report import markdown, write_report
-from benchmarks.runner import derive_ratios, headline, interleaved_samples, prepare_contender
+from anoclip.benchmarks.contenders import Contender
+from anoclip.benchmarks.report import markdown, write_report
+from anoclip.benchmarks.runner import derive_ratios, headline, interleaved_samples, prepare_contender
 
 FAST = Effort(
     warmup=2, latency_repeats=3, latency_min_repeats=2, latency_budget_s=0.0,
@@ -126,7 +126,7 @@ def synthetic_results() -> dict:
 
 
 def test_paired_ratio_cancels_a_burst():
-    from benchmarks.runner import paired_ratio
+    from anoclip.benchmarks.runner import paired_ratio
 
     a = [10.0, 100.0, 10.0, 10.0, 10.0]
     b = [20.0, 200.0]  # the same burst in round 2; b (slow) stopped after two rounds
@@ -178,7 +178,7 @@ def test_markdown_without_measurements_says_so():
 
 
 def test_reused_artifact_must_match_the_benchmark():
-    from benchmarks.runner import check_artifact_matches
+    from anoclip.benchmarks.runner import check_artifact_matches
 
     cfg = BenchConfig(backbone="ViT-B-16-plus-240")
     good = {"backbone": "ViT-B-16-plus-240", "image_size": 240, "pretrained": {"random_weights": True}}
@@ -195,7 +195,7 @@ def test_reused_artifact_must_match_the_benchmark():
 
 
 def test_artifact_precisions_follow_the_contenders():
-    from benchmarks.runner import artifact_precisions
+    from anoclip.benchmarks.runner import artifact_precisions
 
     assert artifact_precisions(("core", "ort-cpu-fp32")) == ["fp32"]
     assert artifact_precisions(("ort-cpu-int8", "ort-cuda-fp16", "trt-fp16", "ort-cpu-bf16")) == \

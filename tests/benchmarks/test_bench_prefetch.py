@@ -1,4 +1,4 @@
-"""``python -m benchmarks.prefetch`` on the tiny model: a well-formed report whose two settings
+"""``python -m anoclip.benchmarks.prefetch`` on the tiny model: a well-formed report whose two settings
 give identical results (no timing is asserted)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import prefetch
-from export import api
+from anoclip.benchmarks import prefetch
+from anoclip.export import api
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.cli import bench
-from benchmarks.config import BenchConfig, Effort
-from benchmarks.report import JSON_NAME, MD_NAME, PNG_NAME, write_report
-from benchmarks.runner import run_benchmark
+from anoclip.benchmarks.cli import bench
+from anoclip.benchmarks.config import BenchConfig, Effort
+from anoclip.benchmarks.report import JSON_NAME, MD_NAME, PNG_NAME, write_report
+from anoclip.benchmarks.runner import run_benchmark
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -124,7 +124,7 @@ def test_linescan_and_tta_sections(tiny_run):
 
 def test_cli_quick_torch_only(register_tiny, text_cache, tmp_path, monkeypatch):
     """The console entry point: options -> BenchConfig -> report with the exact command."""
-    import benchmarks.config as bc
+    import anoclip.benchmarks.config as bc
 
     monkeypatch.setattr(bc, "QUICK", TINY_EFFORT)
     monkeypatch.setenv("ANOCLIP_CACHE", str(text_cache))
@@ -148,7 +148,7 @@ def test_cli_quick_torch_only(register_tiny, text_cache, tmp_path, monkeypatch):
 ])
 def test_cli_rejects_bad_options(tmp_path, args, message):
     """As the user sees it: exit status 2, the problem named on an error line, no traceback, nothing written."""
-    res = subprocess.run([sys.executable, "-m", "benchmarks.cli", *args, "--out", str(tmp_path / "out")],
+    res = subprocess.run([sys.executable, "-m", "anoclip.benchmarks.cli", *args, "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and res.stderr.startswith("error: ")  # the one-line rule of every CLI

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.runtime_vs_core`` on the tiny model: a well-formed report whose core and
+"""``python -m anoclip.benchmarks.runtime_vs_core`` on the tiny model: a well-formed report whose core and
 runtime sides compute the same scores (no timing is asserted)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import runtime_vs_core
-from export import api
+from anoclip.benchmarks import runtime_vs_core
+from anoclip.export import api
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -32,7 +32,7 @@ def test_report_and_same_scores(tiny_art, capsys):
         r = report["results"][name]
         assert 0 < r["min_ms_per_image"] <= r["median_ms_per_image"]
     assert report["speedup_end_to_end"] > 0 and report["speedup_network"] > 0
-    assert report["command"].startswith("python -m benchmarks.runtime_vs_core --artifact")
+    assert report["command"].startswith("python -m anoclip.benchmarks.runtime_vs_core --artifact")
 
 
 def test_rejects_bad_counts(tiny_art):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
+from anoclip.benchmarks.stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ CLASSES = ["bottle", "carpet"]
 
 
 def tiny_config(out, **kw):
-    from export.api import ExportConfig
+    from anoclip.export.api import ExportConfig
 
     base = dict(
         backbone="anoclip-tiny",
@@ -35,7 +35,7 @@ def make_config():
 @pytest.fixture(scope="session")
 def artifact(register_tiny, tmp_path_factory) -> Path:
     """anoclip-tiny, classes bottle+carpet, precisions fp32/fp16/int8, a Triton repository."""
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     root = tmp_path_factory.mktemp("export")
     cfg = tiny_config(root / "art", precisions=["fp16", "int8"], triton=root / "triton")

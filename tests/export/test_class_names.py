@@ -20,7 +20,7 @@ def _one_error(result) -> str:
 
 @pytest.mark.parametrize("name,needle", BAD_NAMES)
 def test_add_class_refuses_unusable_names(tmp_path: Path, name: str, needle: str):
-    from export.cli import main
+    from anoclip.export.cli import main
 
     # the artifact does not exist: the name is checked first, before anything is read
     line = _one_error(CliRunner().invoke(main, ["add-class", str(tmp_path / "art"), name]))
@@ -30,7 +30,7 @@ def test_add_class_refuses_unusable_names(tmp_path: Path, name: str, needle: str
 @pytest.mark.parametrize("classes,needle", [("bottle,metal\nnut", r"'metal\nnut'"), ("bottle,,carpet", "non-empty"),
                                             ("bottle, ,carpet", "non-empty"), ("bot\x07tle", r"'bot\x07tle'")])
 def test_export_classes_option_refuses_unusable_names(tmp_path: Path, classes: str, needle: str):
-    from export.cli import main
+    from anoclip.export.cli import main
 
     res = CliRunner().invoke(main, ["--backbone", "ViT-Nope", "--classes", classes, "--out", str(tmp_path / "o")])
     assert needle in _one_error(res)
@@ -44,7 +44,7 @@ def test_export_classes_option_refuses_unusable_names(tmp_path: Path, classes: s
     (b"bottle\x00\ncarpet\n", "NUL bytes"),
 ])
 def test_export_classes_file_refuses_binary_and_bad_names(tmp_path: Path, content: bytes, needle: str):
-    from export.cli import main
+    from anoclip.export.cli import main
 
     f = tmp_path / "classes.txt"
     f.write_bytes(content)
@@ -56,7 +56,7 @@ def test_export_classes_file_refuses_binary_and_bad_names(tmp_path: Path, conten
 
 
 def test_good_names_still_pass(tmp_path: Path):
-    from export.text import parse_classes, read_classes_file
+    from anoclip.export.text import parse_classes, read_classes_file
 
     assert parse_classes(" bottle , metal_nut,pill-2 , screw top") == ["bottle", "metal_nut", "pill-2", "screw top"]
     f = tmp_path / "c.txt"

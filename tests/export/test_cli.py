@@ -6,7 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from runtime import contract as mf
+from anoclip.runtime import contract as mf
 
 
 @pytest.fixture()
@@ -28,7 +28,7 @@ def _error_line(result) -> str:
 
 
 def test_default_command_export_then_add_class(runner, configs, tmp_path, artifact):
-    from export.cli import main
+    from anoclip.export.cli import main
 
     out = tmp_path / "art"
     args = ["--backbone", "anoclip-tiny", "--pretrained", "none", "--classes", "bottle", "--model-config", configs,
@@ -55,7 +55,7 @@ def test_default_command_export_then_add_class(runner, configs, tmp_path, artifa
 
 def test_explicit_export_command_form(runner, configs, tmp_path, monkeypatch):
     """`anoclip-export export ...` parses the same options (stopped before any heavy work)."""
-    from export.cli import main
+    from anoclip.export.cli import main
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     result = runner.invoke(main, ["export", "--backbone", "anoclip-tiny", "--classes", "a,b", "--trt",
@@ -66,7 +66,7 @@ def test_explicit_export_command_form(runner, configs, tmp_path, monkeypatch):
 
 
 def test_cli_precision_and_classes_errors(runner, configs, tmp_path):
-    from export.cli import main
+    from anoclip.export.cli import main
 
     base = ["--backbone", "anoclip-tiny", "--model-config", configs, "--out", str(tmp_path / "x")]
     result = runner.invoke(main, base + ["--classes", "a", "--precision", "fp8"])
@@ -85,8 +85,8 @@ def test_backbone_alone_exports_a_classless_artifact_named_after_it(runner, conf
     """Issue 11 item 8: `anoclip-export --backbone X` (no --out, no classes) writes ./X, then add-class + infer work."""
     import numpy as np
 
-    from export.cli import main
-    from runtime import Detector
+    from anoclip.export.cli import main
+    from anoclip.runtime import Detector
 
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(main, ["--backbone", "anoclip-tiny", "--pretrained", "none", "--model-config", configs,
@@ -107,14 +107,14 @@ def test_backbone_alone_exports_a_classless_artifact_named_after_it(runner, conf
 
 
 def test_default_out_is_a_safe_folder_name():
-    from export.api import default_out
+    from anoclip.export.api import default_out
 
     assert str(default_out("ViT-L-14")) == "ViT-L-14"
     assert str(default_out("hf-hub:org/model")) == "hf-hub-org-model"
 
 
 def test_classes_file(tmp_path):
-    from export.text import read_classes_file
+    from anoclip.export.text import read_classes_file
 
     f = tmp_path / "c.txt"
     f.write_text("bottle\n# comment\ncarpet, grid\n\nbottle\n")
@@ -122,7 +122,7 @@ def test_classes_file(tmp_path):
 
 
 def test_help_lists_both_commands(runner):
-    from export.cli import main
+    from anoclip.export.cli import main
 
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0
@@ -139,7 +139,7 @@ def test_add_class_console_script_self_contained(artifact, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
     proc = subprocess.run(
-        [sys.executable, "-m", "export.cli", "add-class", str(copy), "grid", "--text-cache", "none", "--quiet"],
+        [sys.executable, "-m", "anoclip.export.cli", "add-class", str(copy), "grid", "--text-cache", "none", "--quiet"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -147,7 +147,7 @@ def test_add_class_console_script_self_contained(artifact, tmp_path):
 
 
 def test_opset_below_18_needs_legacy(runner, configs, tmp_path):
-    from export.cli import main
+    from anoclip.export.cli import main
 
     result = runner.invoke(main, ["--backbone", "anoclip-tiny", "--classes", "a", "--opset", "17",
                                   "--model-config", configs, "--out", str(tmp_path / "x")])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from anoclip.runtime import contract as mf
 from anoclip_core.errors import AnoCLIPError, ArtifactError
-from runtime import contract as mf
 
 CLASSES = ["bottle", "carpet"]
 
@@ -28,7 +28,7 @@ def _session(path):
 
 
 def _protos(artifact, classes):
-    from export.text import prototypes_array, read_npz
+    from anoclip.export.text import prototypes_array, read_npz
 
     return prototypes_array(read_npz(artifact / "text_embeddings.npz"), classes)
 
@@ -129,7 +129,7 @@ def test_manifest_round_trip_and_tamper(artifact, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_reduced_precision_recorded_within_bound(artifact, manifest, precision):
-    from export.verify import TOLERANCES
+    from anoclip.export.verify import TOLERANCES
 
     entry = manifest["models"][precision]
     v = entry["verification"]
@@ -158,8 +158,8 @@ def test_int8_quantises_linear_layers_only(artifact):
 def test_quantizer_failure_is_one_export_error_and_restores_logging(tmp_path):
     import logging
 
-    from export import quantize
-    from export.onnx_export import ExportError
+    from anoclip.export import quantize
+    from anoclip.export.onnx_export import ExportError
 
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"not an onnx model")
@@ -184,9 +184,9 @@ def test_fp16_keeps_layernorm_fp32(artifact):
 
 
 def test_bf16_fails_at_once_with_clear_message(make_config, register_tiny, tmp_path, monkeypatch):
+    from anoclip.export import quantize
+    from anoclip.export.api import export_artifact
     from anoclip_core import model as core_model
-    from export import quantize
-    from export.api import export_artifact
 
     ok, reason = quantize.bf16_support()
     if ok:  # pragma: no cover - a future ORT with CPU bf16 kernels
@@ -202,7 +202,7 @@ def test_bf16_converter_produces_valid_bf16_graph(artifact, tmp_path):
     import onnx
     from onnx import TensorProto
 
-    from export.quantize import _fp32_to_bf16_bits, convert_bf16
+    from anoclip.export.quantize import _fp32_to_bf16_bits, convert_bf16
 
     files = convert_bf16(artifact / "encoder.onnx", tmp_path / "encoder.bf16.onnx")
     model = onnx.load(str(tmp_path / files[0]))
@@ -220,8 +220,8 @@ def _listing(folder: Path) -> list[str]:
 
 
 def test_failed_verification_leaves_nothing(make_config, register_tiny, tmp_path, monkeypatch, artifact):
-    from export import verify
-    from export.api import export_artifact
+    from anoclip.export import verify
+    from anoclip.export.api import export_artifact
 
     monkeypatch.setitem(verify.TOLERANCES, "fp32", {"map": 0.0, "score": 0.0, "embedding": 0.0})
     parent = tmp_path / "p"
@@ -240,8 +240,8 @@ def test_failed_verification_leaves_nothing(make_config, register_tiny, tmp_path
 
 
 def test_existing_out_refused_without_force(make_config, artifact, monkeypatch):
+    from anoclip.export.api import export_artifact
     from anoclip_core import model as core_model
-    from export.api import export_artifact
 
     monkeypatch.setattr(core_model.AnoCLIP, "create", classmethod(lambda *a, **k: pytest.fail("loaded weights")))
     with pytest.raises(AnoCLIPError, match="already exists.*--force"):
@@ -249,8 +249,8 @@ def test_existing_out_refused_without_force(make_config, artifact, monkeypatch):
 
 
 def test_add_class_matches_full_export(make_config, artifact, manifest, tmp_path):
-    from export.api import add_class, export_artifact
-    from export.text import read_npz
+    from anoclip.export.api import add_class, export_artifact
+    from anoclip.export.text import read_npz
 
     single = export_artifact(make_config(tmp_path / "single", classes=["bottle"], exporter="legacy"))
     graph_sha = mf.sha256_file(single / "encoder.onnx")
@@ -271,7 +271,7 @@ def test_add_class_matches_full_export(make_config, artifact, manifest, tmp_path
 
 
 def test_add_class_refuses_other_weights(artifact, tmp_path):
-    from export.api import add_class
+    from anoclip.export.api import add_class
 
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
@@ -285,7 +285,7 @@ def test_add_class_refuses_other_weights(artifact, tmp_path):
 
 def test_external_data_path(make_config, register_tiny, tmp_path):
     """Threshold lowered to 1 byte: weights go to encoder.onnx.data (the >2 GB path of ViT-L-14 class models)."""
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     out = export_artifact(
         make_config(tmp_path / "ext", classes=["bottle"], precisions=["fp16"], external_data_threshold=1)
@@ -304,7 +304,7 @@ def test_external_data_path(make_config, register_tiny, tmp_path):
 
 def test_legacy_exporter_deep_model(make_config, register_tiny, tmp_path):
     """The TorchScript exporter also works, including plain open_clip blocks (MHA fast path disabled)."""
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     out = export_artifact(
         make_config(tmp_path / "legacy", backbone="anoclip-tiny-24", classes=["bottle"], exporter="legacy")
@@ -326,7 +326,7 @@ def test_cached_tag_file_found_in_hf_cache(tmp_path):
     """A pretrained tag records the sha256 of open_clip's cached file: find it in an HF-hub cache."""
     import open_clip
 
-    from export.api import cached_tag_file
+    from anoclip.export.api import cached_tag_file
 
     hub = open_clip.get_pretrained_cfg("ViT-B-16-plus-240", "laion400m_e32")["hf_hub"]
     repo_id, filename = os.path.split(hub)
@@ -346,7 +346,7 @@ def test_static_int8_qdq(make_config, register_tiny, tmp_path):
     import cv2
     import onnx
 
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     imgs = []
     rng = np.random.default_rng(3)
@@ -374,7 +374,7 @@ def test_static_int8_qdq(make_config, register_tiny, tmp_path):
 
 def test_late_failure_leaves_no_artifact_and_no_triton(make_config, register_tiny, tmp_path, monkeypatch):
     """A failure after the Triton model is staged (here: writing the manifest) leaves neither behind."""
-    from export import api
+    from anoclip.export import api
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.gpu_check``: the one GPU end-to-end command. Its logic runs here against fakes
+"""``python -m anoclip.benchmarks.gpu_check``: the one GPU end-to-end command. Its logic runs here against fakes
 (backends = ONNX Runtime CPU sessions, optionally perturbed); the real run is marked ``gpu``."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from anoclip.benchmarks import gpu_check as gc
+from anoclip.runtime import contract as mf
 from anoclip_core.errors import BackendUnavailable
-from benchmarks import gpu_check as gc
-from runtime import contract as mf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -38,7 +38,7 @@ class Shifted:
 
 
 def _factory(shift: dict[str, float] | None = None, broken: str | None = None):
-    from runtime.backends import create_backend
+    from anoclip.runtime.backends import create_backend
 
     def make(name, artifact, graph):
         if name == broken:

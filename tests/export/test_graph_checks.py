@@ -21,7 +21,7 @@ T = 0.5
 
 @pytest.fixture(scope="module")
 def t_art(register_tiny, make_config, tmp_path_factory) -> Path:
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     root = tmp_path_factory.mktemp("t05")
     return Path(export_artifact(make_config(root / "art", temperature=T, external_data_threshold=0)))
@@ -40,7 +40,7 @@ def protos(t_art) -> np.ndarray:
 
 
 def _protos_from_text(art: Path, man: dict) -> np.ndarray:
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     det = Detector.load(art, backend="ort-cpu")
     try:
@@ -62,8 +62,8 @@ def _pixels(model) -> np.ndarray:
 
 
 def _run(path: Path, pixels: np.ndarray, protos: np.ndarray) -> dict[str, np.ndarray]:
-    from export.verify import ort_session
-    from runtime.contract import INPUT_NAMES, OUTPUT_NAMES
+    from anoclip.export.verify import ort_session
+    from anoclip.runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
     sess = ort_session(path)
     out = sess.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: protos})
@@ -111,7 +111,7 @@ def test_graph_tokens_are_the_cores_unnormalised_tokens(t_art, t_model, protos):
 
 def test_swapped_prototypes_flip_graph_and_runtime_scores(t_art, t_model, protos):
     """normal/abnormal order end to end: swapping the two prototypes gives 1 - p everywhere."""
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     px = _pixels(t_model)
     a = _run(t_art / "encoder.onnx", px, protos)
@@ -129,7 +129,7 @@ def test_swapped_prototypes_flip_graph_and_runtime_scores(t_art, t_model, protos
 
 def test_runtime_matches_core_at_t(t_art, t_model):
     """Runtime predict (T read from the manifest) equals the core at T = 0.5, and not at T = 1."""
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     s = t_model.image_size
     img = (np.clip(_pixels(t_model)[0].transpose(1, 2, 0) * 0.2 + 0.5, 0, 1) * 255).astype(np.uint8)
@@ -151,9 +151,9 @@ def test_tampered_external_data_is_refused(t_art, tmp_path):
     """Flip one byte in the middle of encoder.onnx.data (size unchanged): the sha256 check names it."""
     import shutil
 
+    from anoclip.runtime import Detector
+    from anoclip.runtime.contract import read_manifest
     from anoclip_core.errors import ArtifactError
-    from runtime import Detector
-    from runtime.contract import read_manifest
 
     art = tmp_path / "art"
     shutil.copytree(t_art, art)
@@ -185,7 +185,7 @@ def _perturb(src: Path, dst: Path, output: str, op: str, value: float) -> Path:
 
 @pytest.fixture(scope="module")
 def verifier(t_model, protos, t_art):
-    from export.verify import Verifier
+    from anoclip.export.verify import Verifier
 
     man = json.loads((t_art / "manifest.json").read_text())
     return Verifier(t_model, list(man["text"]["classes"]), man["text"]["classes"], protos)
@@ -203,7 +203,7 @@ def test_verifier_passes_the_untouched_graph(verifier, t_art):
     ("local_tokens", "Mul", 1.01, "tokens_max_rel"),
 ])
 def test_each_check_alone_rejects_a_wrong_graph(verifier, t_art, tmp_path, output, op, value, metric):
-    from export.verify import VerificationError
+    from anoclip.export.verify import VerificationError
 
     bad = _perturb(t_art / "encoder.onnx", tmp_path / "bad.onnx", output, op, value)
     with pytest.raises(VerificationError) as info:
@@ -216,7 +216,7 @@ def test_each_check_alone_rejects_a_wrong_graph(verifier, t_art, tmp_path, outpu
 
 def test_tolerances_pinned_to_the_documented_table():
     """Values from verify.py's table (fp32 1e-4, fp16 1e-2 / 2e-2, int8 5e-2 / 1.5e-1), scaled by 1/T for T < 1 only."""
-    from export.verify import tolerance_for
+    from anoclip.export.verify import tolerance_for
 
     assert tolerance_for("fp32", 1.0) == pytest.approx({"map": 1e-4, "score": 1e-4, "embedding": 1e-4})
     assert tolerance_for("fp16", 2.0) == pytest.approx({"map": 1e-2, "score": 1e-2, "embedding": 2e-2})
@@ -225,8 +225,8 @@ def test_tolerances_pinned_to_the_documented_table():
 
 def test_runtime_tta_uses_the_artifact_temperature(t_art, t_model):
     """AnoCLIP+ through the runtime (T from the manifest) equals the core's AnoCLIP+ at T = 0.5."""
-    from runtime import Detector
-    from runtime.postprocess import anomaly_map
+    from anoclip.runtime import Detector
+    from anoclip.runtime.postprocess import anomaly_map
 
     px = _pixels(t_model)[:1]
     det = Detector.load(t_art, backend="ort-cpu")

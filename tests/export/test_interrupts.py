@@ -28,7 +28,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _export_cmd(out: Path, classes: str, *more: str) -> list[str]:
-    return [sys.executable, "-m", "export.cli", "--backbone", "anoclip-tiny", "--pretrained", "none",
+    return [sys.executable, "-m", "anoclip.export.cli", "--backbone", "anoclip-tiny", "--pretrained", "none",
             "--classes", classes, "--model-config", str(CONFIGS), "--text-cache", "none", "--quiet",
             "--out", str(out), *more]
 
@@ -45,7 +45,7 @@ def _dead_pid() -> int:
 
 @pytest.fixture(scope="module")
 def base_artifact(register_tiny, tmp_path_factory) -> Path:
-    from export.api import ExportConfig, export_artifact
+    from anoclip.export.api import ExportConfig, export_artifact
 
     out = tmp_path_factory.mktemp("interrupts") / "base"
     return Path(export_artifact(ExportConfig(backbone=register_tiny, classes=["bottle", "carpet"], pretrained=None,
@@ -69,7 +69,7 @@ def test_sigterm_mid_export_removes_the_temp_folder_and_exits_143(tmp_path):
 
 
 def test_next_export_sweeps_temp_folders_of_dead_processes_only(tmp_path, base_artifact, make_config):
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     dead = tmp_path / f".art.tmp-{_dead_pid()}-abc"
     live = tmp_path / f".art.tmp-{os.getpid()}-xyz"  # this process is alive: not ours to delete
@@ -83,7 +83,7 @@ def test_next_export_sweeps_temp_folders_of_dead_processes_only(tmp_path, base_a
 def test_add_class_sweeps_too(tmp_path, base_artifact):
     import shutil
 
-    from export.api import add_class
+    from anoclip.export.api import add_class
 
     art = tmp_path / "art"
     shutil.copytree(base_artifact, art)
@@ -96,7 +96,7 @@ def test_add_class_sweeps_too(tmp_path, base_artifact):
 def test_force_replace_killed_between_renames_is_completed_by_the_next_load(tmp_path, base_artifact, caplog):
     import shutil
 
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     out = tmp_path / "art"
     shutil.copytree(base_artifact, out)
@@ -115,7 +115,7 @@ def test_force_replace_killed_between_renames_is_completed_by_the_next_load(tmp_
 def test_incomplete_new_artifact_means_the_old_one_is_restored(tmp_path, base_artifact, make_config):
     import shutil
 
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     out = tmp_path / "art"
     shutil.copytree(base_artifact, out)

@@ -50,8 +50,8 @@ def reference(artifact, tiny_model):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_graph_maps_match_core_within_a_fraction_of_the_spread(artifact, manifest, reference, precision):
-    from export.verify import ort_session
-    from runtime.postprocess import anomaly_map
+    from anoclip.export.verify import ort_session
+    from anoclip.runtime.postprocess import anomaly_map
 
     px, protos, ref_maps, ref_scores = reference
     spread = float(ref_maps.max() - ref_maps.min())

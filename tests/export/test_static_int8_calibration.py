@@ -20,7 +20,7 @@ def _sha_of_listing(names: list[str]) -> str:
 
 # --- calibration record and pixels ---------------------------------------------------------------
 def test_calibration_record_names_count_folder_and_listing_sha(tmp_path):
-    from export.api import calibration_record
+    from anoclip.export.api import calibration_record
 
     root = tmp_path / "good_parts"
     (root / "sub").mkdir(parents=True)
@@ -34,8 +34,8 @@ def test_calibration_record_names_count_folder_and_listing_sha(tmp_path):
 
 
 def test_calibration_pixels_are_the_runtime_preprocessing(tiny_model, tmp_path):
+    from anoclip.export.api import _calibration_pixels
     from anoclip_core.transform import preprocess
-    from export.api import _calibration_pixels
 
     good = write_good_images(tmp_path / "good", n=3)
     files = sorted(str(p) for p in good.glob("*.png"))
@@ -50,7 +50,7 @@ def test_calibration_pixels_are_the_runtime_preprocessing(tiny_model, tmp_path):
 
 # --- CLI errors -------------------------------------------------------------------------------------
 def _export(args: list[str], tmp_path: Path):
-    from export.cli import cli
+    from anoclip.export.cli import cli
 
     base = ["export", "--backbone", "anoclip-tiny", "--pretrained", "none", "--classes", "bottle", "--quiet",
             "--text-cache", "none", "--model-config", str(CONFIG_DIR), "--out", str(tmp_path / "art")]
@@ -133,7 +133,7 @@ def test_activations_are_symmetric_for_tensorrt(static_int8_artifact):
 
 
 def _int8_vs_fp32(artifact: Path, backend: str) -> tuple[float, float]:
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     px = np.random.default_rng(5).standard_normal((3, 3, 64, 64)).astype(np.float32) * 0.5
     ref = Detector.load(artifact, backend="ort-cpu")
@@ -159,7 +159,7 @@ def test_openvino_runs_the_static_int8_graph_with_int8_kernels(static_int8_artif
     pytest.importorskip("openvino", reason="openvino not installed (pip install 'anoclip[openvino]')")
     err, r = _int8_vs_fp32(static_int8_artifact, "openvino")
     assert 0 < err <= 5e-2 and r >= 0.99, (err, r)
-    from runtime.backends.openvino import OpenVinoBackend
+    from anoclip.runtime.backends.openvino import OpenVinoBackend
 
     be = OpenVinoBackend(static_int8_artifact / "encoder.int8.onnx")
     precisions = {op.get_rt_info()["runtimePrecision"].astype(str) for op in be.compiled.get_runtime_model().get_ops()}
@@ -167,8 +167,8 @@ def test_openvino_runs_the_static_int8_graph_with_int8_kernels(static_int8_artif
 
 
 def test_over_tolerance_int8_is_refused_and_never_shipped(register_tiny, make_config, tmp_path, monkeypatch):
-    from export import verify
-    from export.api import export_artifact
+    from anoclip.export import verify
+    from anoclip.export.api import export_artifact
 
     good = write_good_images(tmp_path / "good", n=2)
     monkeypatch.setitem(verify.TOLERANCES, "int8", {"map": 1e-7, "score": 1e-7, "embedding": 1e-7})
@@ -184,7 +184,7 @@ def test_demo_int8_calibrates_on_bundled_good_images(register_tiny, tmp_path):
     ccd = pytest.importorskip(
         "conformal_clip_data", reason="sample data not installed (pip install conformal-clip-data)"
     )
-    from anoclip_demo.cli import DemoConfig, run_demo, sample_images
+    from anoclip.demo.cli import DemoConfig, run_demo, sample_images
 
     cfg = DemoConfig(backbone=register_tiny, pretrained="none", images=2, calibration_images=3, out=tmp_path / "demo",
                      model_config=str(CONFIG_DIR), int8=True, backend="ort-cpu")

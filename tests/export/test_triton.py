@@ -44,7 +44,7 @@ def test_config_pbtxt(artifact):
 def test_triton_graph_equals_artifact_graph(artifact):
     import onnxruntime as ort
 
-    from export.text import prototypes_array, read_npz
+    from anoclip.export.text import prototypes_array, read_npz
 
     protos = prototypes_array(read_npz(artifact / "text_embeddings.npz"), ["bottle", "carpet"])
     pixels = np.random.default_rng(5).standard_normal((3, 3, 64, 64)).astype(np.float32)
@@ -59,8 +59,8 @@ def test_triton_graph_equals_artifact_graph(artifact):
 
 
 def test_triton_existing_model_refused(artifact, tmp_path):
+    from anoclip.export.triton import write_repository
     from anoclip_core.errors import AnoCLIPError
-    from export.triton import write_repository
 
     repo = artifact.parent / "triton"
     with pytest.raises(AnoCLIPError, match="already exists"):

@@ -7,8 +7,8 @@ import sys
 import pytest
 from trt_fakes import fake_tensorrt
 
+from anoclip.runtime import contract as mf
 from anoclip_core.errors import AnoCLIPError, BackendUnavailable
-from runtime import contract as mf
 
 
 def _no_weights(monkeypatch):
@@ -18,7 +18,7 @@ def _no_weights(monkeypatch):
 
 
 def test_trt_without_tensorrt_fails_at_once(make_config, register_tiny, tmp_path, monkeypatch):
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     _no_weights(monkeypatch)
@@ -28,8 +28,8 @@ def test_trt_without_tensorrt_fails_at_once(make_config, register_tiny, tmp_path
 
 
 def test_trt_without_gpu_fails_at_once(make_config, register_tiny, tmp_path, monkeypatch):
-    from export import trt as trt_mod
-    from export.api import export_artifact
+    from anoclip.export import trt as trt_mod
+    from anoclip.export.api import export_artifact
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.9.0"))
     monkeypatch.setattr(trt_mod, "cuda_gpu_name", lambda: None)
@@ -39,7 +39,7 @@ def test_trt_without_gpu_fails_at_once(make_config, register_tiny, tmp_path, mon
 
 
 def test_trt_int8_only_refused(make_config, register_tiny, tmp_path, monkeypatch):
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     _no_weights(monkeypatch)
     with pytest.raises(AnoCLIPError, match="TensorRT cannot build"):
@@ -47,7 +47,7 @@ def test_trt_int8_only_refused(make_config, register_tiny, tmp_path, monkeypatch
 
 
 def test_profile_shapes():
-    from export.trt import profile_shapes
+    from anoclip.export.trt import profile_shapes
 
     shapes = profile_shapes(240, 640, 3, (1, 8, 32))
     assert shapes["pixels"] == ((1, 3, 240, 240), (8, 3, 240, 240), (32, 3, 240, 240))
@@ -58,7 +58,7 @@ def test_profile_shapes():
 
 @pytest.mark.parametrize("version", ["10.9.0", "11.0.1"])
 def test_build_engine_precision_api(artifact, tmp_path, version):
-    from export import trt as trt_mod
+    from anoclip.export import trt as trt_mod
 
     trt = fake_tensorrt(version)
     graphs = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx"}
@@ -91,7 +91,7 @@ def test_build_engine_precision_api(artifact, tmp_path, version):
 def test_trt11_without_reduced_graph_uses_an_engine_only_graph():
     """TRT 11 is strongly typed: a bf16 engine is built from a bf16 graph converted for it alone
     (not the ORT-verified model list), so --trt-precision bf16 works without ORT bf16 kernels."""
-    from export import trt as trt_mod
+    from anoclip.export import trt as trt_mod
 
     graphs = {"fp32": "encoder.onnx"}
     assert trt_mod.engine_source(fake_tensorrt("11.0.0"), "bf16", graphs) == ".encoder.bf16.engine-source.onnx"
@@ -99,7 +99,7 @@ def test_trt11_without_reduced_graph_uses_an_engine_only_graph():
 
 
 def test_default_timing_cache_path(monkeypatch, tmp_path):
-    from export import trt as trt_mod
+    from anoclip.export import trt as trt_mod
 
     monkeypatch.setenv("ANOCLIP_TRT_CACHE", str(tmp_path))
     path = trt_mod.default_timing_cache(fake_tensorrt("10.9.0"), "NVIDIA H100 80GB HBM3")
@@ -109,8 +109,8 @@ def test_default_timing_cache_path(monkeypatch, tmp_path):
 def test_export_with_fake_trt_and_triton_plan(make_config, register_tiny, tmp_path, monkeypatch):
     """Whole export path with --trt (fake TensorRT 11 + fake GPU) and --triton: plan in the artifact,
     manifest tensorrt entry and sha256, Triton repository with model.plan."""
-    from export import trt as trt_mod
-    from export.api import export_artifact
+    from anoclip.export import trt as trt_mod
+    from anoclip.export.api import export_artifact
 
     fake = fake_tensorrt("11.0.1")
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
@@ -150,7 +150,7 @@ def test_real_trt_engine_build(make_config, register_tiny, tmp_path):
     reason = _real_trt()
     if reason:
         pytest.skip(f"real TensorRT build needs TensorRT and a CUDA GPU: {reason}")
-    from export.api import export_artifact
+    from anoclip.export.api import export_artifact
 
     out = export_artifact(make_config(tmp_path / "art", classes=["bottle"], precisions=["fp16"], trt=True,
                                       trt_timing_cache=tmp_path / "t.cache"))
@@ -162,7 +162,7 @@ def test_real_trt_engine_build(make_config, register_tiny, tmp_path):
     import tensorrt as trt
     import torch
 
-    from export.text import prototypes_array, read_npz
+    from anoclip.export.text import prototypes_array, read_npz
 
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine((out / data["tensorrt"]["file"]).read_bytes())

@@ -7,12 +7,12 @@ import sys
 import pytest
 from trt_fakes import fake_tensorrt
 
+from anoclip.runtime import contract as mf
 from anoclip_core.errors import AnoCLIPError
-from runtime import contract as mf
 
 
 def _build(trt, artifact, tmp_path, precision="fp32", cache=None, src="encoder.onnx"):
-    from export import trt as trt_mod
+    from anoclip.export import trt as trt_mod
 
     return trt_mod.build_engine(trt, artifact / src, tmp_path / f"e.{precision}.plan", precision, 64, 32, 2,
                                 "Fake GPU", (1, 4, 16), cache or tmp_path / "t.cache")
@@ -65,7 +65,7 @@ def test_no_timing_cache_set_is_not_an_error(artifact, tmp_path):
 
 
 def test_failed_build_leaves_no_plan(artifact, tmp_path):
-    from export.onnx_export import ExportError
+    from anoclip.export.onnx_export import ExportError
 
     trt = fake_tensorrt("11.1.0")
     trt.fail_build = True
@@ -75,7 +75,7 @@ def test_failed_build_leaves_no_plan(artifact, tmp_path):
 
 
 def test_engine_precision_is_independent_of_graphs():
-    from export.trt import choose_trt_precision
+    from anoclip.export.trt import choose_trt_precision
 
     assert choose_trt_precision(["fp32"], "bf16") == "bf16"
     assert choose_trt_precision(["fp32", "fp16"]) == "fp16"
@@ -87,9 +87,9 @@ def test_engine_precision_is_independent_of_graphs():
                                             ("11.1.0", ".encoder.bf16.engine-source.onnx")])
 def test_bf16_engine_without_ort_bf16(make_config, register_tiny, tmp_path, monkeypatch, version, source):
     """A bf16 engine is built although ONNX Runtime CPU has no bf16 kernels (the ORT check is for graphs only)."""
-    from export import quantize
-    from export import trt as trt_mod
-    from export.api import export_artifact
+    from anoclip.export import quantize
+    from anoclip.export import trt as trt_mod
+    from anoclip.export.api import export_artifact
 
     monkeypatch.setattr(quantize, "bf16_support", lambda: (False, "no bf16 kernels (fake)"))
     fake = fake_tensorrt(version)
@@ -107,8 +107,8 @@ def test_bf16_engine_without_ort_bf16(make_config, register_tiny, tmp_path, monk
 
 
 def test_bf16_graph_refusal_names_the_engine_route(make_config, register_tiny, tmp_path, monkeypatch):
-    from export import quantize
-    from export.api import export_artifact
+    from anoclip.export import quantize
+    from anoclip.export.api import export_artifact
 
     monkeypatch.setattr(quantize, "bf16_support", lambda: (False, "no bf16 kernels (fake)"))
     with pytest.raises(AnoCLIPError, match="--trt-precision bf16"):
@@ -116,7 +116,7 @@ def test_bf16_graph_refusal_names_the_engine_route(make_config, register_tiny, t
 
 
 def test_triton_max_batch_follows_the_profile():
-    from export.triton import max_batch_size
+    from anoclip.export.triton import max_batch_size
 
     assert max_batch_size((1, 4, 16)) == 16
     assert max_batch_size((1, 8, 64), 32) == 32
@@ -128,8 +128,8 @@ def test_triton_max_batch_follows_the_profile():
 
 
 def test_triton_plan_config_uses_profile_max(make_config, register_tiny, tmp_path, monkeypatch):
-    from export import trt as trt_mod
-    from export.api import export_artifact
+    from anoclip.export import trt as trt_mod
+    from anoclip.export.api import export_artifact
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.1.0"))
     monkeypatch.setattr(trt_mod, "cuda_gpu_name", lambda: "Fake GPU")

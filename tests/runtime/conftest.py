@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_artifact(register_tiny: str, text_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """anoclip-tiny (64 px, 8 x 8 grid, D = 32, seeded random weights), classes bottle + carpet."""
-    from export.api import ExportConfig, export_artifact
+    from anoclip.export.api import ExportConfig, export_artifact
 
     out = tmp_path_factory.mktemp("rt-art") / "tiny"
     return Path(export_artifact(ExportConfig(backbone=register_tiny, classes=["bottle", "carpet"], pretrained="none",
@@ -27,7 +27,7 @@ def artifact_copy(tiny_artifact: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_detector(tiny_artifact: Path):
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     det = Detector.load(tiny_artifact, backend="ort-cpu")
     yield det

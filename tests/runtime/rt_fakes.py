@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from anoclip.runtime.backends.base import check_inputs, check_outputs
 from anoclip_core.transform import OPENAI_MEAN, OPENAI_STD
-from runtime.backends.base import check_inputs, check_outputs
 
 GRID = 8
 DIM = 16
@@ -77,7 +77,7 @@ def fake_manifest(image_size: int = 64, random_weights: bool = False) -> dict:
 
 
 def fake_detector(backend=None, image_size: int = 64, random_weights: bool = False):
-    from runtime.detector import Detector
+    from anoclip.runtime.detector import Detector
 
     rng = np.random.default_rng(0)
     protos = {c: rng.standard_normal((2, DIM)).astype(np.float32) for c in ("bottle", "carpet")}

@@ -38,7 +38,7 @@ def build(root: Path) -> tuple[Path, Path]:
     import numpy as np
     import open_clip
 
-    from export.api import ExportConfig, export_artifact
+    from anoclip.export.api import ExportConfig, export_artifact
 
     open_clip.add_model_config(CONFIG_DIR)
     art = export_artifact(ExportConfig(backbone="anoclip-tiny", classes=list(BASE_CLASSES), pretrained=None,
@@ -75,15 +75,15 @@ def _rounds(kind: str, k: int, barrier, stop, results, op) -> None:
 
 
 def adder(k: int, art: str, barrier, stop, results) -> None:
-    from export.api import add_class
+    from anoclip.export.api import add_class
 
     _rounds("add", k, barrier, stop, results,
             lambda r: add_class(art, f"c{k}r{r}", text_cache=None, progress=False))
 
 
 def calibrator(k: int, art: str, good: str, barrier, stop, results) -> None:
-    from runtime.calibration import calibrate
-    from runtime.detector import Detector
+    from anoclip.runtime.calibration import calibrate
+    from anoclip.runtime.detector import Detector
 
     def op(r: int) -> None:
         with Detector.load(art, backend="ort-cpu", threads=1) as det:
@@ -93,7 +93,7 @@ def calibrator(k: int, art: str, good: str, barrier, stop, results) -> None:
 
 
 def loader(art: str, stop, counts, failures) -> None:
-    from runtime.detector import Detector
+    from anoclip.runtime.detector import Detector
 
     _quiet()
     first: list[str] = []
@@ -111,8 +111,8 @@ def loader(art: str, stop, counts, failures) -> None:
 
 def check_round(art: Path, r: int) -> list[str]:
     """What round ``r`` lost: each missing class or stale calibration is one lost write."""
+    from anoclip.runtime.detector import read_artifact
     from anoclip_core.errors import ArtifactError
-    from runtime.detector import read_artifact
 
     try:
         manifest, protos, cal, _banks = read_artifact(art, verify=True)

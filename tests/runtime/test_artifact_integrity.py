@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_contract import _artifact
 
+from anoclip.runtime import contract as mf
 from anoclip_core.errors import ArtifactError
-from runtime import contract as mf
 
 
 def _with_external(root: Path) -> dict:

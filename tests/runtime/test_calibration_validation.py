@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from rt_fakes import PatchMeanBackend, fake_detector
 
+from anoclip.runtime import Detector, InferConfig
+from anoclip.runtime.calibration import calibrate
 from anoclip_core.errors import ArtifactError, InputError
-from runtime import Detector, InferConfig
-from runtime.calibration import calibrate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ def test_a_nan_score_is_an_error_for_that_image_and_the_batch_goes_on():
 
 
 def test_results_are_strict_json_with_a_nan_image(tmp_path, monkeypatch):
-    from runtime import cli
+    from anoclip.runtime import cli
 
     det = fake_detector(NaNForDarkImages())
     monkeypatch.setattr(cli.Detector, "load", classmethod(lambda cls, *a, **k: det))

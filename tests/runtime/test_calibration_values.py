@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.calibration import MAX_PIXELS_PER_IMAGE, calibrate
-from runtime.detector import Result
+from anoclip.runtime.calibration import MAX_PIXELS_PER_IMAGE, calibrate
+from anoclip.runtime.detector import Result
 
 SCORES = [0.9, 0.1, 0.3, 0.2]  # sorted: 0.1 0.2 0.3 0.9
 MAPS = [np.zeros((2, 2), np.float32), np.array([[0, 1], [2, 3]], np.float32),

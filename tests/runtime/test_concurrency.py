@@ -23,8 +23,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _add_class(art: Path, name: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "export.cli", "add-class", str(art), name, "--text-cache", "none",
-                             "--quiet"], env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "anoclip.export.cli", "add-class", str(art), name, "--text-cache", "none", "--quiet"],
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _calibrate(art: Path, good: Path, cls: str, q: float, **env: str) -> subprocess.Popen:
@@ -54,7 +59,7 @@ def test_two_add_class_and_two_calibrate_processes_all_land(artifact_copy: Path,
     cal = json.loads((artifact_copy / "calibration.json").read_text())
     assert {k: v["quantile"] for k, v in cal["classes"].items()} == {"bottle": 0.9, "carpet": 0.8}
     assert set(manifest["calibration"]["classes"]) == {"bottle", "carpet"}
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     with Detector.load(artifact_copy, backend="ort-cpu") as det:  # sha256 of every file, calibration record
         assert set(det.classes) == {"bottle", "carpet", "cable", "screw"}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from anoclip.runtime import contract as mf
 from anoclip_core.errors import ArtifactError
-from runtime import contract as mf
 
 
 def _artifact(root: Path) -> dict:

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from rt_fakes import PatchMeanBackend, fake_detector
 
-from runtime.cli import infer_main
-from runtime.tiler import StagedInfer, predict_tiled
+from anoclip.runtime.cli import infer_main
+from anoclip.runtime.tiler import StagedInfer, predict_tiled
 
 WAIT_S = 30.0  # only reached when the overlap is missing
 
@@ -232,8 +232,8 @@ def test_a_failing_pre_process_surfaces_in_the_caller_and_leaves_no_thread():
 
 @pytest.mark.parametrize("value", [-1, 5])
 def test_prefetch_setting_out_of_range_is_a_clear_error(value):
+    from anoclip.runtime import InferConfig
     from anoclip_core.errors import InputError
-    from runtime import InferConfig
 
     with pytest.raises(InputError, match=f"prefetch must be between 0 \\(off\\) and 4 batches, got {value}"):
         InferConfig(class_name="bottle", prefetch=value)

@@ -12,9 +12,9 @@ import pytest
 from gpu_fakes import FakeCudart, FakeEngine, FakeTrt, cudaError_t, cudaStream_t
 from rt_fakes import fake_manifest
 
+from anoclip.runtime.backends import create_backend
+from anoclip.runtime.backends.trt import TrtBackend, probe_gpus, stream_handle
 from anoclip_core.errors import BackendUnavailable
-from runtime.backends import create_backend
-from runtime.backends.trt import TrtBackend, probe_gpus, stream_handle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,8 +90,8 @@ def test_ort_trt_gets_explicit_profile_equal_to_native_engine(tmp_path):
 
 
 def test_ort_trt_profile_matches_export_profile_shapes():
-    from export.trt import profile_shapes
-    from runtime.backends.ort import manifest_profile
+    from anoclip.export.trt import profile_shapes
+    from anoclip.runtime.backends.ort import manifest_profile
 
     manifest = fake_manifest(image_size=64)
     manifest["tensorrt"] = {"profile": {"min": 1, "opt": 8, "max": 32}}

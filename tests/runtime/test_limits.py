@@ -93,8 +93,8 @@ def test_max_pixels_option_refuses_before_decode(tiny_artifact: Path, tmp_path: 
                                                  monkeypatch: pytest.MonkeyPatch):
     from click.testing import CliRunner
 
+    from anoclip.runtime.cli import infer_main
     from anoclip_core import transform
-    from runtime.cli import infer_main
 
     monkeypatch.setattr(transform, "_max_pixels", transform._max_pixels)  # restored after the test
     monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)  # restored after the test

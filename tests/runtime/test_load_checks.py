@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from anoclip.runtime import Detector
+from anoclip.runtime import contract as mf
+from anoclip.runtime.backends.onnx_info import read_graph_info
 from anoclip_core.errors import ArtifactError
-from runtime import Detector
-from runtime import contract as mf
-from runtime.backends.onnx_info import read_graph_info
 
 CPU_BACKENDS = ["ort-cpu", "openvino"]
 

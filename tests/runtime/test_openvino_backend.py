@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
+from anoclip.runtime.backends import check_precision, create_backend
+from anoclip.runtime.backends.openvino import OpenVinoBackend, compile_config, graph_plan, require_hint
 from anoclip_core.errors import ArtifactError, BackendUnavailable
-from runtime.backends import check_precision, create_backend
-from runtime.backends.openvino import OpenVinoBackend, compile_config, graph_plan, require_hint
 
 CAPS_AVX2 = ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]  # what OpenVINO 2026.4 reports on this AVX2-only EPYC
 CAPS_BF16 = ["FP32", "BF16", "INT8", "BIN", "EXPORT_IMPORT"]  # + "BF16" on AVX512_BF16 / AMX CPUs
@@ -237,7 +237,7 @@ def test_auto_on_cpu_picks_openvino_and_says_why(graph):
 
 
 def test_without_openvino_auto_keeps_ort_cpu_and_explicit_is_refused(tiny_artifact, monkeypatch):
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError, as when not installed
     with pytest.raises(BackendUnavailable, match=r"openvino package, which is not installed \(pip install"):
@@ -281,8 +281,8 @@ def _pixels(n: int, seed: int = 0) -> np.ndarray:
 
 def test_real_openvino_f32_matches_ort_cpu_within_fp32_tolerance(tiny_artifact):
     _real_openvino()
-    from runtime import Detector
-    from runtime.backends import parity_check
+    from anoclip.runtime import Detector
+    from anoclip.runtime.backends import parity_check
 
     ref = Detector.load(tiny_artifact, backend="ort-cpu")
     ov = Detector.load(tiny_artifact, backend="openvino", verify=False)
@@ -297,7 +297,7 @@ def test_real_openvino_f32_matches_ort_cpu_within_fp32_tolerance(tiny_artifact):
 
 def test_real_openvino_threads_match_single_thread(tiny_artifact):
     _real_openvino()
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     det = Detector.load(tiny_artifact, backend="openvino", verify=False)
     pr = det.prototypes("carpet")
@@ -321,7 +321,7 @@ def test_real_openvino_threads_match_single_thread(tiny_artifact):
 
 def test_real_bf16_on_this_cpu_refused_or_close(tiny_artifact):
     ov = _real_openvino()
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in caps:
@@ -340,7 +340,7 @@ def test_real_cli_parity_ort_cpu_vs_openvino(tiny_artifact):
     _real_openvino()
     from click.testing import CliRunner
 
-    from runtime.cli import main
+    from anoclip.runtime.cli import main
 
     res = CliRunner().invoke(main, ["parity", str(tiny_artifact), "--a", "ort-cpu", "--b", "openvino"])
     assert res.exit_code == 0, res.output

@@ -1,4 +1,4 @@
-"""runtime.prefetch.Prefetch: order, values, overlap, bounded look-ahead, failures in place, no thread left.
+"""anoclip.runtime.prefetch.Prefetch: order, values, overlap, bounded look-ahead, failures in place, no thread left.
 
 Overlap is shown with events, never with timings: the caller blocks while holding one batch until
 the worker has prepared a later one (with prefetch off that can never happen: a short wait fails).
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from runtime.prefetch import MAX_DEPTH, Prefetch
+from anoclip.runtime.prefetch import MAX_DEPTH, Prefetch
 
 WAIT_S = 30.0  # only reached when the behaviour under test is broken
 

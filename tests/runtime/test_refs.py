@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from anoclip.runtime import contract as mf
+from anoclip.runtime.cli import main
 from anoclip_core.errors import ArtifactError, BankError
 from anoclip_core.refbank import ReferenceBank
-from runtime import contract as mf
-from runtime.cli import main
 
 S = 64
 SQUARE = (slice(24, 40), slice(32, 48))  # a 2 x 2 patch block of the 8 x 8 grid
@@ -121,7 +121,7 @@ def test_refs_bad_input_is_one_line_and_leaves_the_artifact(banked, tmp_path):
 
 
 def test_bank_from_another_backbone_is_refused(banked, tmp_path, tiny24_model):
-    from runtime.refs import write_bank
+    from anoclip.runtime.refs import write_bank
 
     foreign = tiny24_model.build_references([smooth_image(0, 32)])
     with pytest.raises(BankError, match="built with backbone 'anoclip-tiny-24'"):
@@ -169,10 +169,10 @@ def _torch_fused(core_probs: torch.Tensor, local: np.ndarray, bank: np.ndarray, 
 
 @pytest.mark.parametrize("w", [0.5, 0.3])
 def test_runtime_matches_core_with_references(banked, tiny_model, w):
+    from anoclip.runtime import Detector, InferConfig
+    from anoclip.runtime.postprocess import anomaly_map
     from anoclip_core.scores import state_probs
     from anoclip_core.transform import preprocess
-    from runtime import Detector, InferConfig
-    from runtime.postprocess import anomaly_map
 
     rgb = (np.random.default_rng(3).random((100, 150, 3)) * 255).astype(np.uint8)
     with Detector.load(banked, backend="ort-cpu") as det:
@@ -195,7 +195,7 @@ def test_runtime_matches_core_with_references(banked, tiny_model, w):
 
 
 def test_no_bank_and_no_refs_are_bit_identical_zero_shot(banked, tiny_detector):
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     rgb = (np.random.default_rng(4).random((70, 90, 3)) * 255).astype(np.uint8)
     plain = tiny_detector.predict(rgb, "bottle")
@@ -210,7 +210,7 @@ def test_no_bank_and_no_refs_are_bit_identical_zero_shot(banked, tiny_detector):
 
 
 def test_pasted_square_is_found_through_the_runtime(artifact_copy, tmp_path):
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     clean = smooth_image(0)
     (tmp_path / "clean").mkdir()
@@ -227,7 +227,7 @@ def test_pasted_square_is_found_through_the_runtime(artifact_copy, tmp_path):
 
 
 def test_tiling_streaming_and_batches_use_the_bank(banked):
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     rng = np.random.default_rng(6)
     imgs = [(rng.random((S, S, 3)) * 255).astype(np.uint8) for _ in range(3)]

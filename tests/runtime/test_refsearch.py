@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from gpu_fakes import FakeCudaOrtSession, FakeDeviceValue
 
+from anoclip.export import refsearch as export_refsearch
+from anoclip.runtime.refsearch import DeviceSearch, make_search
 from anoclip_core.refbank import ReferenceBank, visual_anomaly
-from export import refsearch as export_refsearch
-from runtime.refsearch import DeviceSearch, make_search
 
 CUDA_AVAILABLE = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -117,8 +117,8 @@ def test_detector_on_a_gpu_backend_uses_the_device_search(artifact_copy, tmp_pat
     from click.testing import CliRunner
     from test_refs import write_images
 
-    from runtime import Detector
-    from runtime.cli import main
+    from anoclip.runtime import Detector
+    from anoclip.runtime.cli import main
 
     write_images(tmp_path / "good", [1, 2])
     assert CliRunner().invoke(main, ["refs", str(artifact_copy), "--class", "bottle", "--backend", "ort-cpu",
@@ -143,7 +143,7 @@ def test_host_search_runs_blas_on_one_thread(monkeypatch):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     if max((i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"), default=1) < 2:
         pytest.skip("BLAS already runs on one thread here")
-    import runtime.refsearch as rs
+    import anoclip.runtime.refsearch as rs
 
     seen = []
 

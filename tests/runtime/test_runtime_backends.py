@@ -9,11 +9,11 @@ import pytest
 from gpu_fakes import FakeCudart, FakeEngine, FakeTrt
 from rt_fakes import ConstantBackend, PatchMeanBackend
 
+from anoclip.runtime.backends import create_backend, parity_check
+from anoclip.runtime.backends.base import Backend
+from anoclip.runtime.backends.ort import CPU, CUDA, TRT, OrtBackend, physical_cores, select_providers, session_options
+from anoclip.runtime.backends.trt import TrtBackend
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
-from runtime.backends import create_backend, parity_check
-from runtime.backends.base import Backend
-from runtime.backends.ort import CPU, CUDA, TRT, OrtBackend, physical_cores, select_providers, session_options
-from runtime.backends.trt import TrtBackend
 
 
 def test_select_providers_cpu_cuda_trt():
@@ -304,7 +304,7 @@ def test_gpu_ort_cuda_parity_with_cpu(tiny_artifact):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_cuda_provider(), reason="no CUDA GPU / onnxruntime-gpu on this machine")
 def test_gpu_auto_picks_a_gpu_backend(tiny_artifact):
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     det = Detector.load(tiny_artifact, backend="auto")
     assert det.backend_name in ("trt", "ort-trt", "ort-cuda")
@@ -314,7 +314,7 @@ def _has_tensorrt_gpu() -> bool:
     try:
         import tensorrt  # noqa: F401
 
-        from runtime.backends.trt import gpu_count
+        from anoclip.runtime.backends.trt import gpu_count
 
         return gpu_count() > 0
     except Exception:  # noqa: BLE001
@@ -324,8 +324,8 @@ def _has_tensorrt_gpu() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_tensorrt_gpu(), reason="no TensorRT + CUDA GPU on this machine")
 def test_gpu_native_trt_parity(register_tiny, text_cache, tmp_path):
-    from export.api import ExportConfig, export_artifact
-    from runtime import Detector
+    from anoclip.export.api import ExportConfig, export_artifact
+    from anoclip.runtime import Detector
 
     art = export_artifact(ExportConfig(backbone=register_tiny, classes=["bottle"], pretrained="none", trt=True,
                                        out=tmp_path / "trt", text_cache=text_cache, progress=False))
@@ -340,11 +340,11 @@ def test_gpu_native_trt_parity(register_tiny, text_cache, tmp_path):
 
 def test_base_backend_checks_once_and_run_impl_runs():
     """Polygraphy's runner pattern: ``run`` validates, ``run_impl`` only runs (and is never reached on bad input)."""
+    from anoclip.runtime.backends.base import BaseBackend
+    from anoclip.runtime.backends.openvino import OpenVinoBackend
+    from anoclip.runtime.backends.ort import OrtBackend
+    from anoclip.runtime.backends.trt import TrtBackend
     from anoclip_core.errors import ArtifactError, InputError
-    from runtime.backends.base import BaseBackend
-    from runtime.backends.openvino import OpenVinoBackend
-    from runtime.backends.ort import OrtBackend
-    from runtime.backends.trt import TrtBackend
 
     calls = []
 

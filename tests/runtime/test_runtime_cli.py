@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from runtime.cli import infer_main, main
+from anoclip.runtime.cli import infer_main, main
 
 
 def _write_images(folder, n=3):
@@ -128,7 +128,7 @@ class _Shifted:
 @pytest.mark.parametrize("delta,code", [(1e-7, 0), (1e-2, 1)])
 def test_parity_command(tiny_artifact, monkeypatch, delta, code):
     """Backend b differs from a by ``delta`` on patch_probs only: below tolerance passes, 1e-2 fails (exit 1)."""
-    from runtime import Detector
+    from anoclip.runtime import Detector
 
     real_load = Detector.load.__func__
 
@@ -155,7 +155,10 @@ def test_console_scripts_installed(tiny_artifact, tmp_path):
     cfg = configparser.ConfigParser()
     cfg.read(Path(__file__).resolve().parents[2] / "setup.cfg")
     scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
-    assert scripts["anoclip-infer"] == "runtime.cli:infer_main" and scripts["anoclip"] == "runtime.cli:main"
+    assert (
+        scripts["anoclip-infer"] == "anoclip.runtime.cli:infer_main"
+        and scripts["anoclip"] == "anoclip.runtime.cli:main"
+    )
 
     def command(name: str) -> list[str]:
         exe = shutil.which(name)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from rt_fakes import fake_detector
 
+from anoclip.runtime import Detector, InferConfig
+from anoclip.runtime.calibration import calibrate
 from anoclip_core.errors import ArtifactError, InputError
-from runtime import Detector, InferConfig
-from runtime.calibration import calibrate
 
 
 def _img(seed=0, h=64, w=64):
@@ -227,11 +227,11 @@ def test_runtime_never_imports_torch(tiny_artifact, tmp_path):
     cv2.imwrite(str(img), _img(5, 80, 100))
     code = f"""
 import sys, numpy as np
-import runtime
-from runtime import Detector, InferConfig, StripStream
-from runtime import cli, calibration, tiler, postprocess
-from runtime.backends import create_backend, parity_check
-from runtime.backends import ort, trt
+import anoclip.runtime as runtime
+from anoclip.runtime import Detector, InferConfig, StripStream
+from anoclip.runtime import cli, calibration, tiler, postprocess
+from anoclip.runtime.backends import create_backend, parity_check
+from anoclip.runtime.backends import ort, trt
 det = Detector.load({str(tiny_artifact)!r}, backend="auto")
 r = det.predict({str(img)!r}, "bottle")
 b = det.predict_batch([{str(img)!r}, np.zeros((40, 300, 3), np.uint8)], "carpet", tile=True)
@@ -246,7 +246,7 @@ print("LEAK", bad) if bad else print("CLEAN")
 
 
 def test_calibration_survives_add_class(artifact_copy, tmp_path, text_cache):
-    from export.api import add_class
+    from anoclip.export.api import add_class
 
     good = tmp_path / "good"
     good.mkdir()

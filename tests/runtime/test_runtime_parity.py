@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anoclip.runtime.postprocess import anomaly_map
 from anoclip_core.scores import state_probs
-from runtime.postprocess import anomaly_map
 
 S = 64
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.postprocess import anomaly_map, find_regions, interp_matrix, smooth_patch_probs
+from anoclip.runtime.postprocess import anomaly_map, find_regions, interp_matrix, smooth_patch_probs
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from rt_fakes import ConstantBackend, PatchMeanBackend, fake_detector
 
+from anoclip.runtime.postprocess import anomaly_map, find_regions
+from anoclip.runtime.tiler import StripStream, axis_layout, predict_tiled
 from anoclip_core.errors import InputError
-from runtime.postprocess import anomaly_map, find_regions
-from runtime.tiler import StripStream, axis_layout, predict_tiled
 
 
 def infer_fn(backend=None):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from rt_fakes import PatchMeanBackend, fake_detector
 
+from anoclip.runtime.tiler import StripStream
 from anoclip_core.errors import InputError
-from runtime.tiler import StripStream
 
 
 def infer_fn():

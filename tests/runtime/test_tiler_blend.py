@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from rt_fakes import PatchMeanBackend, fake_detector
 
-from runtime.postprocess import anomaly_map
-from runtime.tiler import predict_tiled
+from anoclip.runtime.postprocess import anomaly_map
+from anoclip.runtime.tiler import predict_tiled
 
 
 def _strip(h: int, w: int) -> np.ndarray:

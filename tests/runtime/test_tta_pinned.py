@@ -67,7 +67,7 @@ def hand_tta(tokens, sents, protos, index, steps, lr, noise, wd, temperature):
 
 
 def test_runtime_tta_equals_the_spec_at_t_half():
-    from runtime.tta import adapted_patch_probs
+    from anoclip.runtime.tta import adapted_patch_probs
 
     tokens, sents, protos = _data()
     got = adapted_patch_probs(tokens, sents, protos, temperature=SPEC["temperature"])
