@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 ENTRY = {
-    "anoclip-infer": "from runtime.cli import infer_main as m; m()",
-    "anoclip": "from runtime.cli import main as m; m()",
-    "anoclip-bench": "from benchmarks.cli import main as m; m()",
-    "anoclip-export": "from export.cli import main as m; m()",
+    "anoclip-infer": "from anoclip.runtime.cli import infer_main as m; m()",
+    "anoclip": "from anoclip.runtime.cli import main as m; m()",
+    "anoclip-bench": "from anoclip.benchmarks.cli import main as m; m()",
+    "anoclip-export": "from anoclip.export.cli import main as m; m()",
 }
 
 

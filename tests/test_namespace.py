@@ -31,3 +31,19 @@ def test_setup_installs_only_namespaced_packages():
                              "anoclip.benchmarks", "anoclip.demo"}
     scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
     assert all(target.startswith(("anoclip.", "anoclip_core.")) for target in scripts.values()), scripts
+
+
+def test_no_code_imports_the_folders_by_their_bare_names():
+    """Run from the repository root, ``from runtime.cli import ...`` would still work (the folder is on
+    sys.path) and hide a name an installed user does not have: every import spells ``anoclip.*``."""
+    import re
+
+    folders = "export|runtime|benchmarks|anoclip_demo"
+    bare = re.compile(rf"(?:^\s*|[\"';]\s*)(?:from|import)\s+(?:{folders})(?:\.|\s|$)", re.M)
+    offenders = []
+    for folder in ("anoclip_core", "export", "runtime", "benchmarks", "anoclip_demo", "tests", "tools"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for m in bare.finditer(path.read_text()):
+                line = path.read_text().count("\n", 0, m.start()) + 1
+                offenders.append(f"{path.relative_to(ROOT)}:{line}")
+    assert not offenders, offenders

@@ -37,9 +37,26 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
 @needs_no_network
 def test_export_of_uncached_tag_offline_is_fast_and_one_line(tmp_path: Path):
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", "from export.cli import main as m; m()", "--backbone", "ViT-B-32",
-                           "--pretrained", "openai", "--classes", "bottle", "--out", str(tmp_path / "o"), "--quiet"],
-                          capture_output=True, text=True, timeout=120, env=_offline_env(tmp_path))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from anoclip.export.cli import main as m; m()",
+            "--backbone",
+            "ViT-B-32",
+            "--pretrained",
+            "openai",
+            "--classes",
+            "bottle",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_offline_env(tmp_path),
+    )
     elapsed = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -85,7 +85,7 @@ def test_infer_piped_to_a_log_writes_lines_not_frames(tiny_artifact_for_progress
     for i in range(3):
         cv2.imwrite(str(imgs / f"{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    proc = subprocess.run([sys.executable, "-c", "from runtime.cli import infer_main as m; m()",
+    proc = subprocess.run([sys.executable, "-c", "from anoclip.runtime.cli import infer_main as m; m()",
                            str(tiny_artifact_for_progress), str(imgs), "--class", "bottle", "--backend", "ort-cpu"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -40,9 +40,23 @@ def test_bad_threshold_through_the_cli_is_one_line_exit_2(artifact_copy, tmp_pat
     _write_cal(artifact_copy, float("nan"))
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.full((32, 32, 3), 128, np.uint8))
-    proc = subprocess.run([sys.executable, "-c", "from runtime.cli import main; main()", "infer", str(artifact_copy),
-                           str(img), "--class", "carpet", "--backend", "ort-cpu"],
-                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from anoclip.runtime.cli import main; main()",
+            "infer",
+            str(artifact_copy),
+            str(img),
+            "--class",
+            "carpet",
+            "--backend",
+            "ort-cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "class 'carpet' field 'image_threshold'" in last and "nan" in last

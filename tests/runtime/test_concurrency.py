@@ -33,7 +33,7 @@ def _add_class(art: Path, name: str, **env: str) -> subprocess.Popen:
 
 
 def _calibrate(art: Path, good: Path, cls: str, q: float, **env: str) -> subprocess.Popen:
-    code = "from runtime.cli import main; main()"
+    code = "from anoclip.runtime.cli import main; main()"
     return subprocess.Popen([sys.executable, "-c", code, "calibrate", str(art), "--good", str(good), "--class", cls,
                              "--quantile", str(q), "--backend", "ort-cpu"],
                             env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -61,7 +61,7 @@ def test_directory_given_as_image_is_reported_as_a_directory(tmp_path: Path):
 # The run is measured in a grandchild: on Linux a forked child's ru_maxrss starts at its parent's
 # RSS at fork time and survives exec, so a child forked from this (multi-GiB) pytest process would
 # report pytest's memory. The small launcher forks the CLI and reads RUSAGE_CHILDREN.
-RUN = "import sys; from runtime.cli import infer_main; infer_main(sys.argv[1:])"
+RUN = "import sys; from anoclip.runtime.cli import infer_main; infer_main(sys.argv[1:])"
 LAUNCH = f"""
 import resource, subprocess, sys
 proc = subprocess.run([sys.executable, "-c", {RUN!r}, *sys.argv[1:]])

@@ -34,7 +34,7 @@ def _edit_manifest(root: Path, edit) -> None:
 
 
 def _infer(root: Path, image: Path, *args: str) -> subprocess.CompletedProcess:
-    code = "from runtime.cli import infer_main as m; m()"
+    code = "from anoclip.runtime.cli import infer_main as m; m()"
     return subprocess.run([sys.executable, "-c", code, str(root), str(image), "--class", "bottle", "--quiet", *args],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
