@@ -191,7 +191,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     import cv2
 
     data = np.fromfile(p, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except (cv2.error, MemoryError) as err:  # e.g. a raised --max-pixels the machine cannot hold
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot decode image file {p}: {first[:200]}") from None
     if img is None:
         raise InputError(f"cannot decode image file (corrupt or not an image): {p}")
     if img.ndim == 3 and img.shape[2] == 3:

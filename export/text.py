@@ -15,6 +15,8 @@ import numpy as np
 
 from anoclip_core.errors import AnoCLIPError
 
+MAX_CLASS_NAME = 100  # a prompt sentence must fit CLIP's 77-token context; a name is also a file stem
+
 
 def check_class_name(name: str) -> str:
     """A usable class name, trimmed; refuses what could not be passed back later (``--classes`` is
@@ -27,6 +29,8 @@ def check_class_name(name: str) -> str:
     if bad is not None:
         what = "a comma" if bad == "," else f"the control or separator character {bad!r}"
         raise AnoCLIPError(f"class name {raw!r} contains {what}; use letters, digits, spaces, '-' or '_'")
+    if len(name) > MAX_CLASS_NAME:
+        raise AnoCLIPError(f"class name {name[:20]!r}... is {len(name)} characters long; at most {MAX_CLASS_NAME}")
     if "/" in name or "\\" in name or name.startswith("."):
         raise AnoCLIPError(f"class name {name!r} may not contain '/' or '\\\\' or start with '.'")
     return name

@@ -62,17 +62,18 @@ def read_prototypes(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any]
     return protos
 
 
-def read_artifact(root: Path, verify: bool = True
+def read_artifact(root: Path, verify: bool = True, calibration: bool = True
                   ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], dict[str, ReferenceBank]]:
-    """Manifest (sha256 of every file with ``verify``), prototypes and calibration of one artifact,
-    read as one consistent snapshot (re-read under the artifact's shared lock when a writer was
-    half-way)."""
+    """Manifest (sha256 of every file with ``verify``), prototypes, calibration (skipped when
+    ``calibration`` is False: ``anoclip calibrate`` rewrites a broken one) and reference banks of one
+    artifact, read as one consistent snapshot (re-read under the shared lock when a writer was half-way)."""
 
     def read() -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], dict[str, ReferenceBank]]:
         manifest = mf.read_manifest(root, check_files=verify)
         protos = read_prototypes(root, manifest)
         check_prototypes(protos, manifest["text"]["file"])
-        return manifest, protos, load_calibration(root, manifest if verify else None), load_banks(root, manifest)
+        cal = load_calibration(root, manifest if verify else None) if calibration else {}
+        return manifest, protos, cal, load_banks(root, manifest)
 
     if staging.has_leftovers(root):
         for note in mf.recover_artifact(root):

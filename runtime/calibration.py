@@ -43,6 +43,7 @@ import numpy as np
 
 from anoclip_core.errors import InputError
 
+from . import contract as mf
 from .contract import (  # noqa: F401  (the calibration file is part of the contract; re-exported)
     CALIBRATION_NAME,
     THRESHOLD_FIELDS,
@@ -85,14 +86,24 @@ def resolve_thresholds(calibration: Mapping[str, Any], class_name: str, threshol
 
 
 def calibration_binding(manifest: Mapping[str, Any], precision: str | None,
-                        prototypes: np.ndarray | None) -> dict[str, Any]:
-    """What a class's calibration depends on: the graph file's sha256 and the class prototypes.
+                        prototypes: np.ndarray | None, class_name: str | None = None) -> dict[str, Any]:
+    """What a class's calibration depends on: the graph file's sha256, the class prototypes and,
+    when the class has a few-shot reference bank, the bank file's sha256 (a new or replaced bank
+    changes the scores, so thresholds calibrated before it no longer apply).
 
     (Not the manifest: ``add-class`` rewrites it without changing existing classes' scores.)
     """
+    files = manifest.get("files", {})
     model_file = manifest.get("models", {}).get(precision, {}).get("file")
-    return {"model": precision, "graph_sha256": manifest.get("files", {}).get(model_file),
-            "prototypes_sha256": hashlib.sha256(prototypes.tobytes()).hexdigest() if prototypes is not None else None}
+    binding = {
+        "model": precision,
+        "graph_sha256": files.get(model_file),
+        "prototypes_sha256": hashlib.sha256(prototypes.tobytes()).hexdigest() if prototypes is not None else None,
+    }
+    bank = mf.reference_entry(manifest, class_name) if class_name is not None else None
+    if bank is not None:
+        binding["references_sha256"] = files.get(bank["file"])
+    return binding
 
 
 def bind_calibration(data: Mapping[str, Any], binding: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -104,8 +115,8 @@ def bind_calibration(data: Mapping[str, Any], binding: Callable[[str], dict[str,
     kept = {}
     for cls_name, entry in data.get("classes", {}).items():
         if "binding" in entry and entry["binding"] != binding(cls_name):
-            log.warning("calibration for %r was made with another graph or other text embeddings "
-                        "(re-exported artifact?); ignoring it, re-run anoclip calibrate", cls_name)
+            log.warning("calibration for %r was made with another graph, other text embeddings or another "
+                        "reference bank; ignoring it (default thresholds), re-run anoclip calibrate", cls_name)
         else:
             kept[cls_name] = entry
     return {**data, "classes": kept}

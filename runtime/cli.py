@@ -282,7 +282,7 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
         if not 0.0 < quantile <= 1.0:
             raise InputError(f"--quantile must be in (0, 1], got {quantile}")
         cfg = InferConfig(class_name=class_name, batch=batch, tile=tile, threads=threads)  # checked before loading
-        det = Detector.load(artifact, backend=backend, threads=threads)
+        det = Detector.load(artifact, backend=backend, threads=threads, calibration=False)  # rewritten below
         _warn_random(det)
         entry = calibrate(det, good, class_name, quantile, cfg)
     except AnoCLIPError as err:
@@ -315,10 +315,14 @@ def refs_cmd(artifact: str, class_name: str, good: str, shots: int | None, cores
     try:
         if batch < 1:
             raise InputError(f"--batch must be >= 1, got {batch}")
+        if seed < 0:
+            raise InputError(f"--seed must be >= 0, got {seed}")
+        if coreset is not None and coreset < 1:
+            raise InputError(f"--coreset must be >= 1, got {coreset}")
         with Detector.load(artifact, backend=backend, threads=threads) as det:
             _warn_random(det)
             bank = build_bank(det, class_name, good, shots, coreset, seed, replace, batch)
-        entry = write_bank(artifact, class_name, bank)
+        entry = write_bank(artifact, class_name, bank, merge=not replace, coreset=coreset, seed=seed)
     except AnoCLIPError as err:
         _fail(err)
     click.echo(json.dumps({"class": class_name, **entry}))

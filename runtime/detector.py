@@ -100,19 +100,20 @@ class Detector(Pipeline):
     # construction ----------------------------------------------------------------------------
     @classmethod
     def load(cls, artifact: str | os.PathLike, backend: str = "auto", precision: str | None = None,
-             verify: bool = True, **backend_opts: Any) -> Detector:
+             verify: bool = True, calibration: bool = True, **backend_opts: Any) -> Detector:
         """Validate the artifact (manifest, sha256 of every file) and start a backend.
 
         ``backend``: auto | ort-cpu | openvino | ort-cuda | ort-trt | trt (auto picks the fastest available
         and ``detector.backend_note`` says which and why). ``backend_opts`` go to the backend
-        (``threads``, ``cache_dir``, ``device_id``, ...).
+        (``threads``, ``cache_dir``, ``device_id``, ...). ``calibration=False`` skips the artifact's
+        calibration file (default thresholds), so ``anoclip calibrate`` can replace a broken one.
         """
         root = Path(artifact)
-        manifest, protos, calibration, banks = read_artifact(root, verify)
+        manifest, protos, cal, banks = read_artifact(root, verify, calibration)
         check_precision(backend, manifest, precision)
         check_backend_graph(backend, root, manifest, precision)
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
-        det = cls(choice.backend, manifest, protos, root, calibration, choice.describe(), precision, banks)
+        det = cls(choice.backend, manifest, protos, root, cal, choice.describe(), precision, banks)
         det.backend_name = choice.name
         det.search_opts = {"device_id": backend_opts.get("device_id", 0)}
         return det
@@ -154,7 +155,7 @@ class Detector(Pipeline):
 
     def calibration_binding(self, class_name: str) -> dict[str, Any]:
         """What a class's calibration depends on (``runtime.calibration.calibration_binding``)."""
-        return calibration_binding(self.manifest, self.precision, self._prototypes.get(class_name))
+        return calibration_binding(self.manifest, self.precision, self._prototypes.get(class_name), class_name)
 
     def thresholds(self, class_name: str, threshold: float | None = None,
                    pixel_threshold: float | None = None) -> tuple[float, float, str]:

@@ -8,7 +8,7 @@ an artifact folder and to ``Detector``:
   inference) -> ``ReferenceBank``, merged into the class's existing bank unless replaced, and
   optionally reduced by PatchCore's greedy coreset.
 * ``write_bank``: the ONE function that changes the artifact (the writer lock wraps it). The bank
-  goes to a content-addressed file ``refs/<class>.<sha12>.npz`` (temp file, then rename), then the
+  goes to a content-addressed file ``refs/<class>-<name hash>.<sha12>.npz`` (temp file, then rename), then the
   manifest (``files`` + ``references.<class>``) is replaced atomically, then the old bank file is
   removed: a crash at any point leaves a manifest whose files all match their sha256.
 * ``FewShot``: what ``Detector`` applies per batch. The WinCLIP+ rule is linear in the maps, so
@@ -90,8 +90,8 @@ def reduce(bank: ReferenceBank, coreset: int | None, seed: int) -> ReferenceBank
 def build_bank(detector: Any, class_name: str, good: str | os.PathLike, shots: int | None = None,
                coreset: int | None = None, seed: int = 0, replace: bool = False, batch: int = 8
                ) -> ReferenceBank:
-    """Encode ``shots`` good images of ``good`` (all when None), merge with the class's bank unless
-    ``replace``, then bound the result by a coreset of ``coreset`` patches when given.
+    """Encode ``shots`` good images of ``good`` (all when None) into a bank of those images only;
+    ``write_bank`` merges it with the class's stored bank (unless ``replace``) under the lock.
 
     Images whose names are already in the bank are skipped (a folder that grows on the line can be
     passed again); the shot draw picks among the others."""
@@ -106,14 +106,15 @@ def build_bank(detector: Any, class_name: str, good: str | os.PathLike, shots: i
                         "(use --replace to rebuild it)")
     paths = select_shots(fresh, shots, seed, f"good-image folder {good} (images not yet in the bank)")
     m = detector.manifest
-    new = ReferenceBank(encode_images(detector, class_name, paths, batch), m["backbone"], m["image_size"],
-                        tuple(m["patch_grid"]), tuple(p.name for p in paths), os.fspath(good))
-    return reduce(old.merge(new) if old is not None else new, coreset, seed)
+    return ReferenceBank(encode_images(detector, class_name, paths, batch), m["backbone"], m["image_size"],
+                         tuple(m["patch_grid"]), tuple(p.name for p in paths), os.fspath(good))
 
 
 # storing ----------------------------------------------------------------------------------------
 def _file_stem(class_name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", class_name) or "class"
+    """A short, safe file stem that is unique per class ("metal nut" and "metal_nut" differ)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", class_name)[:48] or "class"
+    return f"{safe}-{hashlib.sha256(class_name.encode('utf-8')).hexdigest()[:8]}"
 
 
 def manifest_entry(file: str, bank: ReferenceBank) -> dict[str, Any]:
@@ -126,19 +127,31 @@ def manifest_entry(file: str, bank: ReferenceBank) -> dict[str, Any]:
     }
 
 
-def write_bank(artifact_dir: str | os.PathLike, class_name: str, bank: ReferenceBank) -> dict[str, Any]:
+def write_bank(artifact_dir: str | os.PathLike, class_name: str, bank: ReferenceBank, merge: bool = False,
+               coreset: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Store ``bank`` as the class's reference bank in the artifact (see module docstring); returns its
     manifest entry. The graph and the other files are not touched. Runs under the artifact's writer
-    lock and re-reads the manifest there, so a concurrent add-class or calibrate is never lost."""
+    lock and re-reads the manifest and the stored bank there: with ``merge`` the bank is added to the
+    CURRENT stored bank (so two concurrent ``anoclip refs`` runs both land), then bounded by a coreset
+    of ``coreset`` patches (default: the stored bank's coreset size, so a merge keeps the bound)."""
     root = Path(artifact_dir)
     with artifact_lock(root, what="anoclip refs"):
-        return _write_bank_locked(root, class_name, bank)
+        data = mf.read_manifest(root, check_files=False)
+        mf.require_class(data, class_name)
+        bank.check_compatible(data["backbone"], data["embed_dim"], data["image_size"], "the reference bank")
+        current = _stored_bank(root, data, class_name) if merge else None
+        if current is not None:
+            coreset = coreset or (current.coreset or {}).get("size")
+            bank = current.merge(bank)
+        return _write_bank_locked(root, data, class_name, reduce(bank, coreset, seed))
 
 
-def _write_bank_locked(root: Path, class_name: str, bank: ReferenceBank) -> dict[str, Any]:
-    data = mf.read_manifest(root, check_files=False)
-    mf.require_class(data, class_name)
-    bank.check_compatible(data["backbone"], data["embed_dim"], data["image_size"], "the reference bank")
+def _stored_bank(root: Path, data: Mapping[str, Any], class_name: str) -> ReferenceBank | None:
+    entry = mf.reference_entry(data, class_name)
+    return ReferenceBank.load(root / entry["file"]) if entry else None
+
+
+def _write_bank_locked(root: Path, data: dict[str, Any], class_name: str, bank: ReferenceBank) -> dict[str, Any]:
     staged = bank.save(root / mf.REFS_DIR / f".{_file_stem(class_name)}.staged-{os.getpid()}.npz")
     digest = sha256_file(staged)
     name = f"{mf.REFS_DIR}/{_file_stem(class_name)}.{digest[:12]}.npz"

@@ -61,7 +61,7 @@ def test_dependencies_point_one_way(package, forbidden):
 def test_export_reads_the_runtime_only_through_the_contract():
     for file, names in _package_imports("export").items():
         runtime = sorted(n for n in names if _top(n) == "runtime" and n != "runtime")
-        assert all(n == "anoclip.runtime.contract" or n.startswith("runtime.contract.") for n in runtime), (
+        assert all(n == "runtime.contract" or n.startswith("runtime.contract.") for n in runtime), (
             file,
             runtime,
         )

@@ -134,7 +134,7 @@ def test_bank_from_another_backbone_is_refused(banked, tmp_path, tiny24_model):
     (banked / "manifest.json").write_text(json.dumps(m))
     write_images(tmp_path / "more", [5])
     res = refs(banked, "--class", "bottle", "--good", str(tmp_path / "more"))
-    assert res.exit_code == 2 and "error: reference bank refs/bottle." in res.output
+    assert res.exit_code == 2 and "error: reference bank refs/bottle-" in res.output
     assert "built with backbone 'anoclip-tiny-24', the model is 'anoclip-tiny'" in res.output
 
 
@@ -262,3 +262,46 @@ def test_infer_cli_reports_the_bank(banked, tmp_path):
     assert "few-shot, bank of 2 shot(s) / 128 patches" in on.output and "zero-shot" in off.output
     bad = runner.invoke(main, ["infer", str(banked), str(img), "--class", "bottle", "--visual-weight", "1.5"])
     assert bad.exit_code == 2 and "error: visual weight must be in [0, 1], got 1.5" in bad.output
+
+
+def test_two_concurrent_refs_runs_on_one_class_both_land(banked, tmp_path):
+    """Issue 13 + review: the merge with the stored bank happens under the writer lock, on the CURRENT bank."""
+    import threading
+
+    from anoclip.runtime.refs import write_bank
+
+    base = ReferenceBank.load(banked / manifest(banked)["references"]["bottle"]["file"])
+    d = base.embed_dim
+    rng = np.random.default_rng(0)
+
+    def one(tag: str) -> ReferenceBank:
+        e = rng.standard_normal((3, d)).astype(np.float32)
+        return ReferenceBank(e / np.linalg.norm(e, axis=1, keepdims=True), base.backbone, base.image_size,
+                             base.patch_grid, (f"{tag}.png",), tag)
+
+    banks = [one("a"), one("b")]
+    threads = [threading.Thread(target=write_bank, args=(banked, "bottle", b), kwargs={"merge": True}) for b in banks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = ReferenceBank.load(banked / manifest(banked)["references"]["bottle"]["file"])
+    assert set(stored.images) == set(base.images) | {"a.png", "b.png"} and stored.size == base.size + 6
+
+
+def test_bank_files_are_unique_per_class_name():
+    from anoclip.runtime.refs import _file_stem
+
+    assert _file_stem("metal nut") != _file_stem("metal_nut")
+    assert len(_file_stem("x" * 100)) < 60
+
+
+def test_a_new_bank_makes_an_earlier_calibration_stale(banked):
+    from anoclip.runtime.calibration import calibration_binding
+
+    m = manifest(banked)
+    protos = np.zeros((2, 4), np.float32)
+    with_bank = calibration_binding(m, "fp32", protos, "bottle")
+    assert with_bank["references_sha256"] == m["files"][m["references"]["bottle"]["file"]]
+    del m["references"]
+    assert "references_sha256" not in calibration_binding(m, "fp32", protos, "bottle")
