@@ -243,7 +243,7 @@ def static_int8_artifact(cfg: Any, main_dir: Path, main_manifest: dict, names: t
 
     One artifact holds one int8 graph, so the static one (the dynamic one stays in the main
     artifact) goes to ``<main>-int8-static`` beside it: reused when present and of the same
-    backbone / size, else exported with ``export.api``, calibrated on 8 synthetic images like the
+    backbone / size, else exported with ``anoclip.export.api``, calibrated on 8 synthetic images like the
     timed ones (seed + 1000, so not the timed inputs; the benchmark has no product images) written
     as PNGs, read the way ``--calibration-images`` reads them.
     """

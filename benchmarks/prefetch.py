@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .runner import paired_ratio
-from .stats import summarize, time_calls
+from .stats import summarize, time_interleaved
 
 
 def _write_images(folder: Path, n: int, h: int, w: int) -> list[str]:
@@ -62,19 +62,6 @@ def _same(a: list[Any], b: list[Any]) -> bool:
         and (x.anomaly_map is None or x.anomaly_map.tobytes() == y.anomaly_map.tobytes())
         for x, y in zip(a, b, strict=True)
     )
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        if warmup:
-            time_calls(fn, repeats=warmup, warmup=0)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(reps):
-        names = list(fns)
-        names = names[rep % len(names):] + names[: rep % len(names)]
-        for name in names:
-            times[name] += time_calls(fns[name], repeats=1, warmup=0)
-    return times
 
 
 def _section(times: dict[str, list[float]], per: int) -> dict[str, Any]:
@@ -119,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return lambda: det.predict_batch(files, cls, batch=args.batch, prefetch=prefetch)
 
         same = _same(batch(0)(), batch(1)())
-        times = _interleaved({"prefetch_on": batch(1), "prefetch_off": batch(0)}, args.reps, args.warmup)
+        times = time_interleaved({"prefetch_on": batch(1), "prefetch_off": batch(0)}, args.reps, args.warmup)
         report["batch"] = {"images": args.images, "size": [h, w], "identical": same, **_section(times, args.images)}
     if args.strip:
         sh, sw = (int(v) for v in args.strip.lower().split("x"))
@@ -132,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         same = _same(stream(0)(), stream(1)())
-        times = _interleaved({"prefetch_on": stream(1), "prefetch_off": stream(0)}, args.reps, args.warmup)
+        times = time_interleaved({"prefetch_on": stream(1), "prefetch_off": stream(0)}, args.reps, args.warmup)
         report["strip"] = {"size": [sh, sw], "identical": same, **_section(times, 1)}
     report["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["command"] = " ".join(

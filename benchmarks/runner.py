@@ -2,7 +2,7 @@
 
 Order of a run: machine + GEMM peak, model load and text prototypes, the analytical FLOP count
 (cross-checked with torch's FLOP counter), the PyTorch contenders, AnoCLIP+ (TTA) cost, the
-artifact (built with ``export.api`` or reused), the runtime contenders, fidelity against the
+artifact (built with ``anoclip.export.api`` or reused), the runtime contenders, fidelity against the
 fp32 core, the line-scan strip, and a second GEMM peak at the end (the spread of the two says
 how noisy the machine was). Every performance claim in the report is a ratio of figures taken
 in this one run.
@@ -349,7 +349,7 @@ def artifact_precisions(contenders: tuple[str, ...]) -> list[str]:
 
 def build_artifact(cfg: BenchConfig, out_dir: Path, contenders: tuple[str, ...], progress: bool,
                    say: Callable[[str], None] = lambda m: None) -> tuple[Path, dict]:
-    """Export an artifact with ``export.api.export_artifact`` -> (folder, info).
+    """Export an artifact with ``anoclip.export.api.export_artifact`` -> (folder, info).
 
     Precisions the exporter refuses here (bf16 without ONNX Runtime bf16 kernels) are left out
     with the reason; a TensorRT engine is built only when a ``trt-*`` contender is asked for and
@@ -698,7 +698,7 @@ def obtain_artifact(run: BenchRun) -> tuple[Path, dict, dict]:
             tmp_obj = tempfile.TemporaryDirectory(prefix="anoclip-bench-artifact-")
             run.cleanup.append(tmp_obj.cleanup)
             art_dir = Path(tmp_obj.name) / "artifact"
-        run.say(f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with export.api")
+        run.say(f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with anoclip.export.api")
         art_dir, art_info = build_artifact(cfg, art_dir, cfg.runtime_contenders, cfg.progress, run.say)
         art_info["path"] = str(art_dir) if cfg.artifact else "(temporary, deleted after the run)"
     manifest = load_artifact(art_dir)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .runner import paired_ratio
-from .stats import summarize, time_calls
+from .stats import summarize, time_interleaved
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,20 +106,6 @@ def _contenders(det, model, imgs: list[np.ndarray], cls: str, batch: int) -> dic
             "runtime_network": rt_net}
 
 
-def _time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Per-call seconds, the contenders interleaved in a rotating order (a busy machine hits all alike)."""
-    for fn in fns.values():
-        if warmup:
-            time_calls(fn, repeats=warmup, warmup=0)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(reps):
-        names = list(fns)
-        names = names[rep % len(names):] + names[: rep % len(names)]
-        for name in names:
-            times[name] += time_calls(fns[name], repeats=1, warmup=0)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     from anoclip.runtime import Detector
@@ -137,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     _, core_scores = fns["core_end_to_end"]()  # same numbers on both sides (sanity, not timed)
     rt_scores = np.array([r.score for r in det.predict_batch(imgs, cls, batch=args.batch)])
     score_diff = float(np.max(np.abs(core_scores - rt_scores)))
-    times = _time_interleaved(fns, args.reps, args.warmup)
+    times = time_interleaved(fns, args.reps, args.warmup)
     results = {}
     for name, ts in times.items():
         st = summarize([t / args.batch for t in ts])

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from anoclip_core.timing import percentile
 
@@ -112,3 +113,17 @@ def plan_repeats(estimate_s: float, repeats: int, budget_s: float | None, min_re
         return repeats
     fit = int(budget_s // estimate_s)
     return max(min_repeats, min(repeats, fit))
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Per-call seconds, the contenders interleaved in a rotating order (a busy machine hits all alike)."""
+    for fn in fns.values():
+        if warmup:
+            time_calls(fn, repeats=warmup, warmup=0)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps):
+        names = list(fns)
+        names = names[rep % len(names):] + names[: rep % len(names)]
+        for name in names:
+            times[name] += time_calls(fns[name], repeats=1, warmup=0)
+    return times

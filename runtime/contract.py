@@ -394,7 +394,8 @@ def recover_artifact(artifact_dir: str | os.PathLike) -> list[str]:
 
 
 # --- few-shot reference banks (issue 13) -----------------------------------------------------------
-# ``references``: optional, ``{class: entry}``; each entry names its bank file (``refs/<class>-<name hash>.<sha12>.npz``,
+# ``references``: optional, ``{class: entry}``; each entry names its bank file
+# (``refs/<class>-<name hash>.<sha12>.npz``,
 # also listed in ``files``) and repeats the bank's provenance so the manifest alone says what is there.
 REFS_FIELD = "references"
 REFS_DIR = "refs"
