@@ -698,7 +698,9 @@ def obtain_artifact(run: BenchRun) -> tuple[Path, dict, dict]:
             tmp_obj = tempfile.TemporaryDirectory(prefix="anoclip-bench-artifact-")
             run.cleanup.append(tmp_obj.cleanup)
             art_dir = Path(tmp_obj.name) / "artifact"
-        run.say(f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with anoclip.export.api")
+        run.say(
+            f"exporting an artifact ({', '.join(artifact_precisions(cfg.runtime_contenders))}) with anoclip.export.api"
+        )
         art_dir, art_info = build_artifact(cfg, art_dir, cfg.runtime_contenders, cfg.progress, run.say)
         art_info["path"] = str(art_dir) if cfg.artifact else "(temporary, deleted after the run)"
     manifest = load_artifact(art_dir)
