@@ -151,6 +151,23 @@ def measure_gemm_peak(device: str = "cpu", dtype: str = "float32", n: int = 2048
     return GemmPeak(device, dtype, n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 
+def measure_gemm_peak_int8(n: int = 2048, repeats: int = 5) -> GemmPeak:
+    """The CPU's int8 matrix-multiply peak (GOP/s: int8 x int8 -> int32, ``torch._int_mm``, oneDNN's
+    VNNI / AMX kernels when the CPU has them), best of ``repeats``: the ceiling of int8 contenders."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randint(-128, 127, (n, n), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 127, (n, n), generator=gen, dtype=torch.int8)
+    torch._int_mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch._int_mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return GemmPeak("cpu", "int8", n, repeats, best, 2.0 * n**3 / best / 1e9)
+
+
 def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None = None) -> GemmPeak:
     """The same fp32 ``n x n`` matmul as one ONNX ``MatMul`` node on ONNX Runtime's CPU provider
     (its MLAS kernels, the ones the runtime contenders use), best of ``repeats``."""

@@ -84,10 +84,14 @@ def _headline(results: dict) -> list[str]:
         out.append(f"- Core (b) vs plain open_clip (c): **{_x(h['core_over_open_clip_latency'])}** the latency "
                    f"(analytical FLOP ratio {_x(h.get('dual_over_plain_flops'))}: the V-V path).")
     for name, r in (h.get("runtime") or {}).items():
-        out.append(f"- `{name}`: **{_x(r['core_over_runtime_latency'])} faster** than the core at batch 1; "
+        vs_ort = (f" ({_x(r['ort_fp32_over_runtime_latency'])} faster than `ort-cpu-fp32`)"
+                  if r.get("ort_fp32_over_runtime_latency") else "")
+        own = (f", {_pct(r['own_peak_fraction_best'])} of the {r['own_peak']} GEMM peak"
+               if r.get("own_peak") and r.get("own_peak_fraction_best") is not None else "")
+        out.append(f"- `{name}`: **{_x(r['core_over_runtime_latency'])} faster** than the core at batch 1{vs_ort}; "
                    f"throughput {_x(r['runtime_over_core_throughput'])} the core's, "
                    f"{_x(r['runtime_over_open_clip_throughput'])} plain open_clip's; "
-                   f"{_pct(r.get('peak_fraction_best'))} of the fp32 GEMM peak.")
+                   f"{_pct(r.get('peak_fraction_best'))} of the fp32 GEMM peak{own}.")
     if h.get("core_peak_fraction_best") is not None:
         out.append(
             f"- Core at its best batch reaches {_pct(h['core_peak_fraction_best'])} of the measured fp32 GEMM peak."
@@ -157,6 +161,10 @@ def _md_machine(results: dict) -> list[str]:
               f"{_f(hl.get('torch_best_gflops'))}, ONNX Runtime best {_f(hl.get('onnxruntime_best_gflops'))})"]
     if results.get("gemm_fp16"):
         lines.append(f"- fp16 GEMM on the GPU: {_f(results['gemm_fp16']['gflops'])} GFLOP/s")
+    for name, g in (results.get("gemm_reduced") or {}).items():
+        what = (f"**{_f(g['gflops'])} GFLOP/s**" if "gflops" in g else f"not measured ({g.get('error')})")
+        lines.append(f"- {name} GEMM peak ({g.get('n', '')}x{g.get('n', '')}, torch on the CPU, best of "
+                     f"{g.get('calls', '')} calls at the end of the run): {what}")
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))
     lines += [f"- Model: {model.get('backbone')} ({_f(model.get('parameters_m'))} M visual parameters), "
               f"pretrained `{model.get('pretrained')}`, grid {model.get('patch_grid')}, D = {model.get('embed_dim')}, "
@@ -322,6 +330,11 @@ def _md_linescan(results: dict) -> list[str]:
                   f"{_f(ls['megapixels_per_s'])} MPix/s, n = {ls['repeats']}).", ""]
     else:
         lines += [f"Not measured: {(ls or {}).get('error', 'section off')}", ""]
+    base = results.get("linescan_baseline")
+    if base and "error" not in base and ls and "error" not in ls:
+        lines += [f"The same strip on `{base['backend']}` in this run: {base['strips_per_s']:.4f} strips/s "
+                  f"({_f(base['seconds_per_strip']['p50_ms'] / 1000)} s per strip): `{ls['backend']}` is "
+                  f"**{_x(ls['strips_per_s'] / base['strips_per_s'])}** its speed.", ""]
     return lines
 
 
@@ -389,8 +402,9 @@ def _md_method(results: dict) -> list[str]:
         "per-round ratios (`time.perf_counter`; CUDA synchronised where torch uses the GPU).",
         "- Hardware limit: the best fp32 GEMM rate seen on the same device and threads in this run (torch, "
         "and ONNX Runtime's MatMul on a CPU); GFLOPs per image are analytical (checked against "
-        "`FlopCounterMode` above). Reduced precisions (int8/fp16) have other ceilings; their 'of peak' is "
-        "relative to fp32.",
+        "`FlopCounterMode` above). Reduced precisions have other ceilings: 'of the fp32 GEMM peak' is "
+        "relative to fp32, and bf16 / int8 contenders also get 'of the bf16 / int8 GEMM peak' (torch.mm in "
+        "bf16 and torch._int_mm measured the same way).",
         "",
     ]
     for note in results.get("notes", []):

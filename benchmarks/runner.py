@@ -27,7 +27,15 @@ from anoclip_core.compare import compare
 from . import flops as fl
 from .config import BASELINE, BenchConfig
 from .contenders import Contender, runtime_contender, static_int8_artifact, torch_contenders
-from .hardware import PeakMemory, load_average, machine_summary, measure_gemm_peak, measure_gemm_peak_ort, versions
+from .hardware import (
+    PeakMemory,
+    load_average,
+    machine_summary,
+    measure_gemm_peak,
+    measure_gemm_peak_int8,
+    measure_gemm_peak_ort,
+    versions,
+)
 from .stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
 
 log = logging.getLogger("anoclip.bench")
@@ -324,14 +332,20 @@ def headline(results: dict) -> dict:
         "core_peak_fraction_best": (entries.get("core", {}).get("ratios") or {}).get("peak_fraction_best"),
         "runtime": {},
     }
+    reduced = results.get("gemm_reduced") or {}
     for name, e in entries.items():
         if e["group"] != "runtime":
             continue
+        r = e.get("ratios") or {}
+        own = reduced.get(PRECISION_PEAK.get(e.get("precision"), ""), {})
         out["runtime"][name] = {
             "core_over_runtime_latency": lat("core", name),
+            "ort_fp32_over_runtime_latency": lat("ort-cpu-fp32", name) if name != "ort-cpu-fp32" else None,
             "runtime_over_core_throughput": tp(name, "core"),
             "runtime_over_open_clip_throughput": tp(name, "open_clip"),
-            "peak_fraction_best": (e.get("ratios") or {}).get("peak_fraction_best"),
+            "peak_fraction_best": r.get("peak_fraction_best"),
+            "own_peak": PRECISION_PEAK.get(e.get("precision")) if own.get("gflops") else None,
+            "own_peak_fraction_best": ratio(r.get("achieved_gflops_best"), own.get("gflops")),
         }
     tta = results.get("tta")
     if tta:
@@ -831,13 +845,19 @@ def section_linescan(run: BenchRun) -> None:
         return best_throughput(e)[0] or 0.0
 
     fastest = max(run.runtime, key=best)
-    run.say(f"line-scan strip {cfg.linescan_size[1]} x {cfg.linescan_size[0]} on {fastest.name}")
-    try:
-        run.results["linescan"] = measure_linescan(
-            fastest, cfg.class_name, cfg.linescan_size, cfg.plan.linescan_repeats, cfg.seed,
-            batch=max(cfg.batch_sizes), progress=cfg.progress)
-    except Exception as err:  # noqa: BLE001
-        run.results["linescan"] = {"error": f"{type(err).__name__}: {err}"}
+    baseline = next((c for c in run.runtime if c.name == LINESCAN_BASELINE and c is not fastest), None)
+    for key, c in (("linescan", fastest), ("linescan_baseline", baseline)):
+        if c is None:
+            continue
+        run.say(f"line-scan strip {cfg.linescan_size[1]} x {cfg.linescan_size[0]} on {c.name}")
+        try:
+            run.results[key] = measure_linescan(c, cfg.class_name, cfg.linescan_size, cfg.plan.linescan_repeats,
+                                                cfg.seed, batch=max(cfg.batch_sizes), progress=cfg.progress)
+        except Exception as err:  # noqa: BLE001
+            run.results[key] = {"error": f"{type(err).__name__}: {err}"}
+
+
+LINESCAN_BASELINE = "ort-cpu-int8"  # the CPU strip figure the fastest contender is compared with
 
 
 def section_fewshot(run: BenchRun) -> None:
@@ -909,6 +929,24 @@ def hardware_limit(run: BenchRun) -> None:
         with contextlib.suppress(Exception):
             results["gemm_fp16"] = measure_gemm_peak(run.device, "float16", plan.gemm_size,
                                                      plan.gemm_repeats).to_dict()
+    else:
+        results["gemm_reduced"] = reduced_precision_peaks(plan.gemm_size, plan.gemm_repeats)
+
+
+def reduced_precision_peaks(n: int, repeats: int) -> dict[str, Any]:
+    """The CPU's bf16 and int8 GEMM peaks, measured like the fp32 one (the ceilings of the bf16 / int8
+    contenders; a CPU without native bf16 or VNNI shows a low figure or an error)."""
+    out: dict[str, Any] = {}
+    for name, measure in (("bf16", lambda: measure_gemm_peak("cpu", "bfloat16", n, repeats)),
+                          ("int8", lambda: measure_gemm_peak_int8(n, repeats))):
+        try:
+            out[name] = measure().to_dict()
+        except Exception as err:  # noqa: BLE001 - reported in place of the figure
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+    return out
+
+
+PRECISION_PEAK = {"bf16": "bf16", "int8": "int8", "int8s": "int8"}
 
 
 def finish(run: BenchRun) -> dict:

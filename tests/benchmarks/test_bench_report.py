@@ -168,3 +168,23 @@ def test_fewshot_section(tiny_run):
     assert all(v["latency"]["n"] == fs["rounds"] >= 2 and v["ratio_to_zero_shot"] > 0 for v in fs["variants"].values())
     md = paths["markdown"].read_text()
     assert "## Few-shot reference bank cost" in md and "| 4-shot | 256 |" in md
+
+
+def test_linescan_baseline_ratio_and_reduced_peaks_are_reported():
+    """Issue 12: the strip figure is compared with ort-cpu-int8 in the same run; bf16/int8 peaks are measured."""
+    from anoclip.benchmarks.report import _md_linescan
+    from anoclip.benchmarks.runner import reduced_precision_peaks
+
+    def strip(backend: str, per_s: float) -> dict:
+        return {"strip": {"width": 16384, "height": 1024}, "call": "Detector.predict(strip, tile=True)",
+                "backend": backend, "tiles_per_strip": 21, "tile": 1024, "overlap": 256, "tile_batch": 4,
+                "strips_per_s": per_s, "seconds_per_strip": {"p50_ms": 1000.0 / per_s}, "tiles_per_s": 21 * per_s,
+                "megapixels_per_s": 16.8 * per_s, "repeats": 1}
+
+    text = "\n".join(
+        _md_linescan({"linescan": strip("openvino-bf16", 0.6), "linescan_baseline": strip("ort-cpu-int8", 0.2)})
+    )
+    assert "`ort-cpu-int8` in this run" in text and "**3.00x** its speed" in text
+    peaks = reduced_precision_peaks(64, 1)
+    assert set(peaks) == {"bf16", "int8"}
+    assert all(("gflops" in v and v["gflops"] > 0) or "error" in v for v in peaks.values())
