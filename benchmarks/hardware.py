@@ -5,6 +5,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
@@ -127,6 +128,17 @@ class GemmPeak:
         return asdict(self)
 
 
+def _best_of(call: Callable[[], object], repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls, after one warm-up call."""
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure_gemm_peak(device: str = "cpu", dtype: str = "float32", n: int = 2048, repeats: int = 5) -> GemmPeak:
     """Measure the matrix-multiply peak (GFLOP/s) of ``device`` with torch, best of ``repeats``.
 
@@ -139,15 +151,12 @@ def measure_gemm_peak(device: str = "cpu", dtype: str = "float32", n: int = 2048
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dt)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dt)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.mm(a, b)  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
+    def call() -> None:
         sync()
-        t0 = time.perf_counter()
         torch.mm(a, b)
         sync()
-        best = min(best, time.perf_counter() - t0)
+
+    best = _best_of(call, repeats)
     return GemmPeak(device, dtype, n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 
@@ -159,12 +168,7 @@ def measure_gemm_peak_int8(n: int = 2048, repeats: int = 5) -> GemmPeak:
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randint(-128, 127, (n, n), generator=gen, dtype=torch.int8)
     b = torch.randint(-128, 127, (n, n), generator=gen, dtype=torch.int8)
-    torch._int_mm(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch._int_mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+    best = _best_of(lambda: torch._int_mm(a, b), repeats)
     return GemmPeak("cpu", "int8", n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 
@@ -188,12 +192,7 @@ def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None =
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
-    sess.run(None, feeds)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        best = min(best, time.perf_counter() - t0)
+    best = _best_of(lambda: sess.run(None, feeds), repeats)
     return GemmPeak("cpu (onnxruntime)", "float32", n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 

@@ -70,18 +70,16 @@ def resolve_thresholds(calibration: Mapping[str, Any], class_name: str, threshol
     ``source`` is "given", "calibration" or "default", or "image:<s1>,pixel:<s2>" when they differ.
     """
     cal = calibration.get("classes", {}).get(class_name) if calibration else None
-    if threshold is not None:
-        img, s1 = float(threshold), "given"
-    elif cal:
-        img, s1 = float(cal["image_threshold"]), "calibration"
-    else:
-        img, s1 = DEFAULT_IMAGE_THRESHOLD, "default"
-    if pixel_threshold is not None:
-        px, s2 = float(pixel_threshold), "given"
-    elif cal:
-        px, s2 = float(cal["pixel_threshold"]), "calibration"
-    else:
-        px, s2 = DEFAULT_PIXEL_THRESHOLD, "default"
+
+    def pick(given: float | None, field: str, default: float) -> tuple[float, str]:
+        if given is not None:
+            return float(given), "given"
+        if cal:
+            return float(cal[field]), "calibration"
+        return default, "default"
+
+    img, s1 = pick(threshold, "image_threshold", DEFAULT_IMAGE_THRESHOLD)
+    px, s2 = pick(pixel_threshold, "pixel_threshold", DEFAULT_PIXEL_THRESHOLD)
     return img, px, (s1 if s1 == s2 else f"image:{s1},pixel:{s2}")
 
 
