@@ -168,6 +168,16 @@ def _check_out(out: Path, force: bool) -> None:
         raise AnoCLIPError(f"--out {out} already exists and is not empty; pass --force to replace it (atomically)")
 
 
+def _warn_replaced_state(out: Path, force: bool) -> None:
+    """``--force`` replaces the whole folder: say so when it holds state a new export does not carry over."""
+    if not (force and out.is_dir()):
+        return
+    lost = [name for name in (mf.CALIBRATION_NAME, mf.REFS_DIR) if (out / name).exists()]
+    if lost:
+        _say(f"note: --force replaces {out}; its {' and '.join(lost)} (calibration / few-shot banks) are not carried "
+             "over: re-run anoclip calibrate / anoclip refs on the new artifact")
+
+
 def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
     from anoclip_core.prompts import default_domain
 
@@ -384,6 +394,7 @@ def _prepare(cfg: ExportConfig) -> _Stage:
         trt_api, gpu = trt_mod.require_tensorrt()
     out = Path(cfg.out if cfg.out is not None else default_out(cfg.backbone)).expanduser().absolute()
     _check_out(out, cfg.force)
+    _warn_replaced_state(out, cfg.force)
     if cfg.triton is not None:
         tdir = Path(cfg.triton) / cfg.triton_model_name
         if tdir.exists() and not cfg.force:

@@ -291,14 +291,16 @@ def write_manifest(artifact_dir: str | os.PathLike, data: Mapping[str, Any], val
     return path
 
 
-def require_class(data: Mapping[str, Any], class_name: str) -> str:
-    """The class's prompt domain; refuses a class the artifact has no text embeddings for."""
+def require_class(data: Mapping[str, Any], class_name: str, artifact: str | os.PathLike | None = None) -> str:
+    """The class's prompt domain; refuses a class the artifact has no text embeddings for (the
+    message gives the add-class command, with the artifact's path when known)."""
     classes = data["text"]["classes"]
     if class_name not in classes:
         known = ", ".join(sorted(classes)) or "none"
+        where = os.fspath(artifact) if artifact is not None else "<artifact>"
         raise ArtifactError(
             f"class {class_name!r} is not in this artifact (text.classes: {known}); "
-            f"add it with: anoclip-export add-class <artifact> {class_name}"
+            f"add it with: anoclip-export add-class {where} {class_name}"
         )
     return classes[class_name]
 

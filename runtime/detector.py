@@ -140,7 +140,7 @@ class Detector(Pipeline):
 
     def prototypes(self, class_name: str) -> np.ndarray:
         """[1, 2, D] prototypes of a class; ``ArtifactError`` for a class the artifact lacks."""
-        mf.require_class(self.manifest, class_name)
+        mf.require_class(self.manifest, class_name, self.artifact_dir)
         if class_name not in self._prototypes:
             raise ArtifactError(f"class {class_name!r} is listed in the manifest but has no prototypes in "
                                 f"{self.manifest['text']['file']}")

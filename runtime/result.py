@@ -70,8 +70,9 @@ class Result:
             })
         d["timing"] = {k: round(v, 3) for k, v in self.timing.items()}
         d["backend"] = self.backend
-        d["references"] = self.shots > 0
-        d["shots"] = self.shots
+        if self.error is None:  # a failed image used no bank: say nothing rather than "references: false"
+            d["references"] = self.shots > 0
+            d["shots"] = self.shots
         d["random_weights"] = self.random_weights
         if self.random_weights:
             d["warning"] = RANDOM_WEIGHTS_WARNING

@@ -152,3 +152,18 @@ def test_opset_below_18_needs_legacy(runner, configs, tmp_path):
     result = runner.invoke(main, ["--backbone", "anoclip-tiny", "--classes", "a", "--opset", "17",
                                   "--model-config", configs, "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--exporter legacy" in _error_line(result)
+
+
+def test_force_reexport_says_calibration_and_banks_are_not_carried_over(runner, configs, tmp_path):
+    from anoclip.export.cli import main
+
+    out = tmp_path / "art"
+    args = ["--backbone", "anoclip-tiny", "--pretrained", "none", "--classes", "bottle", "--model-config", configs,
+            "--out", str(out), "--text-cache", "none", "--quiet", "--exporter", "legacy"]
+    assert runner.invoke(main, args).exit_code == 0
+    (out / "refs").mkdir()
+    result = runner.invoke(main, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert "note: --force replaces" in result.output and "refs" in result.output
+    result = runner.invoke(main, [*args, "--force"])  # nothing to lose now: no note
+    assert "note: --force replaces" not in result.output

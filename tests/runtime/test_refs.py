@@ -305,3 +305,17 @@ def test_a_new_bank_makes_an_earlier_calibration_stale(banked):
     assert with_bank["references_sha256"] == m["files"][m["references"]["bottle"]["file"]]
     del m["references"]
     assert "references_sha256" not in calibration_binding(m, "fp32", protos, "bottle")
+
+
+def test_an_error_line_does_not_claim_zero_shot_and_unknown_class_names_the_artifact(banked, tmp_path):
+    """Hostile review: error lines said `references: false` on a banked class; the add-class hint had a placeholder."""
+    from anoclip.runtime import Detector
+
+    det = Detector.load(banked, backend="ort-cpu")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    good, err = det.predict_batch([smooth_image(1, 64), str(bad)], "bottle")
+    assert good.to_json()["references"] is True and good.to_json()["shots"] == 2
+    assert "error" in err.to_json() and "references" not in err.to_json() and "shots" not in err.to_json()
+    with pytest.raises(ArtifactError, match=f"add-class {banked} tyre"):
+        det.predict(smooth_image(1, 64), "tyre")
