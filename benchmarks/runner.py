@@ -831,6 +831,15 @@ def section_fidelity(run: BenchRun) -> None:
     }
 
 
+def fastest_runtime(run: BenchRun) -> Contender:
+    """The runtime contender with the best measured throughput (the line-scan and few-shot sections use it)."""
+
+    def best(c: Contender) -> float:
+        return best_throughput(next(x for x in run.entries if x["name"] == c.name))[0] or 0.0
+
+    return max(run.runtime, key=best)
+
+
 def section_linescan(run: BenchRun) -> None:
     """One long strip through the runtime tiler on the fastest runtime contender."""
     cfg = run.cfg
@@ -840,11 +849,7 @@ def section_linescan(run: BenchRun) -> None:
         run.results["linescan"] = {"error": "no runtime contender ran (the line-scan figure uses the runtime tiler)"}
         return
 
-    def best(c: Contender) -> float:
-        e = next(x for x in run.entries if x["name"] == c.name)
-        return best_throughput(e)[0] or 0.0
-
-    fastest = max(run.runtime, key=best)
+    fastest = fastest_runtime(run)
     baseline = next((c for c in run.runtime if c.name == LINESCAN_BASELINE and c is not fastest), None)
     for key, c in (("linescan", fastest), ("linescan_baseline", baseline)):
         if c is None:
@@ -870,7 +875,7 @@ def section_fewshot(run: BenchRun) -> None:
     if not run.runtime:
         run.results["fewshot"] = {"error": "no runtime contender ran (the few-shot figure uses runtime.Detector)"}
         return
-    c = max(run.runtime, key=lambda c: best_throughput(next(x for x in run.entries if x["name"] == c.name))[0] or 0.0)
+    c = fastest_runtime(run)
     run.say(f"few-shot reference banks vs zero-shot on {c.name}")
     try:
         s = c.detector.image_size

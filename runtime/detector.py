@@ -230,10 +230,10 @@ class Detector(Pipeline):
         img_thr, px_thr, src = self.thresholds(cfg.class_name, cfg.threshold, cfg.pixel_threshold)
         regions = find_regions(amap, px_thr, cfg.min_area, cfg.max_regions)
         item.timing["regions_ms"] = elapsed_ms(t0)
-        few = self.fewshot(cfg.class_name, cfg)
+        bank = self.references.get(cfg.class_name) if cfg.use_refs else None  # what forward fused, if anything
         return Result(item.path, cfg.class_name, float(score), "anomaly" if score > img_thr else "normal", amap,
                       regions, img_thr, px_thr, src, (int(amap.shape[0]), int(amap.shape[1])), tiles, item.timing,
-                      self.backend_name, self.random_weights, shots=few.shots if few else 0)
+                      self.backend_name, self.random_weights, shots=bank.shots if bank else 0)
 
     def run_graph(self, pixels: np.ndarray, class_name: str, outputs: Sequence[str] = DEFAULT_OUTPUTS
                   ) -> dict[str, np.ndarray]:
