@@ -64,7 +64,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 PRECISION_LABELS = {
     "ort-cpu-int8": "int8 dynamic",
     "ort-cpu-int8s": "int8 static QDQ (calibrated)",
-    "openvino-int8": "int8 static QDQ (calibrated)",
+    "openvino-int8": "int8 static QDQ (calibrated), its float ops in bf16 on a bf16 CPU (else f32)",
     "openvino-bf16": "bf16 (inference hint on the fp32 graph)",
 }
 # the artifact graph a contender's precision token runs ("int8s": the static artifact's int8)

@@ -27,7 +27,7 @@ def _manifest(int8_mode: str | None = "static") -> dict:
 
 # --- precision plan (pure logic) ---------------------------------------------------------------
 @pytest.mark.parametrize("precision,expected", [(None, ("fp32", "f32")), ("fp32", ("fp32", "f32")),
-                                                ("bf16", ("fp32", "bf16")), ("int8", ("int8", "f32"))])
+                                                ("bf16", ("fp32", "bf16")), ("int8", ("int8", "remainder"))])
 def test_graph_plan_maps_precision_to_graph_and_hint(precision, expected):
     assert graph_plan(_manifest(), precision) == expected
 
@@ -169,12 +169,20 @@ def test_bf16_backend_accepted_on_cpu_with_bf16(graph):
     assert choice.name == "openvino"
 
 
-def test_fp32_and_int8_pick_their_graph_with_f32_hint(graph):
-    for precision, file in ((None, "encoder.onnx"), ("int8", "encoder.int8.onnx")):
-        core = FakeCore(CAPS_BF16)  # a bf16 CPU: OpenVINO would default to bf16 without the explicit hint
-        create_backend("openvino", graph, _manifest(), precision, openvino_module=FakeOpenVINO(core))
-        path, _, config = core.compiled[0]
-        assert path.endswith(file) and config["INFERENCE_PRECISION_HINT"] == "f32"
+def test_fp32_picks_its_graph_with_an_explicit_f32_hint(graph):
+    core = FakeCore(CAPS_BF16)  # a bf16 CPU: OpenVINO would default to bf16 without the explicit hint
+    create_backend("openvino", graph, _manifest(), None, openvino_module=FakeOpenVINO(core))
+    path, _, config = core.compiled[0]
+    assert path.endswith("encoder.onnx") and config["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+@pytest.mark.parametrize("caps,remainder", [(CAPS_BF16, "bf16"), (CAPS_AVX2, "f32")])
+def test_int8_runs_its_float_remainder_in_bf16_only_where_the_cpu_has_it(graph, caps, remainder):
+    core = FakeCore(caps)
+    choice = create_backend("openvino", graph, _manifest(), "int8", openvino_module=FakeOpenVINO(core))
+    path, _, config = core.compiled[0]
+    assert path.endswith("encoder.int8.onnx") and config["INFERENCE_PRECISION_HINT"] == remainder
+    assert choice.backend.hint == remainder
 
 
 def test_compile_failure_and_wrong_inputs_are_one_line_errors(graph):
