@@ -149,7 +149,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
         check_out_dir(cfg.out_dir)
     files = collect_inputs(inputs)
     det = Detector.load(artifact, backend=cfg.backend, precision=cfg.precision, verify=cfg.verify,
-                        threads=cfg.threads)
+                        threads=cfg.threads, streams=cfg.streams)
     det.prototypes(cfg.class_name)
     few = det.fewshot(cfg.class_name, cfg)
     mode = f"few-shot, bank of {few.shots} shot(s) / {few.bank.size} patches" if few else "zero-shot"
@@ -213,6 +213,9 @@ def _infer_options(f):
         click.option("--no-overlays", is_flag=True, default=False, help="do not write heat-map overlays"),
         click.option("--no-masks", is_flag=True, default=False, help="do not write binary masks"),
         click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
+        click.option("--streams", type=int, default=1, show_default=True,
+                     help="OpenVINO only: infer a batch (or the tiles of a strip) as N parts at once, each on "
+                          "threads/N threads; faster for batches and strips, slower for single images"),
         click.option("--no-prefetch", is_flag=True, default=False,
                      help="decode and pre-process on the calling thread only (default: the next batch is "
                           "prepared on a worker while the backend runs; for debugging)"),
@@ -235,8 +238,8 @@ def _infer_options(f):
 def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir: str | None, batch: int, tile: bool,
                tile_size: int | None, overlap: int | None, backend: str, precision: str | None,
                threshold: float | None, pixel_threshold: float | None, min_area: int, tta: bool, channel_order: str,
-               no_overlays: bool, no_masks: bool, threads: int | None, no_prefetch: bool, no_verify: bool,
-               no_refs: bool, visual_weight: float, quiet: bool, max_pixels: int | None) -> None:
+               no_overlays: bool, no_masks: bool, threads: int | None, streams: int, no_prefetch: bool,
+               no_verify: bool, no_refs: bool, visual_weight: float, quiet: bool, max_pixels: int | None) -> None:
     """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -247,8 +250,8 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
         cfg = InferConfig(class_name=class_name, backend=backend, precision=precision, batch=batch, tile=tile,
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
-                          overlays=not no_overlays, masks=not no_masks, threads=threads, verify=not no_verify,
-                          prefetch=0 if no_prefetch else 1, use_refs=not no_refs, visual_weight=visual_weight)
+                          overlays=not no_overlays, masks=not no_masks, threads=threads, streams=streams,
+                          verify=not no_verify, prefetch=0 if no_prefetch else 1, use_refs=not no_refs, visual_weight=visual_weight)
         summary = run_infer(artifact, inputs, cfg, progress=not quiet)
     except AnoCLIPError as err:
         _fail(err)

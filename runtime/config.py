@@ -40,6 +40,7 @@ class InferConfig:
     masks: bool = True
     alpha: float = 0.5
     threads: int | None = None
+    streams: int = 1
     verify: bool = True
     prefetch: int = 1
     use_refs: bool = True
@@ -56,6 +57,10 @@ class InferConfig:
             raise InputError(f"overlap {self.overlap} is over half the tile size {self.tile_size}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
+        if self.streams < 1:
+            raise InputError(f"streams must be >= 1, got {self.streams}")
+        if self.streams > 1 and self.backend != "openvino":
+            raise InputError(f"--streams {self.streams} is an OpenVINO option: add --backend openvino")
         for name in ("threshold", "pixel_threshold"):
             v = getattr(self, name)
             if v is not None:

@@ -107,7 +107,7 @@ def _start_openvino(artifact_dir: Path, manifest: Mapping[str, Any], precision: 
     return ov_backend.OpenVinoBackend(
         artifact_dir / manifest["models"][key]["file"], hint, threads=opts.get("threads"),
         cache_dir=opts.get("openvino_cache_dir") or (os.path.join(cache_root, "openvino") if cache_root else None),
-        openvino=ov, core_factory=opts.get("openvino_core_factory"),
+        openvino=ov, core_factory=opts.get("openvino_core_factory"), streams=opts.get("streams") or 1,
     )
 
 
@@ -144,6 +144,9 @@ def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping
     threads = opts.get("threads")
     if threads is not None and int(threads) < 1:  # 0 would silently mean "all cores" to the engines
         raise InputError(f"threads must be >= 1, got {threads}")
+    streams = opts.get("streams")
+    if streams is not None and int(streams) != 1 and name != "openvino":
+        raise InputError(f"streams ({streams}) are an OpenVINO option: use --backend openvino, or streams 1")
     root = Path(artifact_dir)
     if name != "auto":
         return BackendChoice(_start(name, root, manifest, precision, opts), name, name)

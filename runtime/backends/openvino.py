@@ -18,8 +18,18 @@ compilation. Precisions (``--precision``):
   ``DynamicQuantizeLinear``) is an ONNX Runtime graph and is refused with the re-export command.
 
 Thread safety (OpenVINO docs, "Inference Request"): a ``CompiledModel`` may be shared by threads,
-an ``InferRequest`` may not. Each thread gets its own request (``threading.local``), reused across
+an ``InferRequest`` may not. Each thread gets its own requests (``threading.local``), reused across
 its calls; outputs are copied out of the request's tensors before returning.
+
+Streams (``streams=N``, ``--streams N``): one stream runs one request on all the threads
+(``PERFORMANCE_HINT=LATENCY``), which is what a single image wants. With N > 1 the model is
+compiled for N streams (``PERFORMANCE_HINT=THROUGHPUT``, ``NUM_STREAMS=N``; OpenVINO gives each
+stream threads / N of the threads) and a batch is cut into N contiguous parts inferred at once
+(``start_async`` then ``wait`` on N requests), joined in order. Each image is computed by the same
+kernels either way (the CPU plugin's results do not depend on the batch it came in: checked
+bit-equal on ViT-B-16-plus-240 int8 and bf16); small ops scale poorly over threads, so batches,
+tiles and strips gain (1.1-1.3x measured paired on 2 cores), while a batch of one runs on one
+stream's threads only: keep N = 1 for single-image latency.
 
 Torch-free: numpy and (lazily) ``openvino``.
 """
@@ -32,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from anoclip_core.errors import ArtifactError, BackendUnavailable
+from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
 from ..contract import INPUT_NAMES
 from .base import BaseBackend
@@ -99,10 +109,23 @@ def remainder_hint(capabilities: Sequence[str]) -> str:
     return "bf16" if "BF16" in capabilities else "f32"
 
 
-def compile_config(hint: str, threads: int | None) -> dict[str, str]:
-    """Compile-time properties: precision hint, latency mode, one stream's worth of threads."""
-    return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": str(int(threads) if threads else physical_cores())}
+def compile_config(hint: str, threads: int | None, streams: int = 1) -> dict[str, str]:
+    """Compile-time properties: precision hint, the threads in all, and latency mode (one stream) or
+    throughput mode with ``streams`` streams sharing those threads."""
+    total = int(threads) if threads else physical_cores()
+    if streams < 1 or streams > total:
+        raise InputError(f"openvino streams must be between 1 and the threads it runs on ({total}), got {streams}")
+    config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": str(total)}
+    if streams == 1:
+        return {**config, "PERFORMANCE_HINT": "LATENCY"}
+    return {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)}
+
+
+def batch_parts(batch: int, streams: int) -> list[slice]:
+    """``batch`` items cut into at most ``streams`` contiguous, near-equal parts, in order."""
+    parts = min(batch, streams)
+    bounds = [round(k * batch / parts) for k in range(parts + 1)]
+    return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 
 class OpenVinoBackend(BaseBackend):
@@ -110,8 +133,10 @@ class OpenVinoBackend(BaseBackend):
 
     def __init__(self, model_path: str | os.PathLike, hint: str = "f32", threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None, openvino: Any = None,
-                 core_factory: Callable[[], Any] | None = None) -> None:
+                 core_factory: Callable[[], Any] | None = None, streams: int = 1) -> None:
         ov = load_openvino(openvino)
+        self.streams = int(streams)
+        config = compile_config("f32", threads, self.streams)  # bad streams / threads: refused before compiling
         self.name = NAME
         self.model_path = os.fspath(model_path)
         if not os.path.isfile(self.model_path):
@@ -123,7 +148,7 @@ class OpenVinoBackend(BaseBackend):
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
             core.set_property({"CACHE_DIR": os.fspath(cache_dir)})
-        self.config = compile_config(self.hint, threads)
+        self.config = {**config, "INFERENCE_PRECISION_HINT": self.hint}
         try:
             self.compiled = core.compile_model(self.model_path, DEVICE, self.config)
         except Exception as err:  # noqa: BLE001 - OpenVINO's own exception types
@@ -138,21 +163,30 @@ class OpenVinoBackend(BaseBackend):
         self._local = threading.local()
         self.version = str(getattr(ov, "__version__", "?"))
 
-    def _request(self) -> Any:
-        """This thread's infer request (created on its first call)."""
-        req = getattr(self._local, "request", None)
-        if req is None:
-            req = self._local.request = self.compiled.create_infer_request()
-        return req
+    def _requests(self) -> list[Any]:
+        """This thread's infer requests, one per stream (created on its first call)."""
+        reqs = getattr(self._local, "requests", None)
+        if reqs is None:
+            reqs = self._local.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        return reqs
 
     def run_impl(self, pixels: np.ndarray, prototypes: np.ndarray, outputs: tuple[str, ...]
                  ) -> dict[str, np.ndarray]:
-        res = self._request().infer({INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: prototypes})
-        return {name: np.array(res[name], dtype=np.float32, copy=True) for name in outputs}
+        reqs = self._requests()
+        parts = batch_parts(pixels.shape[0], self.streams)
+        if len(parts) == 1:
+            res = reqs[0].infer({INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: prototypes})
+            return {name: np.array(res[name], dtype=np.float32, copy=True) for name in outputs}
+        for req, part in zip(reqs, parts):
+            req.start_async({INPUT_NAMES[0]: pixels[part], INPUT_NAMES[1]: prototypes})
+        for req in reqs[:len(parts)]:
+            req.wait()
+        return {name: np.concatenate([np.asarray(req.get_tensor(name).data, dtype=np.float32)
+                                      for req in reqs[:len(parts)]]) for name in outputs}
 
     def close(self) -> None:
         self._local = threading.local()
         self.compiled = None
 
     def __repr__(self) -> str:
-        return f"OpenVinoBackend({os.path.basename(self.model_path)}, hint={self.hint})"
+        return f"OpenVinoBackend({os.path.basename(self.model_path)}, hint={self.hint}, streams={self.streams})"

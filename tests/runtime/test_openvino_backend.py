@@ -61,6 +61,29 @@ def test_compile_config_sets_f32_explicitly_and_threads():
     assert cfg == {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "3"}
 
 
+def test_compile_config_for_streams_uses_throughput_mode_over_the_same_threads():
+    cfg = compile_config("bf16", 4, streams=2)
+    assert cfg == {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2",
+                   "INFERENCE_NUM_THREADS": "4"}
+    from anoclip_core.errors import InputError
+
+    with pytest.raises(InputError, match=r"between 1 and the threads it runs on \(2\), got 3"):
+        compile_config("f32", 2, streams=3)
+    with pytest.raises(InputError, match="got 0"):
+        compile_config("f32", 2, streams=0)
+
+
+@pytest.mark.parametrize("batch,streams,sizes", [(1, 2, [1]), (2, 2, [1, 1]), (5, 2, [2, 3]), (7, 3, [2, 3, 2]),
+                                                 (3, 4, [1, 1, 1]), (8, 1, [8])])
+def test_batch_parts_are_contiguous_in_order_and_near_equal(batch, streams, sizes):
+    from anoclip.runtime.backends.openvino import batch_parts
+
+    parts = batch_parts(batch, streams)
+    assert [p.stop - p.start for p in parts] == sizes  # hand-computed: round(k * batch / parts) bounds
+    assert parts[0].start == 0 and parts[-1].stop == batch
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+
+
 # --- fake OpenVINO -------------------------------------------------------------------------------
 class FakePort:
     """``openvino.ConstOutput``: ``get_any_name()`` returns the tensor name (OpenVINO Python API)."""
@@ -72,25 +95,51 @@ class FakePort:
         return self._name
 
 
+class FakeTensor:
+    """``openvino.Tensor``: ``.data`` is a numpy view of the tensor's memory."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+
+
 class FakeRequest:
     """``openvino.InferRequest``: ``infer(dict)`` returns an ``OVDict`` indexable by output name; the
-    arrays are views of the request's own output tensors, overwritten by its next call."""
+    arrays are views of the request's own output tensors, overwritten by its next call.
+    ``start_async(dict)`` returns at once and ``wait()`` blocks until done (here the work is done in
+    ``start_async``, and ``wait`` only counts); ``get_tensor(name).data`` reads an output
+    (OpenVINO Python API, ``InferRequest``). Every output of image i holds the mean of pixels[i]."""
 
     def __init__(self, log: list) -> None:
         self.log = log
         self.buffers: dict[str, np.ndarray] = {}
+        self.calls: list[str] = []
 
-    def infer(self, inputs):
+    def _compute(self, inputs) -> None:
         px, pr = inputs["pixels"], inputs["text_prototypes"]
         self.log.append((threading.get_ident(), id(self)))
         b, c = px.shape[0], pr.shape[0]
-        value = float(px.mean())
         shapes = {"global_embedding": (b, 4), "local_embeddings": (b, 2, 2, 4), "local_tokens": (b, 4, 4),
                   "patch_probs": (b, c, 2, 2), "image_scores": (b, c)}
         for name, shape in shapes.items():
-            buf = self.buffers.setdefault(name, np.empty(shape, np.float32))
-            buf[...] = value
+            buf = self.buffers.get(name)
+            if buf is None or buf.shape != shape:
+                buf = self.buffers[name] = np.empty(shape, np.float32)
+            buf[...] = px.reshape(b, -1).mean(1).reshape((b,) + (1,) * (len(shape) - 1))
+
+    def infer(self, inputs):
+        self.calls.append("infer")
+        self._compute(inputs)
         return dict(self.buffers)
+
+    def start_async(self, inputs) -> None:
+        self.calls.append("start_async")
+        self._compute(inputs)
+
+    def wait(self) -> None:
+        self.calls.append("wait")
+
+    def get_tensor(self, name: str) -> FakeTensor:
+        return FakeTensor(self.buffers[name])
 
 
 class FakeCompiled:
@@ -218,11 +267,40 @@ def test_one_request_per_thread_and_outputs_copied(graph):
     for t in threads:
         t.join()
     assert len(results) == 3
-    assert len(core.model.requests) == 4  # main thread + 3 workers, each reusing its own request
+    assert len(core.model.requests) == 4  # main thread + 3 workers, each reusing its own request (1 stream)
     by_thread: dict[int, set] = {}
     for tid, rid in core.log:
         by_thread.setdefault(tid, set()).add(rid)
     assert all(len(r) == 1 for r in by_thread.values())
+
+
+def test_streams_split_a_batch_over_requests_at_once_and_join_it_in_order(graph):
+    core = FakeCore()
+    be = OpenVinoBackend(graph / "encoder.onnx", openvino=FakeOpenVINO(core), threads=2, streams=2)
+    assert core.compiled[0][2]["NUM_STREAMS"] == "2"
+    px = np.stack([np.full((3, 8, 8), float(k), np.float32) for k in range(5)])
+    pr = np.ones((3, 2, 4), np.float32)
+    out = be.run(px, pr)
+    assert out["patch_probs"].shape == (5, 3, 2, 2)
+    np.testing.assert_array_equal(out["patch_probs"][:, 0, 0, 0], [0, 1, 2, 3, 4])  # order kept across the parts
+    np.testing.assert_array_equal(out["image_scores"][:, 2], [0, 1, 2, 3, 4])
+    reqs = core.model.requests
+    assert len(reqs) == 2 and [r.calls for r in reqs] == [["start_async", "wait"]] * 2  # both started, then waited
+    again = be.run(px[:1] + 7, pr)  # a batch of one: one request, synchronously
+    assert float(again["image_scores"][0, 0]) == 7.0 and reqs[0].calls[-1] == "infer" and len(core.model.requests) == 2
+    assert float(out["image_scores"][0, 0]) == 0.0  # the earlier result was copied out, not a view
+
+
+def test_streams_need_the_openvino_backend(graph, tiny_artifact):
+    from anoclip.runtime import Detector, InferConfig
+    from anoclip_core.errors import InputError
+
+    with pytest.raises(InputError, match="--streams 2 is an OpenVINO option: add --backend openvino"):
+        InferConfig(class_name="bottle", streams=2)
+    with pytest.raises(InputError, match="streams must be >= 1"):
+        InferConfig(class_name="bottle", backend="openvino", streams=0)
+    with pytest.raises(InputError, match=r"streams \(2\) are an OpenVINO option"):
+        Detector.load(tiny_artifact, backend="ort-cpu", streams=2)
 
 
 def test_bad_inputs_and_outputs_rejected(graph):
@@ -353,3 +431,27 @@ def test_real_cli_parity_ort_cpu_vs_openvino(tiny_artifact):
     res = CliRunner().invoke(main, ["parity", str(tiny_artifact), "--a", "ort-cpu", "--b", "openvino"])
     assert res.exit_code == 0, res.output
     assert "PASSED" in res.output
+
+
+def test_real_openvino_two_streams_give_each_image_the_one_stream_result(tiny_artifact):
+    """A batch cut into parts run at once is the batch run whole (per image, up to f32 rounding of a
+    different batch size in the kernels), in the same order; a tiled strip agrees too."""
+    _real_openvino()
+    from anoclip.runtime import Detector
+
+    one = Detector.load(tiny_artifact, backend="openvino", threads=2, verify=False)
+    two = Detector.load(tiny_artifact, backend="openvino", threads=2, streams=2, verify=False)
+    try:
+        assert two.backend.config["NUM_STREAMS"] == "2"
+        px, pr = _pixels(5, seed=3), one.prototypes("bottle")
+        a, b = one.backend.run(px, pr), two.backend.run(px, pr)
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
+        spread = float(a["patch_probs"].max() - a["patch_probs"].min())
+        assert spread > 1e-3  # images differ: a swapped order would fail the 1e-6 check above
+        strip = (np.random.default_rng(4).random((64, 400, 3)) * 255).astype(np.uint8)
+        ra, rb = one.predict(strip, "bottle", tile=True, batch=4), two.predict(strip, "bottle", tile=True, batch=4)
+        np.testing.assert_allclose(rb.anomaly_map, ra.anomaly_map, rtol=0, atol=1e-6)
+    finally:
+        one.close()
+        two.close()
