@@ -491,46 +491,6 @@ def measure_fidelity(ref: tuple[np.ndarray, np.ndarray], c: Contender, px: np.nd
     return compare(maps, scores, ref[0], ref[1])
 
 
-def measure_linescan(c: Contender, class_name: str, size: tuple[int, int], repeats: int, seed: int,
-                     batch: int, progress: bool) -> dict:
-    """Strips per second for one ``height x width`` strip: ``Detector.predict(strip, tile=True)``
-    (the runtime tiler: tiles of the strip height, blended, plus defect regions)."""
-    from anoclip.runtime import tiler
-
-    det = c.detector
-    height, width = size
-    strip = synthetic_images(1, height, width, seed + 7)[0]
-    t, o = tiler.resolve_tile(height, width, None, None)
-    tiles = len(tiler.axis_layout(height, t, o)) * len(tiler.axis_layout(width, t, o))
-    bar = _bar(repeats, f"line-scan {width}x{height} ({c.name}, {tiles} tiles)", progress)
-    samples, timing = [], {}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = det.predict(strip, class_name, tile=True, batch=batch)
-        samples.append(time.perf_counter() - t0)
-        timing = dict(res.timing)
-        bar.update(1)
-    bar.close()
-    med = percentile(samples, 50)
-    return {
-        "backend": c.name,
-        "call": "Detector.predict(strip, tile=True)",
-        "strip": {"height": height, "width": width},
-        "tile": t,
-        "overlap": o,
-        "tiles_per_strip": int(res.tiles),
-        "tiles_expected": tiles,
-        "tile_batch": batch,
-        "repeats": len(samples),
-        "seconds_per_strip": summarize(samples).to_dict(),
-        "strips_per_s": 1.0 / med,
-        "megapixels_per_s": height * width / med / 1e6,
-        "tiles_per_s": res.tiles / med,
-        "last_strip_timing_ms": timing,
-        "map_shape": list(res.anomaly_map.shape),
-    }
-
-
 # the run --------------------------------------------------------------------------------------
 @dataclass
 class BenchRun:
@@ -841,28 +801,37 @@ def fastest_runtime(run: BenchRun) -> Contender:
 
 
 def section_linescan(run: BenchRun) -> None:
-    """One long strip through the runtime tiler on the fastest runtime contender."""
+    """One long strip through the runtime tiler: the fastest runtime contender (and its multi-stream
+    variant on OpenVINO) against ``ort-cpu-int8``, interleaved (``benchmarks/linescan.py``)."""
+    from anoclip.runtime.backends.ort import physical_cores
+
+    from . import linescan
+
     cfg = run.cfg
     if "linescan" not in cfg.sections:
         return
     if not run.runtime:
         run.results["linescan"] = {"error": "no runtime contender ran (the line-scan figure uses the runtime tiler)"}
         return
-
     fastest = fastest_runtime(run)
-    baseline = next((c for c in run.runtime if c.name == LINESCAN_BASELINE and c is not fastest), None)
-    for key, c in (("linescan", fastest), ("linescan_baseline", baseline)):
-        if c is None:
-            continue
-        run.say(f"line-scan strip {cfg.linescan_size[1]} x {cfg.linescan_size[0]} on {c.name}")
-        try:
-            run.results[key] = measure_linescan(c, cfg.class_name, cfg.linescan_size, cfg.plan.linescan_repeats,
-                                                cfg.seed, batch=max(cfg.batch_sizes), progress=cfg.progress)
-        except Exception as err:  # noqa: BLE001
-            run.results[key] = {"error": f"{type(err).__name__}: {err}"}
-
-
-LINESCAN_BASELINE = "ort-cpu-int8"  # the CPU strip figure the fastest contender is compared with
+    baseline = next((c for c in run.runtime if c.name == linescan.BASELINE and c is not fastest), None)
+    runners, notes = linescan.strip_runners(fastest, baseline, min(run.threads, physical_cores()))
+    run.results["notes"].extend(notes)
+    height, width = cfg.linescan_size
+    run.say(f"line-scan strip {width} x {height}: {', '.join(r.label for r in runners)} (interleaved)")
+    rounds = max(cfg.plan.linescan_repeats, linescan.MIN_ROUNDS)
+    bar = _bar(rounds * len(runners), f"line-scan {width}x{height}", cfg.progress)
+    try:
+        strip = synthetic_images(1, height, width, cfg.seed + 7)[0]
+        run.results.update(linescan.measure_linescan(runners, strip, cfg.class_name, rounds, max(cfg.batch_sizes),
+                                                     bar))
+    except Exception as err:  # noqa: BLE001
+        run.results["linescan"] = {"error": f"{type(err).__name__}: {err}"}
+    finally:
+        bar.close()
+        for r in runners:
+            if r.owned:
+                r.detector.close()
 
 
 def section_fewshot(run: BenchRun) -> None:

@@ -251,7 +251,8 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
                           overlays=not no_overlays, masks=not no_masks, threads=threads, streams=streams,
-                          verify=not no_verify, prefetch=0 if no_prefetch else 1, use_refs=not no_refs, visual_weight=visual_weight)
+                          verify=not no_verify, prefetch=0 if no_prefetch else 1, use_refs=not no_refs,
+                          visual_weight=visual_weight)
         summary = run_infer(artifact, inputs, cfg, progress=not quiet)
     except AnoCLIPError as err:
         _fail(err)

@@ -177,12 +177,13 @@ class OpenVinoBackend(BaseBackend):
         if len(parts) == 1:
             res = reqs[0].infer({INPUT_NAMES[0]: pixels, INPUT_NAMES[1]: prototypes})
             return {name: np.array(res[name], dtype=np.float32, copy=True) for name in outputs}
-        for req, part in zip(reqs, parts):
+        busy = reqs[:len(parts)]
+        for req, part in zip(busy, parts, strict=True):
             req.start_async({INPUT_NAMES[0]: pixels[part], INPUT_NAMES[1]: prototypes})
-        for req in reqs[:len(parts)]:
+        for req in busy:
             req.wait()
-        return {name: np.concatenate([np.asarray(req.get_tensor(name).data, dtype=np.float32)
-                                      for req in reqs[:len(parts)]]) for name in outputs}
+        return {name: np.concatenate([np.asarray(req.get_tensor(name).data, dtype=np.float32) for req in busy])
+                for name in outputs}
 
     def close(self) -> None:
         self._local = threading.local()

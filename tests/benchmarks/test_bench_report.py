@@ -184,7 +184,15 @@ def test_linescan_baseline_ratio_and_reduced_peaks_are_reported():
     text = "\n".join(
         _md_linescan({"linescan": strip("openvino-bf16", 0.6), "linescan_baseline": strip("ort-cpu-int8", 0.2)})
     )
-    assert "`ort-cpu-int8` in this run" in text and "**3.00x** its speed" in text
+    assert "the speed of `ort-cpu-int8` in this run (ratio of the medians)" in text and "**3.00x**" in text
+    paired = strip("openvino-int8", 0.6) | {"speedup_vs_baseline_paired": 2.5, "label": "openvino-int8 (2 streams)",
+                                            "streams": 2, "speedup_vs_one_stream_paired": 1.2}
+    one = strip("openvino-int8", 0.5)
+    text = "\n".join(_md_linescan({"linescan": paired, "linescan_variants": [one, paired],
+                                   "linescan_baseline": strip("ort-cpu-int8", 0.2)}))
+    assert "The fastest, `openvino-int8 (2 streams)`, is **2.50x** the speed of `ort-cpu-int8`" in text
+    assert "(median of the per-round ratios)" in text and "2 OpenVINO streams vs one, paired by round: **1.20x**" in text
+    assert text.count("strips/s") == 3  # both variants and the baseline listed
     peaks = reduced_precision_peaks(64, 1)
     assert set(peaks) == {"bf16", "int8"}
     assert all(("gflops" in v and v["gflops"] > 0) or "error" in v for v in peaks.values())

@@ -81,7 +81,7 @@ def test_batch_parts_are_contiguous_in_order_and_near_equal(batch, streams, size
     parts = batch_parts(batch, streams)
     assert [p.stop - p.start for p in parts] == sizes  # hand-computed: round(k * batch / parts) bounds
     assert parts[0].start == 0 and parts[-1].stop == batch
-    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:], strict=False))
 
 
 # --- fake OpenVINO -------------------------------------------------------------------------------

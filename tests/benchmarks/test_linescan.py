@@ -1,0 +1,94 @@
+"""The line-scan section's logic with fake detectors on a fake clock (no timing of real work)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from anoclip.benchmarks import linescan
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeDetector:
+    """``predict(strip, class, tile=True, batch=)`` costing ``cost`` fake seconds; logs its calls."""
+
+    def __init__(self, name: str, cost: float, clock: Clock, log: list, backend: str = "ort-cpu") -> None:
+        self.name, self.cost, self.clock, self.log = name, cost, clock, log
+        self.backend_name, self.artifact_dir, self.precision = backend, "/art", "int8"
+        self.closed = False
+
+    def predict(self, strip, class_name, tile, batch):
+        assert tile is True and class_name == "bottle"
+        self.log.append(self.name)
+        self.clock.now += self.cost
+        return SimpleNamespace(tiles=5, timing={"total_ms": self.cost * 1000},
+                               anomaly_map=np.zeros(strip.shape[:2], np.float32))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture()
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(linescan.time, "perf_counter", c)
+    monkeypatch.setattr(linescan, "GAP_S", 0.0)
+    return c
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    assert linescan.paired_speedup([2.0, 4.0, 6.0], [1.0, 1.0, 3.0]) == 2.0  # ratios 2, 4, 2
+    assert linescan.paired_speedup([], []) is None
+
+
+def test_openvino_gets_a_streams_variant_and_others_do_not(clock):
+    log: list = []
+    loads: list = []
+
+    def load(art, **kw):
+        loads.append((art, kw))
+        return FakeDetector("ov-2s", 1.0, clock, log, "openvino")
+
+    ov = SimpleNamespace(name="openvino-int8", detector=FakeDetector("ov", 1.5, clock, log, "openvino"))
+    ort = SimpleNamespace(name="ort-cpu-int8", detector=FakeDetector("ort", 3.0, clock, log))
+    runners, notes = linescan.strip_runners(ov, ort, cores=2, load=load)
+    assert [(r.key, r.streams, r.owned) for r in runners] == [("fastest", 1, False), ("fastest_streams", 2, True),
+                                                             ("baseline", 1, False)]
+    assert loads == [("/art", {"backend": "openvino", "precision": "int8", "verify": False, "threads": 2,
+                               "streams": 2})] and notes == []
+    assert runners[1].label == "openvino-int8 (2 streams)"
+    assert [r.key for r in linescan.strip_runners(ort, None, cores=2, load=load)[0]] == ["fastest"]
+    assert [r.key for r in linescan.strip_runners(ov, None, cores=1, load=load)[0]] == ["fastest"]
+
+    def broken(art, **kw):
+        raise RuntimeError("no streams here")
+
+    runners, notes = linescan.strip_runners(ov, ort, cores=2, load=broken)
+    assert [r.key for r in runners] == ["fastest", "baseline"]
+    assert notes == ["openvino-int8 with 2 streams not run: RuntimeError: no streams here"]
+
+
+def test_strips_interleave_in_rotating_order_and_ratios_come_from_the_pairs(clock):
+    log: list = []
+    runners = [linescan.StripRunner("fastest", "openvino-int8", 1, FakeDetector("a", 1.5, clock, log, "openvino")),
+               linescan.StripRunner("fastest_streams", "openvino-int8", 2, FakeDetector("b", 1.0, clock, log)),
+               linescan.StripRunner("baseline", "ort-cpu-int8", 1, FakeDetector("c", 3.0, clock, log))]
+    strip = np.zeros((64, 300, 3), np.uint8)
+    out = linescan.measure_linescan(runners, strip, "bottle", rounds=1, batch=4)  # raised to MIN_ROUNDS = 3
+    assert log == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-ups, then rotating rounds
+    best, base = out["linescan"], out["linescan_baseline"]
+    assert best["label"] == "openvino-int8 (2 streams)" and best["repeats"] == 3
+    assert best["seconds_per_strip"]["p50_ms"] == pytest.approx(1000.0)
+    assert best["speedup_vs_baseline_paired"] == pytest.approx(3.0)  # 3.0 s / 1.0 s every round
+    assert best["speedup_vs_one_stream_paired"] == pytest.approx(1.5)
+    assert out["linescan_variants"][0]["speedup_vs_baseline_paired"] == pytest.approx(2.0)
+    assert base["strips_per_s"] == pytest.approx(1 / 3.0) and best["tiles_per_s"] == pytest.approx(5.0)
+    assert best["map_shape"] == [64, 300] and best["strip"] == {"height": 64, "width": 300}
