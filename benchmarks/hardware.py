@@ -196,6 +196,58 @@ def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None =
     return GemmPeak("cpu (onnxruntime)", "float32", n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 
+def _openvino_matmul_onnx(n: int, dtype: str) -> bytes:
+    """``y = x @ W`` (``x`` a float input, ``W`` a constant) as ONNX: for int8 with symmetric QDQ on
+    both sides, the pattern the exporter's static int8 graph gives every Linear layer."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    if dtype == "int8":
+        inits = [numpy_helper.from_array(rng.integers(-64, 64, (n, n)).astype(np.int8), "w"),
+                 numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
+                 numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
+                 numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(0, np.int8), "xz")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+                 helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    else:
+        inits = [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "gemm", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+def measure_gemm_peak_openvino(dtype: str, n: int = 2048, repeats: int = 5, threads: int | None = None) -> GemmPeak:
+    """OpenVINO's own ``n x n`` matmul on the CPU (``dtype`` bfloat16: the f32 graph with the bf16
+    inference hint; int8: the QDQ pattern, activations quantised inside the call as in the runtime's
+    int8 graph), compiled like the runtime's backend, best of ``repeats``: the ceiling its kernels
+    reach on this machine, beside torch's."""
+    import os
+    import tempfile
+
+    import numpy as np
+    import openvino as ov
+
+    hint = {"bfloat16": "bf16", "int8": "bf16"}[dtype]
+    with tempfile.TemporaryDirectory(prefix="anoclip-ov-gemm-") as tmp:
+        path = os.path.join(tmp, "gemm.onnx")
+        with open(path, "wb") as fh:
+            fh.write(_openvino_matmul_onnx(n, dtype))
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(int(threads))
+        compiled = ov.Core().compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+    feed = {"x": np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)}
+    best = _best_of(lambda: request.infer(feed), repeats)
+    return GemmPeak("cpu (openvino)", dtype, n, repeats, best, 2.0 * n**3 / best / 1e9)
+
+
 class PeakMemory:
     """Peak resident memory of this process while the ``with`` block runs (psutil sampling thread).
 

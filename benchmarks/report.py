@@ -86,7 +86,8 @@ def _headline(results: dict) -> list[str]:
     for name, r in (h.get("runtime") or {}).items():
         vs_ort = (f" ({_x(r['ort_fp32_over_runtime_latency'])} faster than `ort-cpu-fp32`)"
                   if r.get("ort_fp32_over_runtime_latency") else "")
-        own = (f", {_pct(r['own_peak_fraction_best'])} of the {r['own_peak']} GEMM peak"
+        own = (f", {_pct(r['own_peak_fraction_best'])} of the {r['own_peak']} GEMM peak at its best batch "
+               f"({_pct(r.get('own_peak_fraction_b1'))} at batch 1)"
                if r.get("own_peak") and r.get("own_peak_fraction_best") is not None else "")
         out.append(f"- `{name}`: **{_x(r['core_over_runtime_latency'])} faster** than the core at batch 1{vs_ort}; "
                    f"throughput {_x(r['runtime_over_core_throughput'])} the core's, "
@@ -162,9 +163,14 @@ def _md_machine(results: dict) -> list[str]:
     if results.get("gemm_fp16"):
         lines.append(f"- fp16 GEMM on the GPU: {_f(results['gemm_fp16']['gflops'])} GFLOP/s")
     for name, g in (results.get("gemm_reduced") or {}).items():
+        precision, _, library = name.partition("_")
         what = (f"**{_f(g['gflops'])} GFLOP/s**" if "gflops" in g else f"not measured ({g.get('error')})")
-        lines.append(f"- {name} GEMM peak ({g.get('n', '')}x{g.get('n', '')}, torch on the CPU, best of "
+        how = ("OpenVINO's own MatMul (what the openvino contenders' kernels reach)" if library == "openvino"
+               else "torch on the CPU")
+        lines.append(f"- {precision} GEMM peak ({g.get('n', '')}x{g.get('n', '')}, {how}, best of "
                      f"{g.get('calls', '')} calls at the end of the run): {what}")
+    if any("_" in k for k in results.get("gemm_reduced") or {}):
+        lines.append("- A contender's 'of the bf16 / int8 GEMM peak' is relative to the best of these per precision.")
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))
     lines += [f"- Model: {model.get('backbone')} ({_f(model.get('parameters_m'))} M visual parameters), "
               f"pretrained `{model.get('pretrained')}`, grid {model.get('patch_grid')}, D = {model.get('embed_dim')}, "

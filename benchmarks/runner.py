@@ -10,6 +10,7 @@ in this one run.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import tempfile
 import time
@@ -33,6 +34,7 @@ from .hardware import (
     machine_summary,
     measure_gemm_peak,
     measure_gemm_peak_int8,
+    measure_gemm_peak_openvino,
     measure_gemm_peak_ort,
     versions,
 )
@@ -337,15 +339,16 @@ def headline(results: dict) -> dict:
         if e["group"] != "runtime":
             continue
         r = e.get("ratios") or {}
-        own = reduced.get(PRECISION_PEAK.get(e.get("precision"), ""), {})
+        own = best_reduced_peak(reduced, PRECISION_PEAK.get(e.get("precision"), ""))
         out["runtime"][name] = {
             "core_over_runtime_latency": lat("core", name),
             "ort_fp32_over_runtime_latency": lat("ort-cpu-fp32", name) if name != "ort-cpu-fp32" else None,
             "runtime_over_core_throughput": tp(name, "core"),
             "runtime_over_open_clip_throughput": tp(name, "open_clip"),
             "peak_fraction_best": r.get("peak_fraction_best"),
-            "own_peak": PRECISION_PEAK.get(e.get("precision")) if own.get("gflops") else None,
-            "own_peak_fraction_best": ratio(r.get("achieved_gflops_best"), own.get("gflops")),
+            "own_peak": PRECISION_PEAK.get(e.get("precision")) if own else None,
+            "own_peak_fraction_best": ratio(r.get("achieved_gflops_best"), own),
+            "own_peak_fraction_b1": ratio(r.get("achieved_gflops_b1"), own),
         }
     tta = results.get("tta")
     if tta:
@@ -904,20 +907,34 @@ def hardware_limit(run: BenchRun) -> None:
             results["gemm_fp16"] = measure_gemm_peak(run.device, "float16", plan.gemm_size,
                                                      plan.gemm_repeats).to_dict()
     else:
-        results["gemm_reduced"] = reduced_precision_peaks(plan.gemm_size, plan.gemm_repeats)
+        results["gemm_reduced"] = reduced_precision_peaks(plan.gemm_size, plan.gemm_repeats, run.threads_ort)
 
 
-def reduced_precision_peaks(n: int, repeats: int) -> dict[str, Any]:
-    """The CPU's bf16 and int8 GEMM peaks, measured like the fp32 one (the ceilings of the bf16 / int8
-    contenders; a CPU without native bf16 or VNNI shows a low figure or an error)."""
+def reduced_precision_peaks(n: int, repeats: int, threads: int | None = None) -> dict[str, Any]:
+    """The CPU's bf16 and int8 GEMM peaks, measured like the fp32 one: torch (oneDNN) and, where it is
+    installed, OpenVINO's own kernels (``bf16_openvino`` / ``int8_openvino``); the best of each
+    precision is the ceiling of its contenders. A CPU without native bf16 or VNNI shows a low figure
+    or an error."""
     out: dict[str, Any] = {}
-    for name, measure in (("bf16", lambda: measure_gemm_peak("cpu", "bfloat16", n, repeats)),
-                          ("int8", lambda: measure_gemm_peak_int8(n, repeats))):
+    measures: dict[str, Callable[[], Any]] = {
+        "bf16": lambda: measure_gemm_peak("cpu", "bfloat16", n, repeats),
+        "int8": lambda: measure_gemm_peak_int8(n, repeats),
+    }
+    if importlib.util.find_spec("openvino") is not None:
+        measures["bf16_openvino"] = lambda: measure_gemm_peak_openvino("bfloat16", n, repeats, threads)
+        measures["int8_openvino"] = lambda: measure_gemm_peak_openvino("int8", n, repeats, threads)
+    for name, measure in measures.items():
         try:
             out[name] = measure().to_dict()
         except Exception as err:  # noqa: BLE001 - reported in place of the figure
             out[name] = {"error": f"{type(err).__name__}: {err}"}
     return out
+
+
+def best_reduced_peak(reduced: dict[str, Any], precision: str) -> float | None:
+    """The best measured GEMM rate of ``precision`` (bf16 / int8) over the libraries that measured it."""
+    rates = [g["gflops"] for k, g in reduced.items() if k.split("_")[0] == precision and g.get("gflops")]
+    return max(rates) if rates else None
 
 
 PRECISION_PEAK = {"bf16": "bf16", "int8": "int8", "int8s": "int8"}

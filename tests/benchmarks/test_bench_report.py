@@ -191,8 +191,23 @@ def test_linescan_baseline_ratio_and_reduced_peaks_are_reported():
     text = "\n".join(_md_linescan({"linescan": paired, "linescan_variants": [one, paired],
                                    "linescan_baseline": strip("ort-cpu-int8", 0.2)}))
     assert "The fastest, `openvino-int8 (2 streams)`, is **2.50x** the speed of `ort-cpu-int8`" in text
-    assert "(median of the per-round ratios)" in text and "2 OpenVINO streams vs one, paired by round: **1.20x**" in text
+    assert "(median of the per-round ratios)" in text
+    assert "2 OpenVINO streams vs one, paired by round: **1.20x**" in text
     assert text.count("strips/s") == 3  # both variants and the baseline listed
+    import importlib.util
+
     peaks = reduced_precision_peaks(64, 1)
-    assert set(peaks) == {"bf16", "int8"}
+    with_ov = importlib.util.find_spec("openvino") is not None
+    expected = {"bf16", "int8"} | ({"bf16_openvino", "int8_openvino"} if with_ov else set())
+    assert set(peaks) == expected
     assert all(("gflops" in v and v["gflops"] > 0) or "error" in v for v in peaks.values())
+
+
+def test_a_precisions_peak_is_the_best_library_that_measured_it():
+    from anoclip.benchmarks.runner import best_reduced_peak
+
+    reduced = {"bf16": {"gflops": 2500.0}, "int8": {"gflops": 3000.0}, "bf16_openvino": {"gflops": 1400.0},
+               "int8_openvino": {"gflops": 3500.0}}
+    assert best_reduced_peak(reduced, "bf16") == 2500.0 and best_reduced_peak(reduced, "int8") == 3500.0
+    assert best_reduced_peak({"bf16": {"error": "x"}, "int8_openvino": {"gflops": 9.0}}, "bf16") is None
+    assert best_reduced_peak({}, "int8") is None
