@@ -20,7 +20,8 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
 * a file path in ``files`` that is absolute or climbs out of the artifact (``..``), also
   without the sha256 check;
 * a file named by the manifest that is missing, or not listed in ``files``;
-* a sha256 mismatch (names the file);
+* a sha256 mismatch (names the file; reference banks are checked per class when used, see
+  ``artifact_files``);
 * a class not in ``text.classes`` (``require_class``);
 * a ``calibration`` record (written by ``anoclip calibrate``) that is not an object with a
   ``file`` name and a hex ``sha256`` (the file itself is checked by ``runtime.calibration``).
