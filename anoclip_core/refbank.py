@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .datasets import IMAGE_EXTS
 from .errors import BankError
 from .fileio import atomic_write_bytes
 
@@ -51,9 +50,11 @@ T = TypeVar("T")
 class ReferenceBank:
     """L2-normalised local embeddings [N, D] of good images, with where they came from.
 
-    ``images`` names the good images (``shots`` = their count); ``patches`` is the number of
-    patch embeddings before a coreset (``coreset`` = {"size", "seed", "projection_dim", "radius"}
-    when one was taken, else None).
+    ``images`` names the good images (``shots`` = their count); ``image_sha256`` holds the sha256
+    of each image file's bytes, in the same order ("" where unknown: banks written before it was
+    kept, or built from arrays), so "already in the bank" can compare content, not names;
+    ``patches`` is the number of patch embeddings before a coreset (``coreset`` = {"size", "seed",
+    "projection_dim", "radius"} when one was taken, else None).
     """
 
     embeddings: np.ndarray
@@ -65,11 +66,16 @@ class ReferenceBank:
     patches: int | None = None
     coreset: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    image_sha256: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "embeddings", np.ascontiguousarray(self.embeddings, dtype=np.float32))
         object.__setattr__(self, "patch_grid", tuple(int(v) for v in self.patch_grid))
         object.__setattr__(self, "images", tuple(str(v) for v in self.images))
+        hashes = tuple(str(v) for v in self.image_sha256) or ("",) * len(self.images)
+        if len(hashes) != len(self.images):
+            raise BankError(f"reference bank: {len(hashes)} image sha256 for {len(self.images)} images")
+        object.__setattr__(self, "image_sha256", hashes)
         if self.patches is None:
             object.__setattr__(self, "patches", int(self.embeddings.shape[0]) if self.embeddings.ndim == 2 else 0)
         check_embeddings(self.embeddings, "reference bank")
@@ -98,7 +104,8 @@ class ReferenceBank:
             "format": FORMAT, "format_version": FORMAT_VERSION, "backbone": self.backbone,
             "image_size": int(self.image_size), "patch_grid": list(self.patch_grid), "embed_dim": self.embed_dim,
             "shots": self.shots, "images": list(self.images), "source": self.source, "size": self.size,
-            "patches": int(self.patches or 0), "coreset": self.coreset, **({"extra": self.extra} if self.extra else {}),
+            "patches": int(self.patches or 0), "coreset": self.coreset, "image_sha256": list(self.image_sha256),
+            **({"extra": self.extra} if self.extra else {}),
         }
 
     def check_compatible(self, backbone: str, embed_dim: int, image_size: int, where: str = "reference bank") -> None:
@@ -116,7 +123,7 @@ class ReferenceBank:
         return ReferenceBank(
             np.concatenate([self.embeddings, other.embeddings]), self.backbone, self.image_size, self.patch_grid,
             self.images + other.images, self.source, int(self.patches or 0) + int(other.patches or 0),
-            None, dict(self.extra),
+            None, dict(self.extra), self.image_sha256 + other.image_sha256,
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -134,7 +141,7 @@ class ReferenceBank:
             bank = cls(
                 arrays["embeddings"], str(meta["backbone"]), int(meta["image_size"]), tuple(meta["patch_grid"]),
                 tuple(meta["images"]), str(meta.get("source", "")), int(meta.get("patches") or 0) or None,
-                meta.get("coreset"), dict(meta.get("extra", {})),
+                meta.get("coreset"), dict(meta.get("extra", {})), tuple(meta.get("image_sha256") or ()),
             )
         except BankError as err:
             raise BankError(f"{path}: {err}") from None
@@ -189,17 +196,6 @@ def _provenance(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> dict[
 
 
 # good images ------------------------------------------------------------------------------------
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files of a folder of good images, sorted by name (error when none)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise BankError(f"good-image folder not found: {path}")
-    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    if not found:
-        raise BankError(f"good-image folder {path} has no images ({', '.join(IMAGE_EXTS)})")
-    return found
-
-
 def select_shots(items: Sequence[T], shots: int | None, seed: int = 0, where: str = "good images") -> list[T]:
     """``shots`` items drawn without replacement with ``seed`` (kept in their listed order); all when None."""
     if shots is None:

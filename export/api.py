@@ -651,6 +651,7 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
 def _refuse_known(root: Path, data: Mapping[str, Any], name: str) -> None:
     if name in data["text"]["classes"]:
         raise AnoCLIPError(f"class {name!r} is already in {root} (domain {data['text']['classes'][name]})")
+    mf.refuse_case_collision(data["text"]["classes"], name, os.fspath(root))
 
 
 def _commit_class(root: Path, name: str, new: tuple) -> None:

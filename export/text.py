@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anoclip.runtime import contract as mf
 from anoclip_core.errors import AnoCLIPError
 
 MAX_CLASS_NAME = 100  # a prompt sentence must fit CLIP's 77-token context; a name is also a file stem
@@ -37,7 +38,8 @@ def check_class_name(name: str) -> str:
 
 
 def parse_classes(text: str | Iterable[str]) -> list[str]:
-    """``"bottle, carpet"`` or an iterable -> unique class names in order."""
+    """``"bottle, carpet"`` or an iterable -> unique class names in order; two names that differ only in
+    letter case ("Bottle", "bottle") are refused, naming both."""
     if isinstance(text, str) and not text.strip():
         return []
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -45,6 +47,7 @@ def parse_classes(text: str | Iterable[str]) -> list[str]:
     for item in items:
         name = check_class_name(item.strip(" ") if isinstance(item, str) else item)
         if name not in out:
+            mf.refuse_case_collision(out, name, "the class list")
             out.append(name)
     return out
 

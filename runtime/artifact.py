@@ -19,11 +19,10 @@ import numpy as np
 from anoclip_core import staging
 from anoclip_core.artlock import consistent_read
 from anoclip_core.errors import ArtifactError
-from anoclip_core.refbank import ReferenceBank
 
 from . import contract as mf
 from .contract import load_calibration
-from .refs import load_banks
+from .refs import StoredBanks, load_banks
 
 log = logging.getLogger("anoclip.runtime")
 
@@ -63,17 +62,25 @@ def read_prototypes(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any]
 
 
 def read_artifact(root: Path, verify: bool = True, calibration: bool = True
-                  ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], dict[str, ReferenceBank]]:
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], StoredBanks]:
     """Manifest (sha256 of every file with ``verify``), prototypes, calibration (skipped when
     ``calibration`` is False: ``anoclip calibrate`` rewrites a broken one) and reference banks of one
-    artifact, read as one consistent snapshot (re-read under the shared lock when a writer was half-way)."""
+    artifact, read as one consistent snapshot (re-read under the shared lock when a writer was half-way).
 
-    def read() -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], dict[str, ReferenceBank]]:
+    A damaged reference bank does not fail the read: it is listed in ``StoredBanks.broken`` (after
+    one re-read under the lock, so a bank being replaced is not mistaken for a damaged one)."""
+    attempts = []
+
+    def read() -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any], StoredBanks]:
+        attempts.append(1)
         manifest = mf.read_manifest(root, check_files=verify)
         protos = read_prototypes(root, manifest)
         check_prototypes(protos, manifest["text"]["file"])
         cal = load_calibration(root, manifest if verify else None) if calibration else {}
-        return manifest, protos, cal, load_banks(root, manifest)
+        banks = load_banks(root, manifest, verify)
+        if banks.broken and len(attempts) == 1:
+            raise ArtifactError(next(iter(banks.broken.values())))  # consistent_read re-reads under the lock
+        return manifest, protos, cal, banks
 
     if staging.has_leftovers(root):
         for note in mf.recover_artifact(root):

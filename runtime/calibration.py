@@ -8,15 +8,21 @@ The file lives in the artifact folder beside the manifest. It is not in the mani
 set (the graphs and text are never modified by it); instead ``anoclip calibrate`` records its
 sha256 and provenance in the manifest's ``calibration`` field, and a load refuses a file that
 no longer matches that record (hand-edited or half-copied). Each class entry records what it
-depends on (``binding``: the sha256 of the graph file and of the class's prototypes); ``Detector``
-ignores, with a warning, a class whose binding no longer matches (re-exported graph, re-encoded
-text), while ``add-class`` keeps existing calibrations valid. Format::
+depends on (``binding``: the sha256 of the graph file, of the class's prototypes and of its
+reference bank, and the few-shot ``visual_weight`` the scores were fused with, null for zero-shot);
+``Detector`` ignores, with a warning, a class whose binding no longer matches (re-exported graph,
+re-encoded text, another bank), and, per run, a calibration made with another visual weight (or
+with the bank when the run is zero-shot, or the other way round), while ``add-class`` keeps
+existing calibrations valid. Entries written before the weight was recorded count as made with
+the default weight 0.5 when their binding names a bank (``calibrate`` had no other), else
+zero-shot. Format::
 
     {"format": "anoclip-calibration", "format_version": 1,
      "classes": {"bottle": {"image_threshold": 0.61, "pixel_threshold": 0.58, "quantile": 0.99,
                             "images": 209, "pixels": 1234567, "backend": "ort-cpu", "tile": false,
                             "created": "2026-...Z",
-                            "binding": {"model": "fp32", "graph_sha256": "...", "prototypes_sha256": "..."}}}}
+                            "binding": {"model": "fp32", "graph_sha256": "...", "prototypes_sha256": "...",
+                                        "references_sha256": "...", "visual_weight": 0.5}}}}
 
 and in the manifest::
 
@@ -42,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anoclip_core.errors import InputError
+from anoclip_core.refbank import DEFAULT_VISUAL_WEIGHT
 
 from . import contract as mf
 from .contract import (  # noqa: F401  (the calibration file is part of the contract; re-exported)
@@ -63,13 +70,46 @@ DEFAULT_IMAGE_THRESHOLD = 0.5
 DEFAULT_PIXEL_THRESHOLD = 0.5
 
 
+#: The binding field holding the few-shot visual weight (null: zero-shot), checked per run, not at load.
+BINDING_WEIGHT = "visual_weight"
+
+
+def calibrated_weight(entry: Mapping[str, Any]) -> float | None:
+    """The visual weight a calibration entry was made with (None: zero-shot); see the module docstring
+    for entries written before it was recorded."""
+    binding = entry.get("binding") or {}
+    if BINDING_WEIGHT in binding:
+        weight = binding[BINDING_WEIGHT]
+        return None if weight is None else float(weight)
+    return DEFAULT_VISUAL_WEIGHT if binding.get("references_sha256") else None
+
+
+def weight_mismatch(calibration: Mapping[str, Any], class_name: str, visual_weight: float | None) -> str | None:
+    """Why the class's calibration does not apply to a run with ``visual_weight`` (None: zero-shot), or None."""
+    entry = calibration.get("classes", {}).get(class_name) if calibration else None
+    if not entry or calibrated_weight(entry) == visual_weight:
+        return None
+
+    def say(w: float | None) -> str:
+        return "zero-shot (no reference bank)" if w is None else f"few-shot with --visual-weight {w:g}"
+
+    again = "--no-refs" if visual_weight is None else f"--visual-weight {visual_weight:g}"
+    return (f"calibration for {class_name!r} was made {say(calibrated_weight(entry))}, this run is "
+            f"{say(visual_weight)}; its thresholds do not apply, using the defaults: re-run "
+            f"anoclip calibrate --class {class_name!r} {again}")
+
+
 def resolve_thresholds(calibration: Mapping[str, Any], class_name: str, threshold: float | None = None,
-                       pixel_threshold: float | None = None) -> tuple[float, float, str]:
+                       pixel_threshold: float | None = None, visual_weight: float | None = None
+                       ) -> tuple[float, float, str]:
     """(image threshold, pixel threshold, source) of a class: explicit > calibration > default 0.5.
 
+    The calibration counts only when made with the run's ``visual_weight`` (None: zero-shot).
     ``source`` is "given", "calibration" or "default", or "image:<s1>,pixel:<s2>" when they differ.
     """
     cal = calibration.get("classes", {}).get(class_name) if calibration else None
+    if weight_mismatch(calibration, class_name, visual_weight):
+        cal = None
 
     def pick(given: float | None, field: str, default: float) -> tuple[float, str]:
         if given is not None:
@@ -84,10 +124,12 @@ def resolve_thresholds(calibration: Mapping[str, Any], class_name: str, threshol
 
 
 def calibration_binding(manifest: Mapping[str, Any], precision: str | None,
-                        prototypes: np.ndarray | None, class_name: str | None = None) -> dict[str, Any]:
+                        prototypes: np.ndarray | None, class_name: str | None = None,
+                        visual_weight: float | None = None) -> dict[str, Any]:
     """What a class's calibration depends on: the graph file's sha256, the class prototypes and,
     when the class has a few-shot reference bank, the bank file's sha256 (a new or replaced bank
-    changes the scores, so thresholds calibrated before it no longer apply).
+    changes the scores, so thresholds calibrated before it no longer apply) and the ``visual_weight``
+    the scores were fused with (None: zero-shot, also for a class without a bank).
 
     (Not the manifest: ``add-class`` rewrites it without changing existing classes' scores.)
     """
@@ -101,7 +143,13 @@ def calibration_binding(manifest: Mapping[str, Any], precision: str | None,
     bank = mf.reference_entry(manifest, class_name) if class_name is not None else None
     if bank is not None:
         binding["references_sha256"] = files.get(bank["file"])
+    binding[BINDING_WEIGHT] = None if bank is None or visual_weight is None else float(visual_weight)
     return binding
+
+
+def _load_time(binding: Mapping[str, Any]) -> dict[str, Any]:
+    """The binding without the visual weight (a per-run choice, checked by ``weight_mismatch``)."""
+    return {k: v for k, v in binding.items() if k != BINDING_WEIGHT}
 
 
 def bind_calibration(data: Mapping[str, Any], binding: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -112,7 +160,7 @@ def bind_calibration(data: Mapping[str, Any], binding: Callable[[str], dict[str,
     validate_calibration(data, CALIBRATION_NAME)
     kept = {}
     for cls_name, entry in data.get("classes", {}).items():
-        if "binding" in entry and entry["binding"] != binding(cls_name):
+        if "binding" in entry and _load_time(entry["binding"]) != _load_time(binding(cls_name)):
             log.warning("calibration for %r was made with another graph, other text embeddings or another "
                         "reference bank; ignoring it (default thresholds), re-run anoclip calibrate", cls_name)
         else:
@@ -128,8 +176,11 @@ def _subsample(amap: np.ndarray, limit: int = MAX_PIXELS_PER_IMAGE) -> np.ndarra
 
 
 def calibrate(detector: Detector, good: Iterable[str | os.PathLike], class_name: str, quantile: float = 0.99,
-              config: InferConfig | None = None, write: bool = True, progress=None) -> dict[str, Any]:
-    """Compute (and by default store) the class's thresholds; returns the class entry."""
+              config: InferConfig | None = None, write: bool = True,
+              progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Compute (and by default store) the class's thresholds; returns the class entry. The binding
+    records ``config``'s visual weight when the class's bank is used (``use_refs``), else None.
+    ``progress(result)`` is called after each image."""
     from .detector import InferConfig
     if not 0.0 < quantile <= 1.0:
         raise InputError(f"quantile must be in (0, 1], got {quantile}")
@@ -166,7 +217,7 @@ def calibrate(detector: Detector, good: Iterable[str | os.PathLike], class_name:
         "backend": detector.backend_name,
         "tile": bool(cfg.tile),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "binding": detector.calibration_binding(class_name),
+        "binding": detector.calibration_binding(class_name, cfg),
     }
     if write:
         assert detector.artifact_dir is not None  # checked above

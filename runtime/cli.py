@@ -46,6 +46,17 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+MAX_PIXELS_HELP = "largest image decoded, in pixels (default 40000000 or $ANOCLIP_MAX_IMAGE_PIXELS)"
+
+
+def _max_pixels(limit: int | None) -> None:
+    """Apply ``--max-pixels`` (shared by infer, calibrate and refs: the decoder's refusal names it)."""
+    if limit is not None:
+        from anoclip_core.transform import set_max_image_pixels
+
+        set_max_image_pixels(limit)
+
+
 def _warn_random(det: Detector) -> None:
     if det.random_weights:
         bar = "!" * 78
@@ -155,6 +166,9 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
     mode = f"few-shot, bank of {few.shots} shot(s) / {few.bank.size} patches" if few else "zero-shot"
     click.echo(f"anoclip: {det.backend_note}; {len(files)} image(s); class {cfg.class_name}; {mode}", err=True)
     _warn_random(det)
+    stale = det.calibration_warning(cfg.class_name, cfg) if None in (cfg.threshold, cfg.pixel_threshold) else None
+    if stale:
+        click.echo(f"warning: {stale}", err=True)
     writer = _Writer(cfg)
     n = anomalies = errors = 0
     latencies: list[float] = []
@@ -179,6 +193,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
         "mean_latency_ms": round(float(np.mean(latencies)), 3) if latencies else None,
         "wall_s": round(time.perf_counter() - t0, 3), "backend": det.backend_name, "class": cfg.class_name,
         "random_weights": det.random_weights, "references": few is not None, "shots": few.shots if few else 0,
+        "visual_weight": few.weight if few else None,
     }
     if cfg.out_dir:
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -225,8 +240,7 @@ def _infer_options(f):
         click.option("--visual-weight", type=float, default=DEFAULT_VISUAL_WEIGHT, show_default=True,
                      help="weight of the reference bank's visual map in the fused map and score (WinCLIP+: 0.5)"),
         click.option("--quiet", is_flag=True, default=False, help="no progress bar"),
-        click.option("--max-pixels", type=int, default=None,
-                     help="largest image decoded, in pixels (default 40000000 or $ANOCLIP_MAX_IMAGE_PIXELS)"),
+        click.option("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -243,10 +257,7 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
     """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if max_pixels is not None:
-            from anoclip_core.transform import set_max_image_pixels
-
-            set_max_image_pixels(max_pixels)
+        _max_pixels(max_pixels)
         cfg = InferConfig(class_name=class_name, backend=backend, precision=precision, batch=batch, tile=tile,
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
@@ -277,18 +288,32 @@ main.add_command(infer_main, "infer")
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--tile/--no-tile", default=False)
 @click.option("--threads", type=int, default=None)
+@click.option("--no-refs", is_flag=True, default=False,
+              help="calibrate zero-shot scores although the class has a reference bank (for infer --no-refs)")
+@click.option("--visual-weight", type=float, default=DEFAULT_VISUAL_WEIGHT, show_default=True,
+              help="few-shot weight the thresholds are for (recorded; infer with another weight ignores them)")
+@click.option("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
+@click.option("--quiet", is_flag=True, default=False, help="no progress bar")
 def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantile: float, backend: str, batch: int,
-                  tile: bool, threads: int | None) -> None:
+                  tile: bool, threads: int | None, no_refs: bool, visual_weight: float, max_pixels: int | None,
+                  quiet: bool) -> None:
     """Per-class thresholds from good images -> ARTIFACT/calibration.json (not part of the graph)."""
+    from anoclip_core.progress import progress as progress_bar
+
     from .calibration import calibrate
 
     try:
         if not 0.0 < quantile <= 1.0:
             raise InputError(f"--quantile must be in (0, 1], got {quantile}")
-        cfg = InferConfig(class_name=class_name, batch=batch, tile=tile, threads=threads)  # checked before loading
+        _max_pixels(max_pixels)
+        cfg = InferConfig(class_name=class_name, batch=batch, tile=tile, threads=threads, use_refs=not no_refs,
+                          visual_weight=visual_weight)  # checked before loading
+        files = collect_inputs(good)
         det = Detector.load(artifact, backend=backend, threads=threads, calibration=False)  # rewritten below
         _warn_random(det)
-        entry = calibrate(det, good, class_name, quantile, cfg)
+        bar = progress_bar(total=len(files), desc="anoclip calibrate", unit="img", enabled=not quiet)
+        entry = calibrate(det, files, class_name, quantile, cfg, progress=lambda _res: bar.update(1))
+        bar.close()
     except AnoCLIPError as err:
         _fail(err)
     for e in entry.pop("errors"):
@@ -300,20 +325,27 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
 @main.command("refs")
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--class", "class_name", required=True, help="class the bank is for (must be in the artifact)")
-@click.option("--good", "good", required=True, type=click.Path(), help="folder of defect-free images")
+@click.option("--good", "good", required=True, type=click.Path(),
+              help="folder of defect-free images (sub-folders too, as infer and calibrate list a folder)")
 @click.option("--shots", type=int, default=None, help="use K images drawn with --seed (default: all)")
 @click.option("--coreset", type=int, default=None, help="bound the bank to N patches (PatchCore greedy coreset)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the shot draw and the coreset start")
-@click.option("--replace", is_flag=True, default=False, help="replace the class's bank instead of adding to it")
+@click.option("--replace", is_flag=True, default=False,
+              help="replace the class's bank instead of adding to it (also repairs a damaged bank)")
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--threads", type=int, default=None)
+@click.option("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
+@click.option("--quiet", is_flag=True, default=False, help="no progress bar")
 def refs_cmd(artifact: str, class_name: str, good: str, shots: int | None, coreset: int | None, seed: int,
-             replace: bool, backend: str, batch: int, threads: int | None) -> None:
+             replace: bool, backend: str, batch: int, threads: int | None, max_pixels: int | None,
+             quiet: bool) -> None:
     """Encode good images with ARTIFACT's own graph into the class's few-shot reference bank (refs/ in ARTIFACT).
 
     Adds to the existing bank unless --replace; the graph is not re-exported. Inference uses the bank
     automatically (anoclip infer --no-refs turns it off)."""
+    from anoclip_core.progress import progress as progress_bar
+
     from .refs import build_bank, write_bank
 
     try:
@@ -323,9 +355,12 @@ def refs_cmd(artifact: str, class_name: str, good: str, shots: int | None, cores
             raise InputError(f"--seed must be >= 0, got {seed}")
         if coreset is not None and coreset < 1:
             raise InputError(f"--coreset must be >= 1, got {coreset}")
+        _max_pixels(max_pixels)
         with Detector.load(artifact, backend=backend, threads=threads) as det:
             _warn_random(det)
-            bank = build_bank(det, class_name, good, shots, coreset, seed, replace, batch)
+            bar = progress_bar(desc="anoclip refs", unit="img", enabled=not quiet)
+            bank = build_bank(det, class_name, good, shots, coreset, seed, replace, batch, bar)
+            bar.close()
         entry = write_bank(artifact, class_name, bank, merge=not replace, coreset=coreset, seed=seed)
     except AnoCLIPError as err:
         _fail(err)

@@ -20,7 +20,8 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
 * a file path in ``files`` that is absolute or climbs out of the artifact (``..``), also
   without the sha256 check;
 * a file named by the manifest that is missing, or not listed in ``files``;
-* a sha256 mismatch (names the file);
+* a sha256 mismatch (names the file; reference banks are checked per class when used, see
+  ``artifact_files``);
 * a class not in ``text.classes`` (``require_class``);
 * a ``calibration`` record (written by ``anoclip calibrate``) that is not an object with a
   ``file`` name and a hex ``sha256`` (the file itself is checked by ``runtime.calibration``).
@@ -271,8 +272,15 @@ def read_manifest(artifact_dir: str | os.PathLike, check_files: bool = True) -> 
         raise ArtifactError(f"cannot read {path}: {err}") from None
     validate_manifest(data)
     if check_files:
-        verify_files(root, data)
+        verify_files(root, data, artifact_files(data))
     return data
+
+
+def artifact_files(data: Mapping[str, Any]) -> list[str]:
+    """The files a load must verify: every listed file but the reference banks, which are checked
+    per class when used (``runtime.refs.read_bank``), so one damaged bank does not block the others."""
+    banks = {entry["file"] for entry in references(data).values()}
+    return [name for name in data["files"] if name not in banks]
 
 
 def file_hashes(artifact_dir: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
@@ -298,11 +306,26 @@ def require_class(data: Mapping[str, Any], class_name: str, artifact: str | os.P
     if class_name not in classes:
         known = ", ".join(sorted(classes)) or "none"
         where = os.fspath(artifact) if artifact is not None else "<artifact>"
-        raise ArtifactError(
-            f"class {class_name!r} is not in this artifact (text.classes: {known}); "
-            f"add it with: anoclip-export add-class {where} {class_name}"
-        )
+        near = case_collision(classes, class_name)
+        hint = (f"class names are case-sensitive: did you mean {near!r}?" if near is not None
+                else f"add it with: anoclip-export add-class {where} {class_name}")
+        raise ArtifactError(f"class {class_name!r} is not in this artifact (text.classes: {known}); {hint}")
     return classes[class_name]
+
+
+def case_collision(classes: Iterable[str], class_name: str) -> str | None:
+    """A class of ``classes`` that differs from ``class_name`` only in letter case ("Bottle" vs
+    "bottle"), or None. Such pairs are refused: they read as one product on a report or a file system."""
+    key = class_name.casefold()
+    return next((c for c in classes if c != class_name and c.casefold() == key), None)
+
+
+def refuse_case_collision(classes: Iterable[str], class_name: str, where: str) -> None:
+    """``ArtifactError`` naming both classes when ``class_name`` collides (by case) with one of ``classes``."""
+    other = case_collision(classes, class_name)
+    if other is not None:
+        raise ArtifactError(f"class {class_name!r} and class {other!r} in {where} differ only in letter case; "
+                            "class names are compared case-insensitively, use one spelling")
 
 
 def model_entry(data: Mapping[str, Any], precision: str | None = None) -> dict[str, Any]:
@@ -413,6 +436,9 @@ REFERENCE_FIELDS: dict[str, tuple[type, ...]] = {
     "source": (str,),
     "updated": (str,),
 }
+#: Optional in an entry (banks written before content hashes were kept lack it): sha256 of the JSON
+#: list of the bank images' content sha256 (the file bytes), in bank order.
+REFERENCE_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"contents_sha256": (str,)}
 REFSEARCH_FIELD = "refsearch"  # {"file": "refsearch.onnx", "inputs": [...], "outputs": [...]}, optional
 
 
@@ -436,6 +462,8 @@ def validate_references(data: Mapping[str, Any]) -> None:
         if not isinstance(entry, dict):
             raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}' must be object, got {type(entry).__name__}")
         _check_fields(entry, REFERENCE_FIELDS, prefix=f"{REFS_FIELD}.{cls_name}.")
+        _check_fields(entry, {k: v for k, v in REFERENCE_OPTIONAL_FIELDS.items() if k in entry},
+                      prefix=f"{REFS_FIELD}.{cls_name}.")
         if cls_name not in data["text"]["classes"]:
             raise ArtifactError(f"manifest field '{REFS_FIELD}.{cls_name}': class not in text.classes")
         if entry["shots"] < 1 or entry["size"] < 1:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from anoclip_core.errors import ArtifactError, InferenceError, InputError
+from anoclip_core.errors import ArtifactError, BankError, InferenceError, InputError
 from anoclip_core.refbank import ReferenceBank
 from anoclip_core.transform import ImageLike, PreprocessConfig, normalize_rgb, read_image, to_rgb_float
 
@@ -49,6 +49,7 @@ from .calibration import (  # noqa: F401 (defaults re-exported)
     bind_calibration,
     calibration_binding,
     resolve_thresholds,
+    weight_mismatch,
 )
 from .config import InferConfig
 from .pipeline import Item, Pipeline, elapsed_ms
@@ -88,10 +89,12 @@ class Detector(Pipeline):
         self._prototypes = {k: np.ascontiguousarray(v, dtype=np.float32).reshape(1, 2, -1)
                             for k, v in prototypes.items()}
         self.precision = precision or self.manifest.get("default_model")
+        self.references: dict[str, ReferenceBank] = dict(references or {})
         self.calibration = bind_calibration(calibration or {}, self.calibration_binding)
         self._sentences: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
-        self.references: dict[str, ReferenceBank] = dict(references or {})
+        self.broken_references: dict[str, str] = {}  # class -> why its stored bank cannot be used
+        self._warned: set[tuple[str, float | None]] = set()  # (class, weight) calibration mismatches said
         self.search_opts: dict[str, Any] = {}  # for runtime.refsearch.make_search (device_id, ...)
         self._searches: dict[str, tuple[ReferenceBank, Any]] = {}
         if self.random_weights:
@@ -110,10 +113,13 @@ class Detector(Pipeline):
         """
         root = Path(artifact)
         manifest, protos, cal, banks = read_artifact(root, verify, calibration)
+        for message in banks.broken.values():
+            log.warning("%s", message)
         check_precision(backend, manifest, precision)
         check_backend_graph(backend, root, manifest, precision)
         choice: BackendChoice = create_backend(backend, root, manifest, precision, **backend_opts)
-        det = cls(choice.backend, manifest, protos, root, cal, choice.describe(), precision, banks)
+        det = cls(choice.backend, manifest, protos, root, cal, choice.describe(), precision, banks.usable)
+        det.broken_references = dict(banks.broken)
         det.backend_name = choice.name
         det.search_opts = {"device_id": backend_opts.get("device_id", 0)}
         return det
@@ -153,14 +159,38 @@ class Detector(Pipeline):
                 self._sentences[class_name] = read_sentences(self.artifact_dir, self.manifest, class_name)
             return self._sentences[class_name]
 
-    def calibration_binding(self, class_name: str) -> dict[str, Any]:
-        """What a class's calibration depends on (``runtime.calibration.calibration_binding``)."""
-        return calibration_binding(self.manifest, self.precision, self._prototypes.get(class_name), class_name)
+    def calibration_binding(self, class_name: str, cfg: InferConfig | None = None) -> dict[str, Any]:
+        """What a class's calibration depends on (``runtime.calibration.calibration_binding``), with
+        the visual weight ``cfg`` fuses with (default settings when None)."""
+        return calibration_binding(self.manifest, self.precision, self._prototypes.get(class_name), class_name,
+                                   self.visual_weight(class_name, cfg))
+
+    def visual_weight(self, class_name: str, cfg: InferConfig | None = None) -> float | None:
+        """The few-shot weight a run with ``cfg`` fuses with for the class, None when it is zero-shot."""
+        cfg = cfg or InferConfig(class_name)
+        return float(cfg.visual_weight) if cfg.use_refs and class_name in self.references else None
+
+    def calibration_warning(self, class_name: str, cfg: InferConfig | None = None) -> str | None:
+        """Why the class's calibration does not apply to a run with ``cfg`` (another visual weight, or
+        few-shot vs zero-shot), the first time it is asked for that class and weight; else None."""
+        weight = self.visual_weight(class_name, cfg)
+        why = weight_mismatch(self.calibration, class_name, weight)
+        with self._lock:
+            if why is None or (class_name, weight) in self._warned:
+                return None
+            self._warned.add((class_name, weight))
+        return why
 
     def thresholds(self, class_name: str, threshold: float | None = None,
-                   pixel_threshold: float | None = None) -> tuple[float, float, str]:
-        """(image threshold, pixel threshold, source): explicit > calibration > default 0.5."""
-        return resolve_thresholds(self.calibration, class_name, threshold, pixel_threshold)
+                   pixel_threshold: float | None = None, cfg: InferConfig | None = None) -> tuple[float, float, str]:
+        """(image threshold, pixel threshold, source): explicit > calibration > default 0.5; the
+        calibration only when made with the run's visual weight (a warning, once, otherwise)."""
+        weight = self.visual_weight(class_name, cfg)
+        if threshold is None or pixel_threshold is None:
+            why = self.calibration_warning(class_name, cfg)
+            if why is not None:
+                log.warning("%s", why)
+        return resolve_thresholds(self.calibration, class_name, threshold, pixel_threshold, weight)
 
     # the four steps ----------------------------------------------------------------------------
     def read(self, image: ImageLike, cfg: InferConfig) -> Item:
@@ -185,7 +215,10 @@ class Detector(Pipeline):
         return normalize_rgb(rgb, self.preprocess_config)
 
     def fewshot(self, class_name: str, cfg: InferConfig) -> FewShot | None:
-        """The class's reference bank with its weight and search, or None (zero-shot: no bank, or ``use_refs`` off)."""
+        """The class's reference bank with its weight and search, or None (zero-shot: no bank, or ``use_refs``
+        off). A class whose stored bank is damaged raises ``BankError`` naming the file and the repair."""
+        if cfg.use_refs and class_name in self.broken_references:
+            raise BankError(self.broken_references[class_name])
         bank = self.references.get(class_name) if cfg.use_refs else None
         if bank is None:
             return None
@@ -227,13 +260,14 @@ class Detector(Pipeline):
             raise InferenceError(f"the {what} is NaN or infinite (the graph's output; check the artifact's "
                                  "prototypes and the image); no label given")
         t0 = time.perf_counter()
-        img_thr, px_thr, src = self.thresholds(cfg.class_name, cfg.threshold, cfg.pixel_threshold)
+        img_thr, px_thr, src = self.thresholds(cfg.class_name, cfg.threshold, cfg.pixel_threshold, cfg)
         regions = find_regions(amap, px_thr, cfg.min_area, cfg.max_regions)
         item.timing["regions_ms"] = elapsed_ms(t0)
         bank = self.references.get(cfg.class_name) if cfg.use_refs else None  # what forward fused, if anything
         return Result(item.path, cfg.class_name, float(score), "anomaly" if score > img_thr else "normal", amap,
                       regions, img_thr, px_thr, src, (int(amap.shape[0]), int(amap.shape[1])), tiles, item.timing,
-                      self.backend_name, self.random_weights, shots=bank.shots if bank else 0)
+                      self.backend_name, self.random_weights, shots=bank.shots if bank else 0,
+                      visual_weight=float(cfg.visual_weight) if bank else None)
 
     def run_graph(self, pixels: np.ndarray, class_name: str, outputs: Sequence[str] = DEFAULT_OUTPUTS
                   ) -> dict[str, np.ndarray]:

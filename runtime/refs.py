@@ -4,13 +4,18 @@ Torch-free. The bank format, the shot draw, the coreset, the host search and the
 ``anoclip_core.refbank``'s (the core uses the same functions); this module only connects them to
 an artifact folder and to ``Detector``:
 
-* ``build_bank``: good images -> the graph's ``local_embeddings`` (pre-processed exactly as for
+* ``build_bank``: good images (listed by ``runtime.inputs.folder_images``, as ``infer`` and
+  ``calibrate`` list a folder) -> the graph's ``local_embeddings`` (pre-processed exactly as for
   inference) -> ``ReferenceBank``, merged into the class's existing bank unless replaced, and
-  optionally reduced by PatchCore's greedy coreset.
+  optionally reduced by PatchCore's greedy coreset. An image is "already in the bank" when its
+  content (sha256 of the file) is, whatever its name or folder.
 * ``write_bank``: the ONE function that changes the artifact (the writer lock wraps it). The bank
   goes to a content-addressed file ``refs/<class>-<name hash>.<sha12>.npz`` (temp file, then rename), then the
   manifest (``files`` + ``references.<class>``) is replaced atomically, then the old bank file is
   removed: a crash at any point leaves a manifest whose files all match their sha256.
+* ``read_bank`` / ``load_banks``: a stored bank, checked (sha256, format, model, manifest entry).
+  A damaged bank blocks only its own class: ``load_banks`` sets it aside in ``StoredBanks.broken``,
+  and using it names the file and the repair command (``anoclip refs ... --replace``).
 * ``FewShot``: what ``Detector`` applies per batch. The WinCLIP+ rule is linear in the maps, so
   it is applied on the patch grid, before the §4 smoothing and upsampling that both parts share::
 
@@ -24,8 +29,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from anoclip_core.artlock import artifact_lock
-from anoclip_core.errors import AnoCLIPError, BankError
+from anoclip_core.errors import AnoCLIPError, ArtifactError, BankError
 from anoclip_core.fileio import sha256_file
 from anoclip_core.refbank import (
     ReferenceBank,
@@ -41,22 +46,23 @@ from anoclip_core.refbank import (
     fuse,
     fuse_image_score,
     greedy_coreset,
-    list_images,
     select_shots,
 )
 from anoclip_core.transform import normalize_rgb, read_image, to_rgb_float
 
 from . import contract as mf
+from .inputs import folder_images
 from .postprocess import smooth_patch_probs
 from .refsearch import SearchFn
 
 log = logging.getLogger("anoclip.runtime")
 
 
-
 # building ---------------------------------------------------------------------------------------
-def encode_images(detector: Any, class_name: str, paths: Sequence[Path], batch: int = 8) -> np.ndarray:
-    """Good image files -> their L2-normalised local embeddings [n * h * w, D] from the artifact's graph."""
+def encode_images(detector: Any, class_name: str, paths: Sequence[Path], batch: int = 8,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Good image files -> their L2-normalised local embeddings [n * h * w, D] from the artifact's graph
+    (``progress(n)`` after each batch of ``n`` images)."""
     cfg = detector.preprocess_config
     out = []
     for i in range(0, len(paths), batch):
@@ -68,11 +74,14 @@ def encode_images(detector: Any, class_name: str, paths: Sequence[Path], batch: 
                 raise BankError(f"good image {p} cannot be used: {err}") from None
         local = detector.run_graph(np.stack(px), class_name, ("local_embeddings",))["local_embeddings"]
         out.append(np.asarray(local, np.float32).reshape(-1, local.shape[-1]))
+        if progress is not None:
+            progress(len(px))
     return np.concatenate(out)
 
 
 def images_digest(names: Sequence[str]) -> str:
-    """sha256 of the bank's image names (in order): a short way to tell two banks' image lists apart."""
+    """sha256 of a JSON list of strings (the bank's image names, or their content sha256, in order):
+    a short way to tell two banks' image lists apart."""
     return hashlib.sha256(json.dumps(list(names)).encode("utf-8")).hexdigest()
 
 
@@ -84,30 +93,62 @@ def reduce(bank: ReferenceBank, coreset: int | None, seed: int) -> ReferenceBank
     info = {"size": int(coreset), "seed": int(seed), "projection_dim": None,
             "radius": coverage_radius(bank.embeddings, idx)}
     return ReferenceBank(bank.embeddings[idx], bank.backbone, bank.image_size, bank.patch_grid, bank.images,
-                         bank.source, bank.patches, info, dict(bank.extra))
+                         bank.source, bank.patches, info, dict(bank.extra), bank.image_sha256)
 
 
 def build_bank(detector: Any, class_name: str, good: str | os.PathLike, shots: int | None = None,
-               coreset: int | None = None, seed: int = 0, replace: bool = False, batch: int = 8
-               ) -> ReferenceBank:
-    """Encode ``shots`` good images of ``good`` (all when None) into a bank of those images only;
-    ``write_bank`` merges it with the class's stored bank (unless ``replace``) under the lock.
+               coreset: int | None = None, seed: int = 0, replace: bool = False, batch: int = 8,
+               progress: Any = None) -> ReferenceBank:
+    """Encode ``shots`` good images of the folder ``good`` (recursively; all when None) into a bank of
+    those images only; ``write_bank`` merges it with the class's stored bank (unless ``replace``).
 
-    Images whose names are already in the bank are skipped (a folder that grows on the line can be
-    passed again); the shot draw picks among the others."""
-    mf.require_class(detector.manifest, class_name)
+    Images whose content is already in the bank are skipped, and so is a second copy of one image
+    under another name (a folder that grows on the line can be passed again); the shot draw picks
+    among the others. Banks written before content hashes were kept are matched by name.
+    ``progress``: a bar (``anoclip_core.progress``), reset to the number of images, advanced per batch."""
+    mf.require_class(detector.manifest, class_name, detector.artifact_dir)
+    mf.refuse_case_collision(detector.manifest["text"]["classes"], class_name, "this artifact")
     if coreset is not None and coreset < 1:
         raise BankError(f"--coreset must be >= 1, got {coreset}")
-    old = detector.references.get(class_name) if not replace else None
-    found = list_images(good)
-    fresh = [p for p in found if old is None or p.name not in old.images]
+    old = None if replace else _current_bank(detector, class_name)
+    root = Path(good)
+    if not root.is_dir():
+        raise BankError(f"good-image folder not found: {root}")
+    found = [Path(p) for p in folder_images(root)]
+    fresh = _not_in_bank(found, old)
     if not fresh:
         raise BankError(f"all {len(found)} image(s) of {good} are already in the {class_name!r} bank "
-                        "(use --replace to rebuild it)")
-    paths = select_shots(fresh, shots, seed, f"good-image folder {good} (images not yet in the bank)")
+                        "(same content; use --replace to rebuild it)")
+    picked = select_shots(list(fresh.items()), shots, seed, f"good-image folder {good} (images not yet in the bank)")
+    paths = [p for p, _ in picked]
+    if progress is not None:
+        progress.reset(total=len(paths))
     m = detector.manifest
-    return ReferenceBank(encode_images(detector, class_name, paths, batch), m["backbone"], m["image_size"],
-                         tuple(m["patch_grid"]), tuple(p.name for p in paths), os.fspath(good))
+    return ReferenceBank(encode_images(detector, class_name, paths, batch, progress and progress.update), m["backbone"],
+                         m["image_size"], tuple(m["patch_grid"]), tuple(p.relative_to(root).as_posix() for p in paths),
+                         os.fspath(good), image_sha256=tuple(h for _, h in picked))
+
+
+def _current_bank(detector: Any, class_name: str) -> ReferenceBank | None:
+    """The class's stored bank (None without one); a damaged one is an error naming the repair."""
+    broken = getattr(detector, "broken_references", {}).get(class_name)
+    if broken is not None:
+        raise BankError(broken)
+    return detector.references.get(class_name)
+
+
+def _not_in_bank(found: Sequence[Path], old: ReferenceBank | None) -> dict[Path, str]:
+    """``{path: content sha256}`` of the images whose content is neither in ``old`` nor earlier in
+    ``found`` (first copy kept); an ``old`` image without a stored hash is matched by its name."""
+    known = set(old.image_sha256) - {""} if old is not None else set()
+    names = {Path(n).name for n, h in zip(old.images, old.image_sha256, strict=True) if not h} if old else set()
+    fresh: dict[Path, str] = {}
+    for p in found:
+        digest = sha256_file(p)
+        if digest not in known and p.name not in names:
+            fresh[p] = digest
+            known.add(digest)
+    return fresh
 
 
 # storing ----------------------------------------------------------------------------------------
@@ -122,7 +163,8 @@ def manifest_entry(file: str, bank: ReferenceBank) -> dict[str, Any]:
     return {
         "file": file, "shots": bank.shots, "size": bank.size, "patches": int(bank.patches or bank.size),
         "coreset": bank.coreset, "backbone": bank.backbone, "embed_dim": bank.embed_dim,
-        "images_sha256": images_digest(bank.images), "source": bank.source,
+        "images_sha256": images_digest(bank.images), "contents_sha256": images_digest(bank.image_sha256),
+        "source": bank.source,
         "updated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -147,8 +189,12 @@ def write_bank(artifact_dir: str | os.PathLike, class_name: str, bank: Reference
 
 
 def _stored_bank(root: Path, data: Mapping[str, Any], class_name: str) -> ReferenceBank | None:
-    entry = mf.reference_entry(data, class_name)
-    return ReferenceBank.load(root / entry["file"]) if entry else None
+    if mf.reference_entry(data, class_name) is None:
+        return None
+    try:
+        return read_bank(root, data, class_name)
+    except BankError as err:
+        raise BankError(f"{err}; {repair_hint(root, class_name)}") from None
 
 
 def _write_bank_locked(root: Path, data: dict[str, Any], class_name: str, bank: ReferenceBank) -> dict[str, Any]:
@@ -168,18 +214,53 @@ def _write_bank_locked(root: Path, data: dict[str, Any], class_name: str, bank: 
 
 
 # loading and applying ---------------------------------------------------------------------------
-def load_banks(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, ReferenceBank]:
-    """Every class's bank named by the manifest, checked against the artifact's backbone, D and size."""
-    banks = {}
-    for cls_name, entry in mf.references(manifest).items():
-        bank = ReferenceBank.load(Path(artifact_dir) / entry["file"])
-        bank.check_compatible(manifest["backbone"], manifest["embed_dim"], manifest["image_size"],
-                              f"reference bank {entry['file']}")
-        if bank.shots != entry["shots"] or bank.size != entry["size"]:
-            raise BankError(f"reference bank {entry['file']} holds {bank.shots} shots / {bank.size} patches, "
-                            f"the manifest says {entry['shots']} / {entry['size']}")
-        banks[cls_name] = bank
-    return banks
+def repair_hint(artifact_dir: str | os.PathLike, class_name: str) -> str:
+    """The command that rewrites a class's bank, and the way to run without it."""
+    return (f"rebuild it with: anoclip refs {os.fspath(artifact_dir)} --class {class_name!r} --good DIR --replace "
+            "(or infer without it: --no-refs)")
+
+
+def read_bank(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any], class_name: str,
+              verify: bool = True) -> ReferenceBank:
+    """The class's stored bank, checked: its sha256 (with ``verify``), its format and contents, the
+    artifact's backbone, D and image size, and the manifest entry's shots / size. ``BankError``
+    naming the file and the class otherwise."""
+    root = Path(artifact_dir)
+    entry = mf.reference_entry(manifest, class_name)
+    if entry is None:
+        raise BankError(f"class {class_name!r} has no reference bank")
+    where = f"reference bank {entry['file']} of class {class_name!r}"
+    try:
+        if verify:
+            mf.verify_files(root, manifest, [entry["file"]])
+        bank = ReferenceBank.load(root / entry["file"])
+        bank.check_compatible(manifest["backbone"], manifest["embed_dim"], manifest["image_size"], where)
+    except ArtifactError as err:  # BankError included
+        raise BankError(f"{where} is unusable: {err}") from None
+    if bank.shots != entry["shots"] or bank.size != entry["size"]:
+        raise BankError(f"{where} holds {bank.shots} shots / {bank.size} patches, "
+                        f"the manifest says {entry['shots']} / {entry['size']}")
+    return bank
+
+
+@dataclass(frozen=True)
+class StoredBanks:
+    """An artifact's banks: ``usable`` by class, and ``broken``: class -> why its bank cannot be used."""
+
+    usable: dict[str, ReferenceBank] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+
+
+def load_banks(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any], verify: bool = True) -> StoredBanks:
+    """Every class's bank named by the manifest (``read_bank``); a damaged one is set aside in
+    ``broken`` (with the repair command) so the artifact's other classes, and ``--no-refs``, still work."""
+    out = StoredBanks()
+    for cls_name in mf.references(manifest):
+        try:
+            out.usable[cls_name] = read_bank(artifact_dir, manifest, cls_name, verify)
+        except BankError as err:
+            out.broken[cls_name] = f"{err}; {repair_hint(artifact_dir, cls_name)}"
+    return out
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Result:
     index: int | None = None
     y0: int | None = None
     shots: int = 0  # few-shot: images in the class's reference bank (0: zero-shot)
+    visual_weight: float | None = None  # few-shot: the bank's weight in the fusion (None: zero-shot)
 
     @property
     def ok(self) -> bool:
@@ -73,6 +74,7 @@ class Result:
         if self.error is None:  # a failed image used no bank: say nothing rather than "references: false"
             d["references"] = self.shots > 0
             d["shots"] = self.shots
+            d["visual_weight"] = self.visual_weight
         d["random_weights"] = self.random_weights
         if self.random_weights:
             d["warning"] = RANDOM_WEIGHTS_WARNING

@@ -196,15 +196,6 @@ def test_load_errors(tmp_path: Path) -> None:
         ReferenceBank.load(tmp_path / "nan.npz")
 
 
-def test_list_images_errors(tmp_path: Path) -> None:
-    with pytest.raises(BankError, match="folder not found"):
-        refbank.list_images(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(BankError, match="has no images"):
-        refbank.list_images(tmp_path / "empty")
-
-
 def test_refbank_is_torch_free() -> None:
     import subprocess
     import sys

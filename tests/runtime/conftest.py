@@ -32,3 +32,14 @@ def tiny_detector(tiny_artifact: Path):
     det = Detector.load(tiny_artifact, backend="ort-cpu")
     yield det
     det.close()
+
+
+@pytest.fixture()
+def banked(artifact_copy: Path, tmp_path: Path) -> Path:
+    """The tiny artifact with a 2-shot bottle bank built by the CLI (good images in ``tmp_path / "good"``)."""
+    from test_refs import refs, write_images
+
+    write_images(tmp_path / "good", [1, 2])
+    res = refs(artifact_copy, "--class", "bottle", "--good", str(tmp_path / "good"))
+    assert res.exit_code == 0, res.output
+    return artifact_copy

@@ -28,7 +28,7 @@ class FakeDetector:
     def __init__(self, scores, maps, fail: int = 0) -> None:
         self.scores, self.maps, self.fail = scores, maps, fail
 
-    def calibration_binding(self, class_name):
+    def calibration_binding(self, class_name, cfg=None):
         return {"model": "fp32"}
 
     def iter_predict(self, files, class_name, cfg):

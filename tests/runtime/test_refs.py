@@ -47,15 +47,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture()
-def banked(artifact_copy: Path, tmp_path: Path) -> Path:
-    """The tiny artifact with a 2-shot bottle bank built by the CLI."""
-    write_images(tmp_path / "good", [1, 2])
-    res = refs(artifact_copy, "--class", "bottle", "--good", str(tmp_path / "good"))
-    assert res.exit_code == 0, res.output
-    return artifact_copy
-
-
 # 1. the CLI -------------------------------------------------------------------------------------
 def test_refs_stores_the_graph_embeddings_without_reexport(artifact_copy, tmp_path, tiny_model):
     paths = write_images(tmp_path / "good", [1, 2, 3])
@@ -100,7 +91,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
     return {
-        "empty": (["--class", "bottle", "--good", str(tmp_path / "empty")], "has no images"),
+        "empty": (["--class", "bottle", "--good", str(tmp_path / "empty")], "contains no images"),
         "missing": (["--class", "bottle", "--good", str(tmp_path / "nowhere")], "folder not found"),
         "class": (["--class", "tyre", "--good", str(tmp_path / "one")], "class 'tyre' is not in this artifact"),
         "unreadable": (["--class", "bottle", "--good", str(tmp_path / "broken")], "x.png cannot be used"),
