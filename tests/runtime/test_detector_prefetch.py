@@ -167,6 +167,50 @@ def test_strip_stream_prepares_the_next_tiles_while_the_backend_runs(prefetch):
     assert len(res) == 1 and res[0].ok and det.backend.saw == [bool(prefetch)]
 
 
+class SecondRunWaitsForBlending(PatchMeanBackend):
+    """The second ``run`` says it started, then waits for the caller to be blending the first batch."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__()
+        self.second_started, self.first_blending = threading.Event(), threading.Event()
+        self.wait_s, self.saw = wait_s, []
+
+    def run(self, pixels, prototypes, outputs=("patch_probs", "image_scores")):
+        if self.calls == 1:
+            self.second_started.set()
+            self.saw.append(self.first_blending.wait(self.wait_s))
+        return super().run(pixels, prototypes, outputs)
+
+
+@pytest.mark.parametrize("prefetch", [1, 0])
+@pytest.mark.parametrize("stream", [False, True])
+def test_tiler_forwards_the_next_batch_while_the_caller_blends_this_one(monkeypatch, prefetch, stream):
+    """The first batch's map-making (``tiler.anomaly_map`` on the caller's thread) waits for the
+    second batch's backend call to start, and that call waits for the map-making: both only
+    happen when the two really run at the same time (events, no timings)."""
+    from anoclip.runtime import tiler
+
+    backend = SecondRunWaitsForBlending(WAIT_S if prefetch else 0.2)
+    det = fake_detector(backend)
+    original, first = tiler.anomaly_map, [True]
+
+    def anomaly_map(probs, size):
+        if first[0]:
+            first[0] = False
+            if backend.second_started.wait(backend.wait_s):
+                backend.first_blending.set()
+        return original(probs, size)
+
+    monkeypatch.setattr(tiler, "anomaly_map", anomaly_map)
+    strip = (np.random.default_rng(1).random((32, 200, 3)) * 255).astype(np.uint8)
+    if stream:
+        s = det.stream("bottle", batch=2, prefetch=prefetch)
+        res = (s.push(strip) + s.flush())[0]
+    else:
+        res = det.predict(strip, "bottle", tile=True, batch=2, prefetch=prefetch)  # 8 tiles of 32, 4 batches
+    assert res.ok and backend.saw == [bool(prefetch)]
+
+
 def test_staged_infer_in_the_tiler_equals_the_plain_function():
     """A StagedInfer and the same two steps composed by hand give the same tiled map."""
     det = fake_detector(PatchMeanBackend())
