@@ -3,11 +3,12 @@
 ``Pipeline`` runs the four steps a subclass defines (``Detector``: the artifact's transform,
 backend and post-processing) over images one batch at a time: ``read`` + ``pre_process`` of a
 whole batch (``_prepare``; a bad image keeps its error and the others go on), then ONE ``forward``
-for its good images and ``post_process`` of each (``_run_batch``). One image is a batch of one;
-a tiled image is a batch of one whose ``forward`` is the tiler (``_run_tiled``, which runs
-``pre_process`` + ``forward`` per batch of tiles via ``tile_infer``). The next batch is prepared
-on a worker while the current one runs (``runtime.prefetch``), so results and errors are the
-same, in the same order, with or without ``InferConfig.prefetch``.
+for its good images (``_forward_batch``) and ``post_process`` of each (``_post_batch``). One image
+is a batch of one; a tiled image is a batch of one whose ``forward`` is the tiler (``_run_tiled``, which runs
+``pre_process`` + ``forward`` per batch of tiles via ``tile_infer``). The steps overlap
+(``runtime.prefetch``): a later batch is prepared on one worker and the next one forwarded on
+another while the caller post-processes the current one, so results and errors are the same, in
+the same order, with or without ``InferConfig.prefetch``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ from .postprocess import anomaly_map
 from .prefetch import Prefetch
 from .result import Result
 from .tiler import StagedInfer, predict_tiled
+
+
+@dataclass
+class Forwarded:
+    """One batch after ``forward``: its good items and their patch probabilities and scores."""
+
+    items: list[Item]
+    probs: np.ndarray
+    scores: np.ndarray
+    infer_ms: float
 
 
 def elapsed_ms(t0: float) -> float:
@@ -103,19 +114,22 @@ class Pipeline:
             items.append(item)
         return items
 
-    def _run_batch(self, items: list[Item], cfg: InferConfig) -> list[Item]:
-        """``forward`` the batch's good items in one backend call, then ``post_process`` each."""
-        if cfg.tile:
-            return [self._run_tiled(item, cfg) for item in items]
+    def _forward_batch(self, items: list[Item], cfg: InferConfig) -> Forwarded | None:
+        """ONE ``forward`` for the batch's good items (None when there are none)."""
         ok = [item for item in items if item.error is None]
         if not ok:
-            return items
+            return None
         t0 = time.perf_counter()
         probs, scores = self.forward(np.stack([item.pixels for item in ok]), cfg.class_name, cfg.tta,
                                      self.fewshot(cfg.class_name, cfg))
-        infer_ms = elapsed_ms(t0) / len(ok)
-        for item, p, s in zip(ok, probs, scores, strict=True):
-            item.timing["infer_ms"] = infer_ms
+        return Forwarded(ok, probs, scores, elapsed_ms(t0) / len(ok))
+
+    def _post_batch(self, items: list[Item], out: Forwarded | None, cfg: InferConfig) -> list[Item]:
+        """The map at each good item's size, then ``post_process`` of each."""
+        if out is None:
+            return items
+        for item, p, s in zip(out.items, out.probs, out.scores, strict=True):
+            item.timing["infer_ms"] = out.infer_ms
             t1 = time.perf_counter()
             amap = anomaly_map(p, item.size)
             item.timing["map_ms"] = elapsed_ms(t1)
@@ -123,7 +137,7 @@ class Pipeline:
                 continue
             item.timing["total_ms"] = sum(item.timing[k] for k in ("preprocess_ms", "infer_ms", "map_ms",
                                                                    "regions_ms"))
-            item.timing["batch"] = float(len(ok))
+            item.timing["batch"] = float(len(out.items))
         return items
 
     def _post(self, item: Item, amap: np.ndarray, score: float, cfg: InferConfig, tiles: int = 1) -> bool:
@@ -153,12 +167,18 @@ class Pipeline:
         return item
 
     def _items(self, images: Iterable[ImageLike], cfg: InferConfig) -> Iterator[Item]:
-        """Every image through the four steps, in order; the next batch is read and pre-processed
-        on a worker while the backend runs this one (tiled: one image per batch)."""
+        """Every image through the four steps, in order. Three stages: a later batch is read and
+        pre-processed on one worker, the next batch is forwarded on another, while the caller
+        post-processes this one (tiled: one image per batch, the tiler pipelines its own tiles)."""
         with Prefetch(_batches(images, 1 if cfg.tile else cfg.batch), lambda b: self._prepare(b, cfg),
                       cfg.prefetch) as prepared:
-            for _, items in prepared:
-                yield from self._run_batch(items, cfg)
+            if cfg.tile:
+                for _, items in prepared:
+                    yield from (self._run_tiled(item, cfg) for item in items)
+                return
+            with Prefetch(prepared, lambda batch: self._forward_batch(batch[1], cfg), cfg.prefetch) as forwarded:
+                for (_, items), out in forwarded:
+                    yield from self._post_batch(items, out, cfg)
 
     def tile_infer(self, class_name: str, channel_order: str = "RGB", tta: bool = False,
                    prefetch: int = 1, fewshot: Any = None) -> StagedInfer:

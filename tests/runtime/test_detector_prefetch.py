@@ -211,6 +211,30 @@ def test_tiler_forwards_the_next_batch_while_the_caller_blends_this_one(monkeypa
     assert res.ok and backend.saw == [bool(prefetch)]
 
 
+@pytest.mark.parametrize("prefetch", [1, 0])
+def test_batches_forward_the_next_batch_while_the_caller_post_processes_this_one(monkeypatch, prefetch):
+    """As in the tiler: the first batch's maps (``pipeline.anomaly_map``, caller's thread) and the
+    second batch's backend call each wait for the other, so both happen only when they overlap."""
+    from anoclip.runtime import pipeline
+
+    backend = SecondRunWaitsForBlending(WAIT_S if prefetch else 0.2)
+    det = fake_detector(backend)
+    original, first = pipeline.anomaly_map, [True]
+
+    def anomaly_map(probs, size):
+        if first[0]:
+            first[0] = False
+            if backend.second_started.wait(backend.wait_s):
+                backend.first_blending.set()
+        return original(probs, size)
+
+    monkeypatch.setattr(pipeline, "anomaly_map", anomaly_map)
+    rng = np.random.default_rng(0)
+    images = [(rng.random((30, 40, 3)) * 255).astype(np.uint8) for _ in range(6)]
+    res = det.predict_batch(images, "bottle", batch=2, prefetch=prefetch)
+    assert all(r.ok for r in res) and backend.saw == [bool(prefetch)]
+
+
 def test_staged_infer_in_the_tiler_equals_the_plain_function():
     """A StagedInfer and the same two steps composed by hand give the same tiled map."""
     det = fake_detector(PatchMeanBackend())
