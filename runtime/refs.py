@@ -237,7 +237,7 @@ def _stored_bank(root: Path, data: Mapping[str, Any], class_name: str) -> Refere
     try:
         return read_bank(root, data, class_name)
     except BankError as err:
-        raise BankError(f"{err}; {repair_hint(root, class_name)}") from None
+        raise BankError(f"{err}; {mf.bank_repair_hint(root, class_name)}") from None
 
 
 def _write_bank_locked(root: Path, data: dict[str, Any], class_name: str, bank: ReferenceBank) -> dict[str, Any]:
@@ -257,12 +257,6 @@ def _write_bank_locked(root: Path, data: dict[str, Any], class_name: str, bank: 
 
 
 # loading and applying ---------------------------------------------------------------------------
-def repair_hint(artifact_dir: str | os.PathLike, class_name: str) -> str:
-    """The command that rewrites a class's bank, and the way to run without it."""
-    return (f"rebuild it with: anoclip refs {os.fspath(artifact_dir)} --class {class_name!r} --good DIR --replace "
-            "(or infer without it: --no-refs)")
-
-
 def read_bank(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any], class_name: str,
               verify: bool = True) -> ReferenceBank:
     """The class's stored bank, checked: its sha256 (with ``verify``), its format and contents, the
@@ -302,7 +296,7 @@ def load_banks(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any], ver
         try:
             out.usable[cls_name] = read_bank(artifact_dir, manifest, cls_name, verify)
         except BankError as err:
-            out.broken[cls_name] = f"{err}; {repair_hint(artifact_dir, cls_name)}"
+            out.broken[cls_name] = f"{err}; {mf.bank_repair_hint(artifact_dir, cls_name)}"
     return out
 
 
