@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from .cli_options import apply_max_pixels, max_pixels_option
 from .errors import AnoCLIPError
 
 
@@ -47,6 +48,7 @@ def _split_classes(text: str | None) -> tuple[str, ...] | None:
 @click.option("--visual-weight", type=float, default=0.5, show_default=True,
               help="With --shots: weight of the visual (bank) part; 0.5 is WinCLIP+'s average.")
 @click.option("--coreset", type=int, default=None, help="With --shots: reduce each bank to this many patches.")
+@max_pixels_option
 def main(
     dataset: str,
     root: str,
@@ -68,11 +70,13 @@ def main(
     seeds: int,
     visual_weight: float,
     coreset: int | None,
+    max_pixels: int | None,
 ) -> None:
     """Evaluate AnoCLIP zero-shot (and few-shot with --shots) on MVTec AD, VisA or a folder dataset."""
     try:
         from .evaluate import EvalConfig, evaluate, markdown_table
 
+        apply_max_pixels(max_pixels)
         cfg = EvalConfig(
             dataset=dataset, root=root, backbone=backbone, pretrained=pretrained, image_size=image_size,
             tta=tta, tta_mode=tta_mode, views=views, classes=_split_classes(classes), batch_size=batch_size, out=out,

@@ -126,6 +126,20 @@ class ReferenceBank:
             None, dict(self.extra), self.image_sha256 + other.image_sha256,
         )
 
+    def select_images(self, keep: Sequence[int]) -> ReferenceBank:
+        """The bank of images ``keep`` (indices, in order) alone. Needs rows grouped per image (``patch_grid``
+        rows each, as encoded, no coreset): ``BankError`` otherwise, since a coreset row has no one image."""
+        per = self.patch_grid[0] * self.patch_grid[1]
+        if self.coreset is not None or self.size != per * self.shots:
+            raise BankError(f"reference bank: its {self.size} rows are not {per} per image (a coreset was taken), "
+                            "so single images cannot be taken out of it")
+        rows = np.concatenate([np.arange(i * per, (i + 1) * per) for i in keep]) if keep else np.zeros(0, int)
+        return ReferenceBank(
+            self.embeddings[rows], self.backbone, self.image_size, self.patch_grid,
+            tuple(self.images[i] for i in keep), self.source, int(rows.size), None, dict(self.extra),
+            tuple(self.image_sha256[i] for i in keep),
+        )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write one .npz (``embeddings`` + JSON ``provenance``) atomically: temp file, then rename."""
         buf = io.BytesIO()

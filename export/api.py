@@ -627,6 +627,7 @@ def add_class(artifact_dir: str | os.PathLike, class_name: str, domain: str | No
     for note in mf.recover_artifact(root):
         _say(note)
     data = mf.read_manifest(root, check_files=True)
+    mf.check_bank_files(root, data)
     name = text.check_class_name(class_name)
     _refuse_known(root, data, name)
     dom = domain or default_domain(name)
@@ -657,6 +658,7 @@ def _refuse_known(root: Path, data: Mapping[str, Any], name: str) -> None:
 def _commit_class(root: Path, name: str, new: tuple) -> None:
     """Merge one encoded class into the CURRENT npz and manifest (call with the lock held)."""
     data = mf.read_manifest(root, check_files=True)
+    mf.check_bank_files(root, data)
     _refuse_known(root, data, name)
     text_file = data["text"]["file"]
     existing = text.read_npz(root / text_file)

@@ -33,6 +33,7 @@ from anoclip_core.choices import (
     values,
 )
 from anoclip_core.cli_errors import OneLineGroup
+from anoclip_core.cli_options import apply_max_pixels, max_pixels_option
 from anoclip_core.errors import AnoCLIPError
 
 DEFAULT_COMMAND = "export"
@@ -149,15 +150,17 @@ def cli() -> None:
     help="Text-embedding cache folder ('none' disables; default $ANOCLIP_CACHE or ~/.cache/anoclip/text).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@max_pixels_option
 @_user_errors
 def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_opts, precisions, int8_mode,
                calibration_images, trt, trt_profile, trt_precision,
                trt_timing_cache, triton, triton_name, out, force, model_config, opset, exporter, temperature,
-               text_cache, quiet) -> None:
+               text_cache, quiet, max_pixels) -> None:
     """Export a backbone + classes to a verified artifact folder (the default command)."""
     from . import text
     from .api import ExportConfig, export_artifact
 
+    apply_max_pixels(max_pixels)  # --calibration-images are decoded with this limit
     if classes and classes_file:
         raise AnoCLIPError("use --classes or --classes-file, not both")
     names = text.read_classes_file(classes_file) if classes_file else text.parse_classes(classes or "")

@@ -19,6 +19,7 @@ import click
 import numpy as np
 
 from anoclip_core.cli_errors import OneLineCommand, OneLineGroup
+from anoclip_core.cli_options import apply_max_pixels, max_pixels_option
 from anoclip_core.errors import AnoCLIPError, InputError
 from anoclip_core.refbank import DEFAULT_VISUAL_WEIGHT
 
@@ -44,17 +45,6 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
-
-
-MAX_PIXELS_HELP = "largest image decoded, in pixels (default 40000000 or $ANOCLIP_MAX_IMAGE_PIXELS)"
-
-
-def _max_pixels(limit: int | None) -> None:
-    """Apply ``--max-pixels`` (shared by infer, calibrate and refs: the decoder's refusal names it)."""
-    if limit is not None:
-        from anoclip_core.transform import set_max_image_pixels
-
-        set_max_image_pixels(limit)
 
 
 def _warn_random(det: Detector) -> None:
@@ -240,7 +230,7 @@ def _infer_options(f):
         click.option("--visual-weight", type=float, default=DEFAULT_VISUAL_WEIGHT, show_default=True,
                      help="weight of the reference bank's visual map in the fused map and score (WinCLIP+: 0.5)"),
         click.option("--quiet", is_flag=True, default=False, help="no progress bar"),
-        click.option("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP),
+        max_pixels_option,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -257,7 +247,7 @@ def infer_main(artifact: str, inputs: tuple[str, ...], class_name: str, out_dir:
     """Run anomaly detection on image files, folders or globs (INPUTS) with an exported ARTIFACT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _max_pixels(max_pixels)
+        apply_max_pixels(max_pixels)
         cfg = InferConfig(class_name=class_name, backend=backend, precision=precision, batch=batch, tile=tile,
                           tile_size=tile_size, overlap=overlap, threshold=threshold, pixel_threshold=pixel_threshold,
                           min_area=min_area, tta=tta, channel_order=channel_order, out_dir=out_dir,
@@ -292,7 +282,7 @@ main.add_command(infer_main, "infer")
               help="calibrate zero-shot scores although the class has a reference bank (for infer --no-refs)")
 @click.option("--visual-weight", type=float, default=DEFAULT_VISUAL_WEIGHT, show_default=True,
               help="few-shot weight the thresholds are for (recorded; infer with another weight ignores them)")
-@click.option("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
+@max_pixels_option
 @click.option("--quiet", is_flag=True, default=False, help="no progress bar")
 def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantile: float, backend: str, batch: int,
                   tile: bool, threads: int | None, no_refs: bool, visual_weight: float, max_pixels: int | None,
@@ -305,7 +295,7 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
     try:
         if not 0.0 < quantile <= 1.0:
             raise InputError(f"--quantile must be in (0, 1], got {quantile}")
-        _max_pixels(max_pixels)
+        apply_max_pixels(max_pixels)
         cfg = InferConfig(class_name=class_name, batch=batch, tile=tile, threads=threads, use_refs=not no_refs,
                           visual_weight=visual_weight)  # checked before loading
         files = collect_inputs(good)
@@ -335,7 +325,7 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--threads", type=int, default=None)
-@click.option("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
+@max_pixels_option
 @click.option("--quiet", is_flag=True, default=False, help="no progress bar")
 def refs_cmd(artifact: str, class_name: str, good: str, shots: int | None, coreset: int | None, seed: int,
              replace: bool, backend: str, batch: int, threads: int | None, max_pixels: int | None,
@@ -355,7 +345,7 @@ def refs_cmd(artifact: str, class_name: str, good: str, shots: int | None, cores
             raise InputError(f"--seed must be >= 0, got {seed}")
         if coreset is not None and coreset < 1:
             raise InputError(f"--coreset must be >= 1, got {coreset}")
-        _max_pixels(max_pixels)
+        apply_max_pixels(max_pixels)
         with Detector.load(artifact, backend=backend, threads=threads) as det:
             _warn_random(det)
             bar = progress_bar(desc="anoclip refs", unit="img", enabled=not quiet)

@@ -21,7 +21,7 @@ Refusals (all ``ArtifactError``, one line, naming the culprit):
   without the sha256 check;
 * a file named by the manifest that is missing, or not listed in ``files``;
 * a sha256 mismatch (names the file; reference banks are checked per class when used, see
-  ``artifact_files``);
+  ``artifact_files``, and all at once by ``check_bank_files`` for ``add-class`` and ``is_complete``);
 * a class not in ``text.classes`` (``require_class``);
 * a ``calibration`` record (written by ``anoclip calibrate``) that is not an object with a
   ``file`` name and a hex ``sha256`` (the file itself is checked by ``runtime.calibration``).
@@ -259,7 +259,8 @@ def verify_files(artifact_dir: str | os.PathLike, data: Mapping[str, Any], names
 
 
 def read_manifest(artifact_dir: str | os.PathLike, check_files: bool = True) -> dict[str, Any]:
-    """Load + validate ``<dir>/manifest.json``; with ``check_files`` also every file's sha256."""
+    """Load + validate ``<dir>/manifest.json``; with ``check_files`` also the sha256 of every file but
+    the reference banks (``artifact_files``; ``check_bank_files`` checks those)."""
     root = Path(artifact_dir)
     path = root / MANIFEST_NAME
     if not root.is_dir():
@@ -281,6 +282,33 @@ def artifact_files(data: Mapping[str, Any]) -> list[str]:
     per class when used (``runtime.refs.read_bank``), so one damaged bank does not block the others."""
     banks = {entry["file"] for entry in references(data).values()}
     return [name for name in data["files"] if name not in banks]
+
+
+def check_bank_files(artifact_dir: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Every reference bank file exists and matches its sha256; ``ArtifactError`` naming the bank file,
+    its class and the repair command otherwise.
+
+    Loads do not call it (a damaged bank blocks only its class there, see ``artifact_files``); the
+    writers and checks that must see a whole artifact do: ``anoclip-export add-class`` (it rewrites
+    the manifest) and ``is_complete`` (whether a killed ``--force`` replace's new folder is put in place)."""
+    root = Path(artifact_dir)
+    for cls_name, entry in references(data).items():
+        name = entry["file"]
+        path = _safe_member(root, name)
+        if not path.is_file():
+            problem = "is missing"
+        elif sha256_file(path) != data["files"][name]:
+            problem = "does not match its sha256 in the manifest (modified or corrupted)"
+        else:
+            continue
+        raise ArtifactError(f"reference bank {name} of class {cls_name!r} in {root} {problem}; "
+                            f"{bank_repair_hint(root, cls_name)}")
+
+
+def bank_repair_hint(artifact_dir: str | os.PathLike, class_name: str) -> str:
+    """The command that rewrites a class's bank, and the way to run without it."""
+    return (f"rebuild it with: anoclip refs {os.fspath(artifact_dir)} --class {class_name!r} --good DIR --replace "
+            "(or infer without it: --no-refs)")
 
 
 def file_hashes(artifact_dir: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
@@ -387,9 +415,10 @@ def build_manifest(artifact_dir: str | os.PathLike, *, backbone: str, pretrained
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a whole artifact (valid manifest, every file's sha256 matching)."""
+    """Whether ``folder`` holds a whole artifact (valid manifest, every file's sha256 matching, the
+    reference banks' too)."""
     try:
-        read_manifest(folder, check_files=True)
+        check_bank_files(folder, read_manifest(folder, check_files=True))
     except ArtifactError:
         return False
     return True

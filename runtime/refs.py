@@ -8,7 +8,8 @@ an artifact folder and to ``Detector``:
   ``calibrate`` list a folder) -> the graph's ``local_embeddings`` (pre-processed exactly as for
   inference) -> ``ReferenceBank``, merged into the class's existing bank unless replaced, and
   optionally reduced by PatchCore's greedy coreset. An image is "already in the bank" when its
-  content (sha256 of the file) is, whatever its name or folder.
+  content (sha256 of the file) is, whatever its name or folder; ``write_bank`` checks it again
+  against the bank it re-reads under the lock, so concurrent runs adding one image keep it once.
 * ``write_bank``: the ONE function that changes the artifact (the writer lock wraps it). The bank
   goes to a content-addressed file ``refs/<class>-<name hash>.<sha12>.npz`` (temp file, then rename), then the
   manifest (``files`` + ``references.<class>``) is replaced atomically, then the old bank file is
@@ -137,18 +138,55 @@ def _current_bank(detector: Any, class_name: str) -> ReferenceBank | None:
     return detector.references.get(class_name)
 
 
+@dataclass(frozen=True)
+class _Known:
+    """What counts as "already in a bank": its images' content sha256, and the names of its images
+    stored without one (banks written before content hashes were kept), matched by file name."""
+
+    hashes: frozenset[str]
+    legacy_names: frozenset[str]
+
+    @classmethod
+    def of(cls, bank: ReferenceBank | None) -> _Known:
+        if bank is None:
+            return cls(frozenset(), frozenset())
+        pairs = list(zip(bank.images, bank.image_sha256, strict=True))
+        return cls(frozenset(h for _, h in pairs if h), frozenset(Path(n).name for n, h in pairs if not h))
+
+    def has(self, name: str, digest: str) -> bool:
+        return (bool(digest) and digest in self.hashes) or Path(name).name in self.legacy_names
+
+
 def _not_in_bank(found: Sequence[Path], old: ReferenceBank | None) -> dict[Path, str]:
     """``{path: content sha256}`` of the images whose content is neither in ``old`` nor earlier in
     ``found`` (first copy kept); an ``old`` image without a stored hash is matched by its name."""
-    known = set(old.image_sha256) - {""} if old is not None else set()
-    names = {Path(n).name for n, h in zip(old.images, old.image_sha256, strict=True) if not h} if old else set()
+    known = _Known.of(old)
+    seen: set[str] = set()
     fresh: dict[Path, str] = {}
     for p in found:
         digest = sha256_file(p)
-        if digest not in known and p.name not in names:
+        if digest not in seen and not known.has(p.name, digest):
             fresh[p] = digest
-            known.add(digest)
+            seen.add(digest)
     return fresh
+
+
+def _new_images(bank: ReferenceBank, stored: ReferenceBank, class_name: str) -> ReferenceBank | None:
+    """``bank`` without the images already in ``stored`` (None when none is left). The stored bank is
+    re-read under the writer lock, so this catches images that another ``anoclip refs`` run added
+    after this run's own check in ``build_bank``."""
+    known = _Known.of(stored)
+    keep = [i for i, (n, h) in enumerate(zip(bank.images, bank.image_sha256, strict=True)) if not known.has(n, h)]
+    if len(keep) < bank.shots:
+        log.warning("%d image(s) for the %r bank are already in it (added meanwhile by another anoclip refs run); "
+                    "skipped", bank.shots - len(keep), class_name)
+    if not keep:
+        return None
+    try:
+        return bank if len(keep) == bank.shots else bank.select_images(keep)
+    except BankError as err:
+        raise BankError(f"cannot add to the {class_name!r} bank without repeating images already in it: {err}; "
+                        "build the new bank without them, or use --replace") from None
 
 
 # storing ----------------------------------------------------------------------------------------
@@ -173,9 +211,11 @@ def write_bank(artifact_dir: str | os.PathLike, class_name: str, bank: Reference
                coreset: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Store ``bank`` as the class's reference bank in the artifact (see module docstring); returns its
     manifest entry. The graph and the other files are not touched. Runs under the artifact's writer
-    lock and re-reads the manifest and the stored bank there: with ``merge`` the bank is added to the
-    CURRENT stored bank (so two concurrent ``anoclip refs`` runs both land), then bounded by a coreset
-    of ``coreset`` patches (default: the stored bank's coreset size, so a merge keeps the bound)."""
+    lock and re-reads the manifest and the stored bank there: with ``merge`` the bank's images whose
+    content is not yet in the CURRENT stored bank are added to it (so two concurrent ``anoclip refs``
+    runs both land, and an image both add is kept once; when none is new, nothing is written and the
+    stored entry is returned), then bounded by a coreset of ``coreset`` patches (default: the stored
+    bank's coreset size, so a merge keeps the bound)."""
     root = Path(artifact_dir)
     with artifact_lock(root, what="anoclip refs"):
         data = mf.read_manifest(root, check_files=False)
@@ -183,8 +223,11 @@ def write_bank(artifact_dir: str | os.PathLike, class_name: str, bank: Reference
         bank.check_compatible(data["backbone"], data["embed_dim"], data["image_size"], "the reference bank")
         current = _stored_bank(root, data, class_name) if merge else None
         if current is not None:
+            added = _new_images(bank, current, class_name)
+            if added is None:
+                return dict(mf.reference_entry(data, class_name) or {})  # nothing new: the stored bank stays
             coreset = coreset or (current.coreset or {}).get("size")
-            bank = current.merge(bank)
+            bank = current.merge(added)
         return _write_bank_locked(root, data, class_name, reduce(bank, coreset, seed))
 
 
@@ -194,7 +237,7 @@ def _stored_bank(root: Path, data: Mapping[str, Any], class_name: str) -> Refere
     try:
         return read_bank(root, data, class_name)
     except BankError as err:
-        raise BankError(f"{err}; {repair_hint(root, class_name)}") from None
+        raise BankError(f"{err}; {mf.bank_repair_hint(root, class_name)}") from None
 
 
 def _write_bank_locked(root: Path, data: dict[str, Any], class_name: str, bank: ReferenceBank) -> dict[str, Any]:
@@ -214,12 +257,6 @@ def _write_bank_locked(root: Path, data: dict[str, Any], class_name: str, bank: 
 
 
 # loading and applying ---------------------------------------------------------------------------
-def repair_hint(artifact_dir: str | os.PathLike, class_name: str) -> str:
-    """The command that rewrites a class's bank, and the way to run without it."""
-    return (f"rebuild it with: anoclip refs {os.fspath(artifact_dir)} --class {class_name!r} --good DIR --replace "
-            "(or infer without it: --no-refs)")
-
-
 def read_bank(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any], class_name: str,
               verify: bool = True) -> ReferenceBank:
     """The class's stored bank, checked: its sha256 (with ``verify``), its format and contents, the
@@ -259,7 +296,7 @@ def load_banks(artifact_dir: str | os.PathLike, manifest: Mapping[str, Any], ver
         try:
             out.usable[cls_name] = read_bank(artifact_dir, manifest, cls_name, verify)
         except BankError as err:
-            out.broken[cls_name] = f"{err}; {repair_hint(artifact_dir, cls_name)}"
+            out.broken[cls_name] = f"{err}; {mf.bank_repair_hint(artifact_dir, cls_name)}"
     return out
 
 
