@@ -109,6 +109,13 @@ def remainder_hint(capabilities: Sequence[str]) -> str:
     return "bf16" if "BF16" in capabilities else "f32"
 
 
+def precision_note(hint: str, effective: str) -> str:
+    """What runs, in the runtime's precision words: ``fp32``, ``bf16`` or ``int8 (float ops in bf16)``."""
+    if hint == REMAINDER:
+        return f"int8 (float ops in {'fp32' if effective == 'f32' else effective})"
+    return "fp32" if effective == "f32" else effective
+
+
 def compile_config(hint: str, threads: int | None, streams: int = 1) -> dict[str, str]:
     """Compile-time properties: precision hint, the threads in all, and latency mode (one stream) or
     throughput mode with ``streams`` streams sharing those threads."""
@@ -145,6 +152,7 @@ class OpenVinoBackend(BaseBackend):
         self.capabilities = cpu_capabilities(core)
         self.hint = remainder_hint(self.capabilities) if hint == REMAINDER else hint
         require_hint(self.hint, self.capabilities)
+        self.runs = precision_note(hint, self.hint)
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
             core.set_property({"CACHE_DIR": os.fspath(cache_dir)})

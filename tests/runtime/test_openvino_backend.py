@@ -319,7 +319,8 @@ def test_auto_on_cpu_picks_openvino_and_says_why(graph):
                             available_providers=["CPUExecutionProvider"])
     assert choice.name == "openvino"
     assert set(choice.skipped) == {"trt", "ort-trt", "ort-cuda"}
-    assert "auto -> openvino, first to start of trt > ort-trt > ort-cuda > openvino > ort-cpu" in choice.describe()
+    assert ("auto -> openvino, precision fp32, first to start of trt > ort-trt > ort-cuda > openvino > ort-cpu"
+            in choice.describe())
 
 
 def test_without_openvino_auto_keeps_ort_cpu_and_explicit_is_refused(tiny_artifact, monkeypatch):
@@ -455,3 +456,51 @@ def test_real_openvino_two_streams_give_each_image_the_one_stream_result(tiny_ar
     finally:
         one.close()
         two.close()
+
+
+# --- what precision runs: said in the note, the JSON lines and the summary ------------------------
+@pytest.mark.parametrize("precision,caps,runs", [
+    (None, CAPS_BF16, "fp32"), ("bf16", CAPS_BF16, "bf16"),
+    ("int8", CAPS_BF16, "int8 (float ops in bf16)"), ("int8", CAPS_AVX2, "int8 (float ops in fp32)"),
+])
+def test_the_backend_note_says_what_precision_openvino_runs(graph, precision, caps, runs):
+    choice = create_backend("openvino", graph, _manifest(), precision, openvino_module=FakeOpenVINO(FakeCore(caps)))
+    assert choice.precision == runs
+    assert choice.describe() == f"backend openvino, precision {runs}"
+
+
+@pytest.mark.parametrize("name,precision,runs", [
+    ("ort-cpu", None, "fp32"), ("ort-cpu", "fp16", "fp16"), ("ort-cpu", "int8", "int8 (dynamic)"),
+    ("trt", None, "fp16 (TensorRT engine)"),
+])
+def test_running_precision_of_graph_backends_is_the_graph_and_its_int8_mode(name, precision, runs):
+    from anoclip.runtime.backends import running_precision
+
+    manifest = {**_manifest("dynamic"), "tensorrt": {"file": "encoder.fp16.plan", "precision": "fp16"}}
+    assert running_precision(object(), name, manifest, precision) == runs
+
+
+def test_real_cli_json_and_summary_say_the_precision_that_ran(tiny_artifact, tmp_path):
+    ov = _real_openvino()
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+
+    from anoclip.runtime.cli import infer_main
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    image = tmp_path / "part.png"
+    cv2.imwrite(str(image), (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8))
+    for precision, runs in (("fp32", "fp32"), ("bf16", "bf16")):
+        if precision == "bf16" and "BF16" not in caps:
+            continue
+        out = tmp_path / precision
+        res = CliRunner().invoke(infer_main, [str(tiny_artifact), str(image), "--class", "bottle", "--backend",
+                                              "openvino", "--precision", precision, "--out", str(out), "--quiet",
+                                              "--no-overlays", "--no-masks", "--no-verify"])
+        assert res.exit_code == 0, res.output
+        assert f"backend openvino, precision {runs};" in res.output
+        line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+        assert line["precision"] == runs and line["backend"] == "openvino"
+        assert json.loads((out / "summary.json").read_text())["precision"] == runs
