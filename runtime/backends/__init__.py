@@ -9,6 +9,7 @@ that always works (and the fp32 reference).
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -161,7 +162,9 @@ def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping
     if threads is not None and int(threads) < 1:  # 0 would silently mean "all cores" to the engines
         raise InputError(f"threads must be >= 1, got {threads}")
     streams = opts.get("streams")
-    if streams is not None and int(streams) != 1 and name != "openvino":
+    if streams is not None and (isinstance(streams, bool) or not isinstance(streams, numbers.Integral) or streams < 1):
+        raise InputError(f"streams must be a whole number >= 1, got {streams!r}")  # 0 / 2.5 were silently 1 / 2
+    if streams is not None and streams != 1 and name != "openvino":
         raise InputError(f"streams ({streams}) are an OpenVINO option: use --backend openvino, or streams 1")
     root = Path(artifact_dir)
     if name != "auto":

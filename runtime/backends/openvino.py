@@ -120,8 +120,11 @@ def compile_config(hint: str, threads: int | None, streams: int = 1) -> dict[str
     """Compile-time properties: precision hint, the threads in all, and latency mode (one stream) or
     throughput mode with ``streams`` streams sharing those threads."""
     total = int(threads) if threads else physical_cores()
-    if streams < 1 or streams > total:
-        raise InputError(f"openvino streams must be between 1 and the threads it runs on ({total}), got {streams}")
+    if streams < 1:
+        raise InputError(f"streams must be >= 1, got {streams}")
+    if streams > total:
+        raise InputError(f"--streams {streams} is more than the {total} thread(s) OpenVINO runs on (--threads, default: "
+                         f"the physical cores) and each stream needs one: use --streams {total} or fewer")
     config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": str(total)}
     if streams == 1:
         return {**config, "PERFORMANCE_HINT": "LATENCY"}

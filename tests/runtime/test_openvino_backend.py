@@ -67,7 +67,8 @@ def test_compile_config_for_streams_uses_throughput_mode_over_the_same_threads()
                    "INFERENCE_NUM_THREADS": "4"}
     from anoclip_core.errors import InputError
 
-    with pytest.raises(InputError, match=r"between 1 and the threads it runs on \(2\), got 3"):
+    with pytest.raises(InputError, match=r"^--streams 3 is more than the 2 thread\(s\) OpenVINO runs on \(--threads.*"
+                                         r"use --streams 2 or fewer$"):
         compile_config("f32", 2, streams=3)
     with pytest.raises(InputError, match="got 0"):
         compile_config("f32", 2, streams=0)
@@ -301,6 +302,21 @@ def test_streams_need_the_openvino_backend(graph, tiny_artifact):
         InferConfig(class_name="bottle", backend="openvino", streams=0)
     with pytest.raises(InputError, match=r"streams \(2\) are an OpenVINO option"):
         Detector.load(tiny_artifact, backend="ort-cpu", streams=2)
+
+
+@pytest.mark.parametrize("streams", [0, -1, 2.5, "2", True])
+def test_streams_that_are_not_a_whole_number_from_one_up_are_refused_not_rounded(graph, streams):
+    """The API path (``Detector.load(..., streams=...)``) has no InferConfig check: 0 used to run as 1
+    stream and 2.5 as 2, silently."""
+    from anoclip_core.errors import InputError
+
+    core = FakeCore()
+    with pytest.raises(InputError, match=f"streams must be a whole number >= 1, got {streams!r}"):
+        create_backend("openvino", graph, _manifest(), None, openvino_module=FakeOpenVINO(core), streams=streams)
+    assert core.compiled == []
+    create_backend("openvino", graph, _manifest(), None, openvino_module=FakeOpenVINO(core), streams=np.int64(2),
+                   threads=2)
+    assert core.compiled[0][2]["NUM_STREAMS"] == "2"
 
 
 def test_bad_inputs_and_outputs_rejected(graph):
