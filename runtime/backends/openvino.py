@@ -123,8 +123,8 @@ def compile_config(hint: str, threads: int | None, streams: int = 1) -> dict[str
     if streams < 1:
         raise InputError(f"streams must be >= 1, got {streams}")
     if streams > total:
-        raise InputError(f"--streams {streams} is more than the {total} thread(s) OpenVINO runs on (--threads, default: "
-                         f"the physical cores) and each stream needs one: use --streams {total} or fewer")
+        raise InputError(f"--streams {streams} is more than the {total} thread(s) OpenVINO runs on (--threads, "
+                         f"default: the physical cores) and each stream needs one: use --streams {total} or fewer")
     config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": str(total)}
     if streams == 1:
         return {**config, "PERFORMANCE_HINT": "LATENCY"}
