@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from anoclip_core.cli_errors import OneLineCommand
+from anoclip_core.transform import DEFAULT_MAX_IMAGE_PIXELS
 
 from .config import SECTIONS, BenchConfig, ConfigError, default_batch_sizes, parse_batch_sizes, parse_contenders
 
@@ -22,14 +23,24 @@ def exact_command(args: list[str], prog: str = PROG) -> str:
     return " ".join([prog] + [shlex.quote(a) for a in args])
 
 
+#: Largest line-scan strip, in pixels: the runtime's default image limit (``--max-pixels``); a bigger
+#: strip would only fail (out of memory) after every other section had run.
+MAX_STRIP_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+
+
 def _parse_size(text: str) -> tuple[int, int]:
-    """'16384x1024' (width x height) -> (height, width)."""
+    """'16384x1024' (width x height) -> (height, width); errors name ``--linescan-size``."""
+    def bad(why: str) -> click.BadParameter:
+        return click.BadParameter(why, param_hint="'--linescan-size'")
+
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise click.BadParameter(f"expected WIDTHxHEIGHT, e.g. 16384x1024, got {text!r}") from None
+        raise bad(f"expected WIDTHxHEIGHT, e.g. 16384x1024, got {text!r}") from None
     if w < 2 or h < 2:
-        raise click.BadParameter("line-scan strip sides must be >= 2")
+        raise bad(f"line-scan strip sides must be >= 2, got {text!r}")
+    if w * h > MAX_STRIP_PIXELS:
+        raise bad(f"{text!r} is {w * h:,} pixels, over the {MAX_STRIP_PIXELS:,} a strip may have")
     return h, w
 
 

@@ -200,9 +200,12 @@ def _validate(cfg: ExportConfig) -> tuple[list[str], list[str], dict[str, str]]:
     for path in cfg.calibration_images:
         if not os.path.isfile(path):
             raise AnoCLIPError(f"calibration image not found: {path}")
-    if cfg.calibration_images and ("int8" not in precisions or cfg.int8_mode != "static"):
+    if cfg.calibration_images and "int8" not in precisions:
         raise AnoCLIPError("--calibration-images calibrates the static int8 graph: add --precision int8 "
                            "(with --int8-mode static)")
+    if cfg.calibration_images and cfg.int8_mode != "static":
+        raise AnoCLIPError(f"--calibration-images calibrates the static int8 graph, --int8-mode {cfg.int8_mode} "
+                           "takes none: drop one of them (with the images, static is the default)")
     unknown = sorted(set(cfg.domains) - set(classes))
     if unknown:
         raise AnoCLIPError(f"domain given for class(es) not exported: {', '.join(unknown)}")

@@ -159,6 +159,7 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
     """Export a backbone + classes to a verified artifact folder (the default command)."""
     from . import text
     from .api import ExportConfig, export_artifact
+    from .quantize import check_precisions
 
     apply_max_pixels(max_pixels)  # --calibration-images are decoded with this limit
     if classes and classes_file:
@@ -176,6 +177,8 @@ def export_cmd(backbone, pretrained, image_size, classes, classes_file, domain_o
     except (ValueError, AssertionError):
         raise AnoCLIPError(f"--trt-profile expects min,opt,max with 1 <= min <= opt <= max, got {trt_profile!r}"
                            ) from None
+    if int8_mode and "int8" not in check_precisions(precisions):
+        raise AnoCLIPError(f"--int8-mode {int8_mode} chooses how the int8 graph is made: add --precision int8")
     if image_size is not None and image_size < 1:
         raise AnoCLIPError(f"--image-size must be >= 1, got {image_size}")
     cfg = ExportConfig(

@@ -181,7 +181,8 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
     summary = {
         "summary": True, "count": n, "ok": n - errors, "errors": errors, "anomalies": anomalies,
         "mean_latency_ms": round(float(np.mean(latencies)), 3) if latencies else None,
-        "wall_s": round(time.perf_counter() - t0, 3), "backend": det.backend_name, "class": cfg.class_name,
+        "wall_s": round(time.perf_counter() - t0, 3), "backend": det.backend_name,
+        "precision": det.running_precision, "class": cfg.class_name,
         "random_weights": det.random_weights, "references": few is not None, "shots": few.shots if few else 0,
         "visual_weight": few.weight if few else None,
     }
@@ -189,7 +190,8 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     click.echo(
         f"anoclip: {n} image(s), {anomalies} anomal{'y' if anomalies == 1 else 'ies'}, {errors} error(s), "
-        f"mean latency {summary['mean_latency_ms']} ms/image, backend {det.backend_name}"
+        f"mean latency {summary['mean_latency_ms']} ms/image, backend {det.backend_name}, "
+        f"precision {det.running_precision}"
         + (" [RANDOM WEIGHTS]" if det.random_weights else ""), err=True)
     return summary
 

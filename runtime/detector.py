@@ -121,6 +121,7 @@ class Detector(Pipeline):
         det = cls(choice.backend, manifest, protos, root, cal, choice.describe(), precision, banks.usable)
         det.broken_references = dict(banks.broken)
         det.backend_name = choice.name
+        det.running_precision = choice.precision
         det.search_opts = {"device_id": backend_opts.get("device_id", 0)}
         return det
 
@@ -267,6 +268,7 @@ class Detector(Pipeline):
         return Result(item.path, cfg.class_name, float(score), "anomaly" if score > img_thr else "normal", amap,
                       regions, img_thr, px_thr, src, (int(amap.shape[0]), int(amap.shape[1])), tiles, item.timing,
                       self.backend_name, self.random_weights, shots=bank.shots if bank else 0,
+                      precision=self.running_precision,
                       visual_weight=float(cfg.visual_weight) if bank else None)
 
     def run_graph(self, pixels: np.ndarray, class_name: str, outputs: Sequence[str] = DEFAULT_OUTPUTS

@@ -80,6 +80,7 @@ class Pipeline:
     and ``post_process`` and set ``backend_name`` / ``random_weights`` (named in error results)."""
 
     backend_name: str = "backend"
+    running_precision: str | None = None  # what the backend computes in (``backends.running_precision``)
     random_weights: bool = False
 
     def read(self, image: ImageLike, cfg: InferConfig) -> Item:
@@ -196,4 +197,5 @@ class Pipeline:
             return item.result
         path = os.fspath(item.image) if isinstance(item.image, (str, os.PathLike)) else None
         return Result(path, cfg.class_name, error=f"{type(item.error).__name__}: {item.error}", timing=item.timing,
-                      backend=self.backend_name, random_weights=self.random_weights)
+                      backend=self.backend_name, random_weights=self.random_weights,
+                      precision=self.running_precision)

@@ -38,6 +38,7 @@ class Result:
     y0: int | None = None
     shots: int = 0  # few-shot: images in the class's reference bank (0: zero-shot)
     visual_weight: float | None = None  # few-shot: the bank's weight in the fusion (None: zero-shot)
+    precision: str | None = None  # what the backend computes in, e.g. "int8 (float ops in bf16)"
 
     @property
     def ok(self) -> bool:
@@ -71,6 +72,8 @@ class Result:
             })
         d["timing"] = {k: round(v, 3) for k, v in self.timing.items()}
         d["backend"] = self.backend
+        if self.precision is not None:
+            d["precision"] = self.precision
         if self.error is None:  # a failed image used no bank: say nothing rather than "references: false"
             d["references"] = self.shots > 0
             d["shots"] = self.shots

@@ -9,6 +9,7 @@ that always works (and the fp32 reference).
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ BACKENDS = ("trt", "ort-trt", "ort-cuda", "openvino", "ort-cpu")
 CHOICES = ("auto",) + BACKENDS
 
 __all__ = ["ALL_OUTPUTS", "DEFAULT_OUTPUTS", "BACKENDS", "CHOICES", "Backend", "BackendChoice", "ParityReport",
-           "check_backend_graph", "check_precision", "create_backend", "parity_check"]
+           "check_backend_graph", "check_precision", "create_backend", "parity_check", "running_precision"]
 
 
 @dataclass
@@ -34,13 +35,29 @@ class BackendChoice:
     name: str
     requested: str
     skipped: dict[str, str] = field(default_factory=dict)
+    precision: str | None = None  # what the backend computes in (``running_precision``)
 
     def describe(self) -> str:
+        runs = f", precision {self.precision}" if self.precision else ""
         if self.requested != "auto":
-            return f"backend {self.name}"
+            return f"backend {self.name}{runs}"
         why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
         reason = f"first to start of {' > '.join(BACKENDS)}"
-        return f"backend auto -> {self.name}, {reason}" + (f" (skipped {why})" if why else "")
+        return f"backend auto -> {self.name}{runs}, {reason}" + (f" (skipped {why})" if why else "")
+
+
+def running_precision(backend: Any, name: str, manifest: Mapping[str, Any], precision: str | None) -> str:
+    """The precision a started backend computes in, as the user should read it: the backend's own
+    word when it has one (OpenVINO: ``int8 (float ops in bf16)``), the engine's for ``trt``, else the
+    graph's key with its int8 mode (``int8 (dynamic)``)."""
+    runs = getattr(backend, "runs", None)
+    if isinstance(runs, str):
+        return runs
+    if name == "trt":
+        return f"{(manifest.get('tensorrt') or {}).get('precision', '?')} (TensorRT engine)"
+    key = precision or manifest["default_model"]
+    mode = ((manifest.get("models", {}).get(key) or {}).get("quantization") or {}).get("mode")
+    return f"{key} ({mode})" if mode else str(key)
 
 
 def _start(name: str, artifact_dir: Path, manifest: Mapping[str, Any], precision: str | None,
@@ -145,11 +162,14 @@ def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping
     if threads is not None and int(threads) < 1:  # 0 would silently mean "all cores" to the engines
         raise InputError(f"threads must be >= 1, got {threads}")
     streams = opts.get("streams")
-    if streams is not None and int(streams) != 1 and name != "openvino":
+    if streams is not None and (isinstance(streams, bool) or not isinstance(streams, numbers.Integral) or streams < 1):
+        raise InputError(f"streams must be a whole number >= 1, got {streams!r}")  # 0 / 2.5 were silently 1 / 2
+    if streams is not None and streams != 1 and name != "openvino":
         raise InputError(f"streams ({streams}) are an OpenVINO option: use --backend openvino, or streams 1")
     root = Path(artifact_dir)
     if name != "auto":
-        return BackendChoice(_start(name, root, manifest, precision, opts), name, name)
+        backend = _start(name, root, manifest, precision, opts)
+        return BackendChoice(backend, name, name, precision=running_precision(backend, name, manifest, precision))
     skipped: dict[str, str] = {}
     for cand in BACKENDS:
         try:
@@ -159,7 +179,7 @@ def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping
                 raise
             skipped[cand] = str(err).split(";")[0]
             continue
-        choice = BackendChoice(backend, cand, "auto", skipped)
+        choice = BackendChoice(backend, cand, "auto", skipped, running_precision(backend, cand, manifest, precision))
         log.info(choice.describe())
         return choice
     raise BackendUnavailable("no backend available")  # pragma: no cover - ort-cpu always starts or raises

@@ -109,12 +109,22 @@ def remainder_hint(capabilities: Sequence[str]) -> str:
     return "bf16" if "BF16" in capabilities else "f32"
 
 
+def precision_note(hint: str, effective: str) -> str:
+    """What runs, in the runtime's precision words: ``fp32``, ``bf16`` or ``int8 (float ops in bf16)``."""
+    if hint == REMAINDER:
+        return f"int8 (float ops in {'fp32' if effective == 'f32' else effective})"
+    return "fp32" if effective == "f32" else effective
+
+
 def compile_config(hint: str, threads: int | None, streams: int = 1) -> dict[str, str]:
     """Compile-time properties: precision hint, the threads in all, and latency mode (one stream) or
     throughput mode with ``streams`` streams sharing those threads."""
     total = int(threads) if threads else physical_cores()
-    if streams < 1 or streams > total:
-        raise InputError(f"openvino streams must be between 1 and the threads it runs on ({total}), got {streams}")
+    if streams < 1:
+        raise InputError(f"streams must be >= 1, got {streams}")
+    if streams > total:
+        raise InputError(f"--streams {streams} is more than the {total} thread(s) OpenVINO runs on (--threads, "
+                         f"default: the physical cores) and each stream needs one: use --streams {total} or fewer")
     config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": str(total)}
     if streams == 1:
         return {**config, "PERFORMANCE_HINT": "LATENCY"}
@@ -145,6 +155,7 @@ class OpenVinoBackend(BaseBackend):
         self.capabilities = cpu_capabilities(core)
         self.hint = remainder_hint(self.capabilities) if hint == REMAINDER else hint
         require_hint(self.hint, self.capabilities)
+        self.runs = precision_note(hint, self.hint)
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
             core.set_property({"CACHE_DIR": os.fspath(cache_dir)})

@@ -145,6 +145,11 @@ def test_cli_quick_torch_only(register_tiny, text_cache, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--contenders", "core,warp-drive"], "unknown contender"),
     (["--skip", "everything"], "unknown section"),
+    (["--linescan-size", "2048"], "Invalid value for '--linescan-size': expected WIDTHxHEIGHT"),
+    (["--linescan-size", "0x128"], "Invalid value for '--linescan-size': line-scan strip sides must be >= 2"),
+    # 1e13 pixels: once failed with MemoryError in the report, after every other section had run
+    (["--linescan-size", "99999999x99999"], "Invalid value for '--linescan-size': '99999999x99999' is "
+                                            "9,999,899,900,001 pixels, over the 40,000,000"),
 ])
 def test_cli_rejects_bad_options(tmp_path, args, message):
     """As the user sees it: exit status 2, the problem named on an error line, no traceback, nothing written."""

@@ -72,6 +72,16 @@ def test_cli_calibration_without_static_int8_is_refused(tmp_path):
     assert res.exit_code == 2 and "add --precision int8" in res.output
     res = _export(["--precision", "int8", "--int8-mode", "dynamic", "--calibration-images", str(good)], tmp_path)
     assert res.exit_code == 2 and "static int8" in res.output
+    assert "--int8-mode dynamic takes none: drop one of them" in res.output
+    assert "add --precision int8" not in res.output  # it was given: the old message told the user to add it
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_cli_int8_mode_without_int8_precision_is_refused_not_ignored(tmp_path, mode):
+    res = _export(["--int8-mode", mode, "--precision", "fp16"], tmp_path)
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == f"error: --int8-mode {mode} chooses how the int8 graph is made: add --precision int8"
     assert not (tmp_path / "art").exists()
 
 

@@ -67,7 +67,8 @@ def test_compile_config_for_streams_uses_throughput_mode_over_the_same_threads()
                    "INFERENCE_NUM_THREADS": "4"}
     from anoclip_core.errors import InputError
 
-    with pytest.raises(InputError, match=r"between 1 and the threads it runs on \(2\), got 3"):
+    with pytest.raises(InputError, match=r"^--streams 3 is more than the 2 thread\(s\) OpenVINO runs on \(--threads.*"
+                                         r"use --streams 2 or fewer$"):
         compile_config("f32", 2, streams=3)
     with pytest.raises(InputError, match="got 0"):
         compile_config("f32", 2, streams=0)
@@ -303,6 +304,21 @@ def test_streams_need_the_openvino_backend(graph, tiny_artifact):
         Detector.load(tiny_artifact, backend="ort-cpu", streams=2)
 
 
+@pytest.mark.parametrize("streams", [0, -1, 2.5, "2", True])
+def test_streams_that_are_not_a_whole_number_from_one_up_are_refused_not_rounded(graph, streams):
+    """The API path (``Detector.load(..., streams=...)``) has no InferConfig check: 0 used to run as 1
+    stream and 2.5 as 2, silently."""
+    from anoclip_core.errors import InputError
+
+    core = FakeCore()
+    with pytest.raises(InputError, match=f"streams must be a whole number >= 1, got {streams!r}"):
+        create_backend("openvino", graph, _manifest(), None, openvino_module=FakeOpenVINO(core), streams=streams)
+    assert core.compiled == []
+    create_backend("openvino", graph, _manifest(), None, openvino_module=FakeOpenVINO(core), streams=np.int64(2),
+                   threads=2)
+    assert core.compiled[0][2]["NUM_STREAMS"] == "2"
+
+
 def test_bad_inputs_and_outputs_rejected(graph):
     be = OpenVinoBackend(graph / "encoder.onnx", openvino=FakeOpenVINO(FakeCore()))
     from anoclip_core.errors import InputError
@@ -319,7 +335,8 @@ def test_auto_on_cpu_picks_openvino_and_says_why(graph):
                             available_providers=["CPUExecutionProvider"])
     assert choice.name == "openvino"
     assert set(choice.skipped) == {"trt", "ort-trt", "ort-cuda"}
-    assert "auto -> openvino, first to start of trt > ort-trt > ort-cuda > openvino > ort-cpu" in choice.describe()
+    assert ("auto -> openvino, precision fp32, first to start of trt > ort-trt > ort-cuda > openvino > ort-cpu"
+            in choice.describe())
 
 
 def test_without_openvino_auto_keeps_ort_cpu_and_explicit_is_refused(tiny_artifact, monkeypatch):
@@ -455,3 +472,51 @@ def test_real_openvino_two_streams_give_each_image_the_one_stream_result(tiny_ar
     finally:
         one.close()
         two.close()
+
+
+# --- what precision runs: said in the note, the JSON lines and the summary ------------------------
+@pytest.mark.parametrize("precision,caps,runs", [
+    (None, CAPS_BF16, "fp32"), ("bf16", CAPS_BF16, "bf16"),
+    ("int8", CAPS_BF16, "int8 (float ops in bf16)"), ("int8", CAPS_AVX2, "int8 (float ops in fp32)"),
+])
+def test_the_backend_note_says_what_precision_openvino_runs(graph, precision, caps, runs):
+    choice = create_backend("openvino", graph, _manifest(), precision, openvino_module=FakeOpenVINO(FakeCore(caps)))
+    assert choice.precision == runs
+    assert choice.describe() == f"backend openvino, precision {runs}"
+
+
+@pytest.mark.parametrize("name,precision,runs", [
+    ("ort-cpu", None, "fp32"), ("ort-cpu", "fp16", "fp16"), ("ort-cpu", "int8", "int8 (dynamic)"),
+    ("trt", None, "fp16 (TensorRT engine)"),
+])
+def test_running_precision_of_graph_backends_is_the_graph_and_its_int8_mode(name, precision, runs):
+    from anoclip.runtime.backends import running_precision
+
+    manifest = {**_manifest("dynamic"), "tensorrt": {"file": "encoder.fp16.plan", "precision": "fp16"}}
+    assert running_precision(object(), name, manifest, precision) == runs
+
+
+def test_real_cli_json_and_summary_say_the_precision_that_ran(tiny_artifact, tmp_path):
+    ov = _real_openvino()
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+
+    from anoclip.runtime.cli import infer_main
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    image = tmp_path / "part.png"
+    cv2.imwrite(str(image), (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8))
+    for precision, runs in (("fp32", "fp32"), ("bf16", "bf16")):
+        if precision == "bf16" and "BF16" not in caps:
+            continue
+        out = tmp_path / precision
+        res = CliRunner().invoke(infer_main, [str(tiny_artifact), str(image), "--class", "bottle", "--backend",
+                                              "openvino", "--precision", precision, "--out", str(out), "--quiet",
+                                              "--no-overlays", "--no-masks", "--no-verify"])
+        assert res.exit_code == 0, res.output
+        assert f"backend openvino, precision {runs};" in res.output
+        line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+        assert line["precision"] == runs and line["backend"] == "openvino"
+        assert json.loads((out / "summary.json").read_text())["precision"] == runs
