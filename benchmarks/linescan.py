@@ -59,6 +59,15 @@ def strip_runners(fastest: Any, baseline: Any | None, cores: int,
     return runners, notes
 
 
+def no_baseline_reason(fastest: str, contenders: list[Any]) -> str:
+    """Why the strip has no ``BASELINE`` figure to be compared with."""
+    if fastest == BASELINE:
+        return f"the fastest runtime contender is {BASELINE} itself, the baseline: nothing to compare"
+    if not any(c.name == BASELINE for c in contenders):
+        return f"{BASELINE} did not run in this benchmark (add it to --contenders)"
+    return f"{BASELINE} is unavailable here"
+
+
 def time_strips(runners: list[StripRunner], strip: np.ndarray, class_name: str, rounds: int, batch: int,
                 bar: Any = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Seconds per strip for every runner, one call each per round in a rotating order (after one

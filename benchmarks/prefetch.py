@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--class", dest="class_name", default=None)
     ap.add_argument("--backend", default="ort-cpu")
+    ap.add_argument("--precision", default=None, help="graph precision (default: the artifact's default model)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--size", default="480x640", help="image size HxW")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from anoclip.runtime import Detector
 
-    det = Detector.load(args.artifact, backend=args.backend, threads=args.threads)
+    det = Detector.load(args.artifact, backend=args.backend, precision=args.precision, threads=args.threads)
     cls = args.class_name or det.classes[0]
     h, w = (int(v) for v in args.size.lower().split("x"))
     report: dict[str, Any] = {"backbone": det.manifest["backbone"], "image_size": det.image_size,

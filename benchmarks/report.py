@@ -338,13 +338,17 @@ def _md_linescan(results: dict) -> list[str]:
         return lines + [f"Not measured: {(ls or {}).get('error', 'section off')}", ""]
     base = results.get("linescan_baseline")
     variants = results.get("linescan_variants") or [ls]
+    several = len(variants) + bool(base and "error" not in base) > 1
     lines += [f"One {ls['strip']['width']} x {ls['strip']['height']} strip through `{ls['call']}` (the runtime "
               f"tiler): {ls['tiles_per_strip']} tiles of {ls['tile']} px (overlap {ls['overlap']}), batches of "
-              f"{ls['tile_batch']}; the strips of every variant below were timed interleaved, one each per round.", ""]
+              f"{ls['tile_batch']}" + ("; the strips of every variant below were timed interleaved, one each per "
+                                       "round." if several else "."), ""]
     lines += [f"- {_strip_line(e)}" for e in variants]
     if base and "error" not in base:
         lines += [f"- baseline {_strip_line(base)}"]
     lines.append("")
+    if base and "error" in base:
+        lines += [f"No baseline figure: {base['error']}.", ""]
     streams = next((e for e in variants if e.get("speedup_vs_one_stream_paired")), None)
     if streams:
         lines += [f"{streams['streams']} OpenVINO streams vs one, paired by round: "

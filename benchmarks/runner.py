@@ -828,6 +828,8 @@ def section_linescan(run: BenchRun) -> None:
         strip = synthetic_images(1, height, width, cfg.seed + 7)[0]
         run.results.update(linescan.measure_linescan(runners, strip, cfg.class_name, rounds, max(cfg.batch_sizes),
                                                      bar))
+        if baseline is None:
+            run.results["linescan_baseline"] = {"error": linescan.no_baseline_reason(fastest.name, run.runtime)}
     except Exception as err:  # noqa: BLE001
         run.results["linescan"] = {"error": f"{type(err).__name__}: {err}"}
     finally:

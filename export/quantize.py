@@ -43,6 +43,7 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -228,19 +229,25 @@ def convert_bf16(src: str | os.PathLike, dst: str | os.PathLike, external_data_t
 
 
 @contextlib.contextmanager
-def _quiet_quantizer(what: str):
+def _quiet_quantizer(what: str, scratch: str | os.PathLike):
     """ONNX Runtime's quantizer prints and logs per node: silence it, and turn its failure into one
-    ``ExportError`` naming ``what``."""
+    ``ExportError`` naming ``what``. Its own temporary folder (``ort.quant.*``: the augmented graph,
+    hundreds of MB on ViT-B) goes under ``scratch`` (the export's staging folder, which the next
+    export removes after a kill), not the system temp folder where a SIGKILL would leave it.
+    ``tempfile.tempdir`` is process-wide: the exporter runs one quantisation at a time."""
     root = logging.getLogger()
     level = root.level
+    saved_tempdir = tempfile.tempdir
     root.setLevel(logging.ERROR)
     try:
+        tempfile.tempdir = os.fspath(scratch)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     except Exception as err:  # noqa: BLE001
         raise ExportError(f"{what} failed: {type(err).__name__}: {err}") from err
     finally:
+        tempfile.tempdir = saved_tempdir
         root.setLevel(level)
 
 
@@ -309,7 +316,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data_
 
     src, dst = Path(src), Path(dst)
     external = (src.parent / (src.name + ".data")).exists()
-    with _quiet_quantizer("int8 quantisation"):
+    with _quiet_quantizer("int8 quantisation", dst.parent):
         quantize_dynamic(
             _folded_source(src),
             str(dst),
@@ -354,7 +361,7 @@ def quantize_int8_static(src: str | os.PathLike, dst: str | os.PathLike, calibra
             return next(self._items, None)
 
     external = (src.parent / (src.name + ".data")).exists()
-    with _quiet_quantizer("static int8 quantisation"):
+    with _quiet_quantizer("static int8 quantisation", dst.parent):
         quantize_static(
             model, str(dst), Reader(),
             quant_format=QuantFormat.QDQ,

@@ -11,6 +11,8 @@ from anoclip_core.refbank import DEFAULT_VISUAL_WEIGHT, check_weight
 from .contract import check_threshold
 from .prefetch import MAX_DEPTH
 
+LOAD_TIME = ("backend", "precision", "threads", "streams", "verify")  # fixed by Detector.load, not per call
+
 
 @dataclass
 class InferConfig:
@@ -84,4 +86,8 @@ class InferConfig:
         bad = sorted(set(overrides) - known)
         if bad:
             raise TypeError(f"unknown inference option(s): {', '.join(bad)}")
+        fixed = sorted(set(overrides) & set(LOAD_TIME))
+        if fixed:
+            raise TypeError(f"{', '.join(fixed)} cannot change per call: they are chosen when the detector is "
+                            f"loaded (Detector.load(artifact, {fixed[0]}=...))")
         return replace(base or cls(class_name=class_name), class_name=class_name, **overrides)

@@ -199,6 +199,9 @@ def test_linescan_baseline_ratio_and_reduced_peaks_are_reported():
     assert "(median of the per-round ratios)" in text
     assert "2 OpenVINO streams vs one, paired by round: **1.20x**" in text
     assert text.count("strips/s") == 3  # both variants and the baseline listed
+    alone = "\n".join(_md_linescan({"linescan": strip("ort-cpu-int8", 0.4),
+                                    "linescan_baseline": {"error": "the fastest is the baseline itself"}}))
+    assert "timed interleaved" not in alone and "No baseline figure: the fastest is the baseline itself." in alone
     import importlib.util
 
     peaks = reduced_precision_peaks(64, 1)

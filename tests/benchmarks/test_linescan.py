@@ -92,3 +92,11 @@ def test_strips_interleave_in_rotating_order_and_ratios_come_from_the_pairs(cloc
     assert out["linescan_variants"][0]["speedup_vs_baseline_paired"] == pytest.approx(2.0)
     assert base["strips_per_s"] == pytest.approx(1 / 3.0) and best["tiles_per_s"] == pytest.approx(5.0)
     assert best["map_shape"] == [64, 300] and best["strip"] == {"height": 64, "width": 300}
+
+
+def test_no_baseline_reason_says_which_case():
+    ort = SimpleNamespace(name="ort-cpu-int8")
+    ov = SimpleNamespace(name="openvino-int8")
+    assert "is ort-cpu-int8 itself" in linescan.no_baseline_reason("ort-cpu-int8", [ort, ov])
+    assert "did not run" in linescan.no_baseline_reason("openvino-int8", [ov])
+    assert "unavailable" in linescan.no_baseline_reason("openvino-int8", [ov, ort])

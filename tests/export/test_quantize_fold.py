@@ -119,3 +119,35 @@ def test_every_linear_layer_is_quantised(wide_artifacts, which):
         quantised = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in produced
                      and produced[n.input[1]].op_type == "DequantizeLinear" and produced[n.input[1]].input[0] in inits]
     assert len(quantised) == len(fp32)
+
+
+@pytest.mark.parametrize("which", ["dynamic", "static"])
+def test_quantizer_scratch_goes_under_the_staging_folder(artifact, tmp_path, monkeypatch, which):
+    """ONNX Runtime's quantizer makes its own temporary folder (``ort.quant.*``); it must be created in
+    the export's staging folder (removed by the next export after a kill), not the system temp."""
+    import tempfile
+
+    from anoclip.export import quantize
+
+    made: list[str] = []
+    real = tempfile.mkdtemp
+
+    def spy(*args, **kwargs):
+        path = real(*args, **kwargs)
+        made.append(path)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    before = tempfile.gettempdir()
+    if which == "dynamic":
+        quantize.quantize_int8(artifact / "encoder.onnx", stage / "encoder.int8.onnx")
+    else:
+        px = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+        protos = np.random.default_rng(1).standard_normal((1, 2, 32)).astype(np.float32)
+        quantize.quantize_int8_static(artifact / "encoder.onnx", stage / "encoder.int8.onnx", px, protos)
+    ort_dirs = [p for p in made if "ort.quant" in p]
+    assert ort_dirs, made  # the quantizer does make one (else this test checks nothing)
+    assert all(str(stage) in p for p in ort_dirs), ort_dirs
+    assert tempfile.gettempdir() == before  # restored afterwards
