@@ -182,17 +182,12 @@ class SecondRunWaitsForBlending(PatchMeanBackend):
         return super().run(pixels, prototypes, outputs)
 
 
-@pytest.mark.parametrize("prefetch", [1, 0])
-@pytest.mark.parametrize("stream", [False, True])
-def test_tiler_forwards_the_next_batch_while_the_caller_blends_this_one(monkeypatch, prefetch, stream):
-    """The first batch's map-making (``tiler.anomaly_map`` on the caller's thread) waits for the
-    second batch's backend call to start, and that call waits for the map-making: both only
-    happen when the two really run at the same time (events, no timings)."""
-    from anoclip.runtime import tiler
-
+def _meeting_backend(monkeypatch, module, prefetch: int):
+    """A fake detector whose second backend call waits for the caller to be making the first
+    batch's maps (``module.anomaly_map``, patched), and that map-making waits for the call to start:
+    both happen only when the two run at the same time (events, no timings)."""
     backend = SecondRunWaitsForBlending(WAIT_S if prefetch else 0.2)
-    det = fake_detector(backend)
-    original, first = tiler.anomaly_map, [True]
+    original, first = module.anomaly_map, [True]
 
     def anomaly_map(probs, size):
         if first[0]:
@@ -201,7 +196,16 @@ def test_tiler_forwards_the_next_batch_while_the_caller_blends_this_one(monkeypa
                 backend.first_blending.set()
         return original(probs, size)
 
-    monkeypatch.setattr(tiler, "anomaly_map", anomaly_map)
+    monkeypatch.setattr(module, "anomaly_map", anomaly_map)
+    return fake_detector(backend), backend
+
+
+@pytest.mark.parametrize("prefetch", [1, 0])
+@pytest.mark.parametrize("stream", [False, True])
+def test_tiler_forwards_the_next_batch_while_the_caller_blends_this_one(monkeypatch, prefetch, stream):
+    from anoclip.runtime import tiler
+
+    det, backend = _meeting_backend(monkeypatch, tiler, prefetch)
     strip = (np.random.default_rng(1).random((32, 200, 3)) * 255).astype(np.uint8)
     if stream:
         s = det.stream("bottle", batch=2, prefetch=prefetch)
@@ -213,22 +217,9 @@ def test_tiler_forwards_the_next_batch_while_the_caller_blends_this_one(monkeypa
 
 @pytest.mark.parametrize("prefetch", [1, 0])
 def test_batches_forward_the_next_batch_while_the_caller_post_processes_this_one(monkeypatch, prefetch):
-    """As in the tiler: the first batch's maps (``pipeline.anomaly_map``, caller's thread) and the
-    second batch's backend call each wait for the other, so both happen only when they overlap."""
     from anoclip.runtime import pipeline
 
-    backend = SecondRunWaitsForBlending(WAIT_S if prefetch else 0.2)
-    det = fake_detector(backend)
-    original, first = pipeline.anomaly_map, [True]
-
-    def anomaly_map(probs, size):
-        if first[0]:
-            first[0] = False
-            if backend.second_started.wait(backend.wait_s):
-                backend.first_blending.set()
-        return original(probs, size)
-
-    monkeypatch.setattr(pipeline, "anomaly_map", anomaly_map)
+    det, backend = _meeting_backend(monkeypatch, pipeline, prefetch)
     rng = np.random.default_rng(0)
     images = [(rng.random((30, 40, 3)) * 255).astype(np.uint8) for _ in range(6)]
     res = det.predict_batch(images, "bottle", batch=2, prefetch=prefetch)
