@@ -255,6 +255,9 @@ def _calibration_pixels(model, images: Sequence[str | os.PathLike]) -> np.ndarra
     from .verify import make_pixels
 
     if not images:
+        _say(f"warning: static int8 calibrated on {RANDOM_CALIBRATION['images']} seeded random images (manifest "
+             "calibration.source = random): it verifies, but only GOOD images of the product calibrate real "
+             "activations; pass --calibration-images DIR")
         return make_pixels(model.preprocess_config.to_dict(), n=RANDOM_CALIBRATION["images"],
                            seed=RANDOM_CALIBRATION["seed"])
     pixels = []

@@ -56,7 +56,9 @@ SIGTERM_EXIT = 143
 
 
 def _terminate(signum: int, frame) -> None:
-    """SIGTERM (``timeout``, service managers) unwinds like Ctrl-C: temp folders are deleted."""
+    """SIGTERM (``timeout``, service managers) unwinds like Ctrl-C: temp folders are deleted, and
+    it says so on stderr as Ctrl-C does (``error: aborted``)."""
+    click.echo("error: terminated (SIGTERM); temporary files are removed", err=True)
     raise SystemExit(SIGTERM_EXIT)
 
 

@@ -63,8 +63,9 @@ def test_sigterm_mid_export_removes_the_temp_folder_and_exits_143(tmp_path):
         time.sleep(0.05)
     assert temps and temps[0].name.startswith(f".art.tmp-{proc.pid}-"), "export never got to writing"
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143
+    assert err.decode().strip().splitlines()[-1].startswith("error: terminated (SIGTERM)")
     assert _hidden(tmp_path, "art") == [] and not out.exists()
 
 

@@ -85,6 +85,18 @@ def test_cli_int8_mode_without_int8_precision_is_refused_not_ignored(tmp_path, m
     assert not (tmp_path / "art").exists()
 
 
+def test_static_int8_without_calibration_images_warns_and_records_random(register_tiny, tmp_path):
+    res = _export(["--precision", "int8", "--int8-mode", "static"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "warning: static int8 calibrated on 8 seeded random images" in res.output
+    assert "--calibration-images DIR" in res.output
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["models"]["int8"]["quantization"]["calibration"]["source"] == "random"
+    with_images = _export(["--precision", "int8", "--calibration-images", str(write_good_images(tmp_path / "g", 2)),
+                           "--out", str(tmp_path / "art2")], tmp_path)
+    assert with_images.exit_code == 0 and "seeded random" not in with_images.output
+
+
 def test_cli_unreadable_calibration_image_names_it_and_ships_nothing(register_tiny, tmp_path):
     good = write_good_images(tmp_path / "good", n=2)
     (good / "zz_broken.png").write_bytes(b"\x89PNG garbage")
