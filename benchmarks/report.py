@@ -67,6 +67,31 @@ def _device_name(results: dict, device: str) -> str:
     return f"CPU: {m.get('cpu', '?')} ({cc.get('usable', '?')} usable cores)"
 
 
+def _runtime_ratios(r: dict) -> str:
+    """One runtime contender's key ratios, naming only those measured in this run (a contender
+    missing from --contenders leaves its ratio out, rather than printing a dash)."""
+    latency = []
+    if r.get("core_over_runtime_latency"):
+        latency.append(f"**{_x(r['core_over_runtime_latency'])} faster** than the core")
+    if r.get("ort_fp32_over_runtime_latency"):
+        latency.append(f"{_x(r['ort_fp32_over_runtime_latency'])} faster than `ort-cpu-fp32`")
+    throughput = [f"{_x(r[k])} {what}" for k, what in (("runtime_over_core_throughput", "the core's"),
+                                                       ("runtime_over_open_clip_throughput", "plain open_clip's"))
+                  if r.get(k)]
+    parts = []
+    if latency:
+        parts.append(", ".join(latency) + " at batch 1")
+    if throughput:
+        parts.append("throughput " + ", ".join(throughput))
+    if r.get("peak_fraction_best") is not None:
+        peak = f"{_pct(r['peak_fraction_best'])} of the fp32 GEMM peak"
+        if r.get("own_peak") and r.get("own_peak_fraction_best") is not None:
+            peak += (f", {_pct(r['own_peak_fraction_best'])} of the {r['own_peak']} GEMM peak at its best batch "
+                     f"({_pct(r.get('own_peak_fraction_b1'))} at batch 1)")
+        parts.append(peak)
+    return "; ".join(parts) or "no ratio measured (its reference contenders did not run)"
+
+
 def _headline(results: dict) -> list[str]:
     h = results.get("headline") or {}
     if not h:
@@ -84,15 +109,7 @@ def _headline(results: dict) -> list[str]:
         out.append(f"- Core (b) vs plain open_clip (c): **{_x(h['core_over_open_clip_latency'])}** the latency "
                    f"(analytical FLOP ratio {_x(h.get('dual_over_plain_flops'))}: the V-V path).")
     for name, r in (h.get("runtime") or {}).items():
-        vs_ort = (f" ({_x(r['ort_fp32_over_runtime_latency'])} faster than `ort-cpu-fp32`)"
-                  if r.get("ort_fp32_over_runtime_latency") else "")
-        own = (f", {_pct(r['own_peak_fraction_best'])} of the {r['own_peak']} GEMM peak at its best batch "
-               f"({_pct(r.get('own_peak_fraction_b1'))} at batch 1)"
-               if r.get("own_peak") and r.get("own_peak_fraction_best") is not None else "")
-        out.append(f"- `{name}`: **{_x(r['core_over_runtime_latency'])} faster** than the core at batch 1{vs_ort}; "
-                   f"throughput {_x(r['runtime_over_core_throughput'])} the core's, "
-                   f"{_x(r['runtime_over_open_clip_throughput'])} plain open_clip's; "
-                   f"{_pct(r.get('peak_fraction_best'))} of the fp32 GEMM peak{own}.")
+        out.append(f"- `{name}`: {_runtime_ratios(r)}.")
     if h.get("core_peak_fraction_best") is not None:
         out.append(
             f"- Core at its best batch reaches {_pct(h['core_peak_fraction_best'])} of the measured fp32 GEMM peak."

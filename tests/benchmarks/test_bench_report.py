@@ -219,3 +219,22 @@ def test_a_precisions_peak_is_the_best_library_that_measured_it():
     assert best_reduced_peak(reduced, "bf16") == 2500.0 and best_reduced_peak(reduced, "int8") == 3500.0
     assert best_reduced_peak({"bf16": {"error": "x"}, "int8_openvino": {"gflops": 9.0}}, "bf16") is None
     assert best_reduced_peak({}, "int8") is None
+
+
+def test_key_ratios_name_only_what_was_measured():
+    from anoclip.benchmarks.report import _runtime_ratios
+
+    full = {"core_over_runtime_latency": 5.0, "ort_fp32_over_runtime_latency": 4.0,
+            "runtime_over_core_throughput": 3.0, "runtime_over_open_clip_throughput": 2.0,
+            "peak_fraction_best": 1.5, "own_peak": "int8", "own_peak_fraction_best": 0.5, "own_peak_fraction_b1": 0.25}
+    assert _runtime_ratios(full) == (
+        "**5.00x faster** than the core, 4.00x faster than `ort-cpu-fp32` at batch 1; throughput 3.00x the core's, "
+        "2.00x plain open_clip's; 150.0% of the fp32 GEMM peak, 50.0% of the int8 GEMM peak at its best batch "
+        "(25.0% at batch 1)")
+    no_core = {"ort_fp32_over_runtime_latency": 2.0, "runtime_over_core_throughput": None,
+               "runtime_over_open_clip_throughput": 1.5, "peak_fraction_best": 0.8}
+    text = _runtime_ratios(no_core)
+    assert "-" not in text.replace("ort-cpu-fp32", "") and "the core" not in text
+    assert text == ("2.00x faster than `ort-cpu-fp32` at batch 1; throughput 1.50x plain open_clip's; "
+                    "80.0% of the fp32 GEMM peak")
+    assert _runtime_ratios({}) == "no ratio measured (its reference contenders did not run)"
