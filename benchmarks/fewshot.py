@@ -58,8 +58,8 @@ def make_variants(det: Any, class_name: str, seed: int, synthetic: Callable[...,
 def measure_fewshot(det: Any, backend: str, class_name: str, image: np.ndarray, variants: dict[str, Any],
                     rounds: int, min_rounds: int, budget_s: float, warmup: int = 1) -> dict[str, Any]:
     """Interleaved batch-1 ``predict`` timings of every variant (see module docstring)."""
-    from .runner import INTERLEAVE_GAP_S, paired_ratio
-    from .stats import summarize
+    from .runner import INTERLEAVE_GAP_S
+    from .stats import paired_ratio, summarize
 
     saved = det.references
     samples: dict[str, list[float]] = {name: [] for name in variants}

@@ -9,14 +9,13 @@ both sides of a pair alike.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .stats import percentile, summarize
+from .stats import paired_ratio, percentile, summarize, time_interleaved
 
 BASELINE = "ort-cpu-int8"  # the CPU strip figure the fastest contender is compared with
 MIN_ROUNDS = 3  # paired ratios need a few rounds even in --quick
@@ -70,27 +69,18 @@ def no_baseline_reason(fastest: str, contenders: list[Any]) -> str:
 
 def time_strips(runners: list[StripRunner], strip: np.ndarray, class_name: str, rounds: int, batch: int,
                 bar: Any = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Seconds per strip for every runner, one call each per round in a rotating order (after one
-    untimed warm-up call each); the last result per runner."""
+    """Seconds per strip for every runner, one call each per round in a rotating order after one
+    untimed warm-up call each (``stats.time_interleaved``); the last result per runner."""
     last: dict[str, Any] = {}
-    for r in runners:
-        last[r.key] = r.detector.predict(strip, class_name, tile=True, batch=batch)
-    times: dict[str, list[float]] = {r.key: [] for r in runners}
-    for k in range(rounds):
-        for r in runners[k % len(runners):] + runners[:k % len(runners)]:
-            time.sleep(GAP_S)
-            t0 = time.perf_counter()
+
+    def call(r: StripRunner) -> Callable[[], None]:
+        def run() -> None:
             last[r.key] = r.detector.predict(strip, class_name, tile=True, batch=batch)
-            times[r.key].append(time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
+        return run
+
+    times = time_interleaved({r.key: call(r) for r in runners}, rounds, warmup=1, gap_s=GAP_S,
+                             on_call=(lambda: bar.update(1)) if bar is not None else None)
     return times, last
-
-
-def paired_speedup(slow: list[float], fast: list[float]) -> float | None:
-    """Median over rounds of ``slow[k] / fast[k]`` (how many times faster ``fast`` ran, pairwise)."""
-    pairs = [a / b for a, b in zip(slow, fast, strict=True) if b > 0]
-    return float(np.median(pairs)) if pairs else None
 
 
 def strip_entry(r: StripRunner, samples: list[float], res: Any, size: tuple[int, int], tile: int, overlap: int,
@@ -124,10 +114,10 @@ def measure_linescan(runners: list[StripRunner], strip: np.ndarray, class_name: 
     if "baseline" in times:
         for key, e in entries.items():
             if key != "baseline":
-                e["speedup_vs_baseline_paired"] = paired_speedup(times["baseline"], times[key])
+                e["speedup_vs_baseline_paired"] = paired_ratio(times["baseline"], times[key])
     if "fastest_streams" in times:
-        entries["fastest_streams"]["speedup_vs_one_stream_paired"] = paired_speedup(times["fastest"],
-                                                                                 times["fastest_streams"])
+        entries["fastest_streams"]["speedup_vs_one_stream_paired"] = paired_ratio(times["fastest"],
+                                                                               times["fastest_streams"])
     own = [k for k in ("fastest", "fastest_streams") if k in entries]
     best = min(own, key=lambda k: entries[k]["seconds_per_strip"]["p50_ms"])
     out: dict[str, Any] = {"linescan": entries[best], "linescan_variants": [entries[k] for k in own]}

@@ -38,7 +38,7 @@ from .hardware import (
     measure_gemm_peak_ort,
     versions,
 )
-from .stats import percentile, plan_repeats, ratio, summarize, throughput, time_calls
+from .stats import paired_ratio, percentile, plan_repeats, ratio, summarize, throughput, time_calls
 
 log = logging.getLogger("anoclip.bench")
 
@@ -259,18 +259,6 @@ def samples_at(entry: dict | None, batch: str) -> list[float]:
     if batch == "1":
         return list(entry["latency"].get("samples_ms") or [])
     return list(((entry.get("throughput") or {}).get(batch) or {}).get("samples_ms") or [])
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float | None:
-    """Median over rounds of ``a[k] / b[k]``: calls of the same interleaved round saw the same load.
-
-    Sample k of every contender comes from round k (see ``interleaved_samples``), so pairing by
-    index compares calls made seconds apart; a burst of load that hits one round cancels out.
-    """
-    n = min(len(a), len(b))
-    if n == 0:
-        return None
-    return percentile([a[k] / b[k] for k in range(n) if b[k] > 0], 50)
 
 
 def derive_ratios(results: dict) -> None:

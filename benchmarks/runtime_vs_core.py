@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .runner import paired_ratio
-from .stats import summarize, time_interleaved
+from .stats import paired_ratio, summarize, time_interleaved
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,7 +13,8 @@ from typing import Any
 
 from anoclip_core.timing import percentile
 
-__all__ = ["LatencyStats", "percentile", "plan_repeats", "ratio", "summarize", "throughput", "time_calls"]
+__all__ = ["LatencyStats", "paired_ratio", "percentile", "plan_repeats", "ratio", "summarize", "throughput",
+           "time_calls", "time_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,13 @@ def plan_repeats(estimate_s: float, repeats: int, budget_s: float | None, min_re
     return max(min_repeats, min(repeats, fit))
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Per-call seconds, the contenders interleaved in a rotating order (a busy machine hits all alike)."""
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, gap_s: float = 0.0,
+                     on_call: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Per-call seconds, the contenders interleaved in a rotating order (a busy machine hits all alike).
+
+    ``gap_s``: idle time before each timed call (engine threads spin for a while after a run and
+    would tax whichever call comes next); ``on_call`` runs after each timed call (a progress bar).
+    """
     for fn in fns.values():
         if warmup:
             time_calls(fn, repeats=warmup, warmup=0)
@@ -125,5 +131,20 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) 
         names = list(fns)
         names = names[rep % len(names):] + names[: rep % len(names)]
         for name in names:
-            times[name] += time_calls(fns[name], repeats=1, warmup=0)
+            if gap_s:
+                time.sleep(gap_s)
+            times[name] += time_calls(fns[name], repeats=1, warmup=0, on_call=on_call)
     return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float | None:
+    """Median over rounds of ``a[k] / b[k]``: calls of the same interleaved round saw the same load.
+
+    Sample k of every contender comes from round k (``time_interleaved``, the runner's rounds), so
+    pairing by index compares calls made seconds apart; a burst of load that hits one round cancels out.
+    """
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    return percentile([a[k] / b[k] for k in range(n) if b[k] > 0], 50)
+

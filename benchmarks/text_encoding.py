@@ -17,7 +17,7 @@ import time
 import click
 import numpy as np
 
-from .runner import paired_ratio
+from .stats import paired_ratio
 
 
 def _encode_all(clip, tokens, fn, batch: int):

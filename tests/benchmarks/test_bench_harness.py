@@ -126,7 +126,7 @@ def synthetic_results() -> dict:
 
 
 def test_paired_ratio_cancels_a_burst():
-    from anoclip.benchmarks.runner import paired_ratio
+    from anoclip.benchmarks.stats import paired_ratio
 
     a = [10.0, 100.0, 10.0, 10.0, 10.0]
     b = [20.0, 200.0]  # the same burst in round 2; b (slow) stopped after two rounds

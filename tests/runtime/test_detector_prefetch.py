@@ -106,18 +106,19 @@ def test_cli_no_prefetch_gives_the_same_lines(tiny_artifact, tmp_path):
 
 # overlap: the backend blocks in run() until the NEXT batch's pre-processing has happened ---------
 
-class BlockingBackend(PatchMeanBackend):
-    """The first ``run`` says it started, then waits for ``next_prepared`` and records whether it came."""
+class WaitingBackend(PatchMeanBackend):
+    """Backend call number ``call`` (0: the first) says it started, then waits up to ``wait_s`` for
+    ``go`` and records whether it came."""
 
-    def __init__(self, wait_s: float) -> None:
+    def __init__(self, wait_s: float, call: int = 0) -> None:
         super().__init__()
-        self.started, self.next_prepared = threading.Event(), threading.Event()
-        self.wait_s, self.saw = wait_s, []
+        self.started, self.go = threading.Event(), threading.Event()
+        self.wait_s, self.call, self.saw = wait_s, call, []
 
     def run(self, pixels, prototypes, outputs=("patch_probs", "image_scores")):
-        if not self.saw:
+        if self.calls == self.call:
             self.started.set()
-            self.saw.append(self.next_prepared.wait(self.wait_s))
+            self.saw.append(self.go.wait(self.wait_s))
         return super().run(pixels, prototypes, outputs)
 
 
@@ -126,14 +127,14 @@ def _recording_detector(first_of_next: int, overlaps: bool):
     second batch) signals the blocked backend, but only once that backend call has started: so
     the signal proves the two ran at the same time (preparing ahead before ``run`` would not do)."""
     wait_s = WAIT_S if overlaps else 0.2
-    det = fake_detector(BlockingBackend(wait_s))
+    det = fake_detector(WaitingBackend(wait_s))
     calls = [0]
     original = det.pre_process
 
     def pre_process(rgb):
         calls[0] += 1
         if calls[0] == first_of_next and det.backend.started.wait(wait_s):
-            det.backend.next_prepared.set()
+            det.backend.go.set()
         return original(rgb)
 
     det.pre_process = pre_process
@@ -167,33 +168,18 @@ def test_strip_stream_prepares_the_next_tiles_while_the_backend_runs(prefetch):
     assert len(res) == 1 and res[0].ok and det.backend.saw == [bool(prefetch)]
 
 
-class SecondRunWaitsForBlending(PatchMeanBackend):
-    """The second ``run`` says it started, then waits for the caller to be blending the first batch."""
-
-    def __init__(self, wait_s: float) -> None:
-        super().__init__()
-        self.second_started, self.first_blending = threading.Event(), threading.Event()
-        self.wait_s, self.saw = wait_s, []
-
-    def run(self, pixels, prototypes, outputs=("patch_probs", "image_scores")):
-        if self.calls == 1:
-            self.second_started.set()
-            self.saw.append(self.first_blending.wait(self.wait_s))
-        return super().run(pixels, prototypes, outputs)
-
-
 def _meeting_backend(monkeypatch, module, prefetch: int):
     """A fake detector whose second backend call waits for the caller to be making the first
     batch's maps (``module.anomaly_map``, patched), and that map-making waits for the call to start:
     both happen only when the two run at the same time (events, no timings)."""
-    backend = SecondRunWaitsForBlending(WAIT_S if prefetch else 0.2)
+    backend = WaitingBackend(WAIT_S if prefetch else 0.2, call=1)
     original, first = module.anomaly_map, [True]
 
     def anomaly_map(probs, size):
         if first[0]:
             first[0] = False
-            if backend.second_started.wait(backend.wait_s):
-                backend.first_blending.set()
+            if backend.started.wait(backend.wait_s):
+                backend.go.set()
         return original(probs, size)
 
     monkeypatch.setattr(module, "anomaly_map", anomaly_map)
