@@ -3,10 +3,19 @@
 Click's own usage errors (unknown option, bad integer, missing argument) print a usage block
 and "Error: ..." by default; ``OneLineCommand`` / ``OneLineGroup`` print one line instead, as
 our own errors do. The full traceback of an unexpected error is kept for ``ANOCLIP_DEBUG=1``.
+
+Interruptions: Ctrl-C prints ``error: aborted`` (exit 130); SIGTERM (``timeout``, service
+managers, ``kill``) unwinds the same way, so ``finally`` blocks and context managers run (temp
+folders deleted, worker threads joined, the lines already written stay whole), then prints
+``error: terminated (SIGTERM)`` (exit 143, as a shell reports a process killed by it).
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -25,6 +34,31 @@ def fail(message: Any) -> None:
     sys.exit(2)
 
 
+#: Exit status after SIGTERM (128 + 15).
+SIGTERM_EXIT = 143
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM: not an ``Exception``, so nothing swallows it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(SIGTERM_EXIT)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Inside the block SIGTERM raises ``Terminated`` (main thread only: Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _OneLineMixin:
     """``main`` in non-standalone mode, with click's exceptions turned into one error line."""
 
@@ -33,10 +67,14 @@ class _OneLineMixin:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
+            with sigterm_unwinds():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)  # type: ignore[misc]
         except click.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM)", err=True)
+            sys.exit(SIGTERM_EXIT)
         except click.ClickException as err:
             fail(err.format_message())
         except AnoCLIPError as err:

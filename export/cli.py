@@ -7,15 +7,13 @@ Both forms work (a click Group whose default command is ``export``)::
     anoclip-export add-class art/ carpet --domain texture
 
 User errors (``AnoCLIPError``) print ``error: <message>`` on one line and exit 2. SIGTERM is
-handled like SIGINT (the export's temp folder is deleted) and exits 143.
+handled like SIGINT (the export's temp folder is deleted) and exits 143 (``anoclip_core.cli_errors``).
 """
 from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,30 +49,14 @@ class DefaultGroup(OneLineGroup):
         formatter.write_usage(ctx.command_path, "[export] --backbone NAME [OPTIONS] | add-class DIR CLASS [OPTIONS]")
 
 
-#: Exit status after SIGTERM (128 + 15, as a shell reports a process killed by it).
-SIGTERM_EXIT = 143
-
-
-def _terminate(signum: int, frame) -> None:
-    """SIGTERM (``timeout``, service managers) unwinds like Ctrl-C: temp folders are deleted, and
-    it says so on stderr as Ctrl-C does (``error: aborted``)."""
-    click.echo("error: terminated (SIGTERM); temporary files are removed", err=True)
-    raise SystemExit(SIGTERM_EXIT)
-
-
 def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return fn(*args, **kwargs)
         except AnoCLIPError as err:
             click.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
             sys.exit(2)
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
