@@ -15,7 +15,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -32,6 +32,16 @@ def fail(message: Any) -> None:
     """Print ``error: <message>`` on stderr and exit 2."""
     click.echo(f"error: {one_line(str(message))}", err=True)
     sys.exit(2)
+
+
+def run_tool(main: Callable[[], int]) -> None:
+    """``sys.exit(main())`` for the argparse tools (``python -m anoclip.benchmarks.prefetch``, ...),
+    with their ``AnoCLIPError`` (missing artifact, unknown precision) as one ``error:`` line, exit 2."""
+    try:
+        code = main()
+    except AnoCLIPError as err:
+        fail(err)
+    sys.exit(code)
 
 
 #: Exit status after SIGTERM (128 + 15).

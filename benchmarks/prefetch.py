@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .runner import paired_ratio
-from .stats import summarize, time_interleaved
+from anoclip_core.cli_errors import run_tool
+
+from .stats import paired_ratio, summarize, time_interleaved
 
 
 def _write_images(folder: Path, n: int, h: int, w: int) -> list[str]:
@@ -132,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from anoclip_core.cli_errors import run_tool
+
 from .stats import paired_ratio, summarize, time_interleaved
 
 
@@ -151,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -36,3 +36,16 @@ def test_report_with_identical_results(tiny_artifact, capsys):
 def test_rejects_bad_counts(tiny_artifact):
     with pytest.raises(SystemExit):
         prefetch.main(["--artifact", str(tiny_artifact), "--reps", "0"])
+
+
+def test_bad_artifact_or_precision_is_one_error_line(tiny_artifact, capsys):
+    from anoclip_core.cli_errors import run_tool
+
+    for argv, message in ((["--artifact", str(tiny_artifact) + "-missing"], "error: artifact folder not found"),
+                          (["--artifact", str(tiny_artifact), "--precision", "fp99"],
+                           "error: artifact has no 'fp99' model")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_tool(lambda a=argv: prefetch.main(a))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and len(err.splitlines()) == 1
