@@ -109,8 +109,17 @@ def machine_summary() -> dict:
         "memory_gb": total_memory_gb(),
         "platform": platform.platform(),
         "gpu": gpu_info(),
+        "cpu_features": cpu_features(),
         "load_average_start": load_average(),
     }
+
+
+def cpu_features() -> dict[str, bool | None]:
+    """Whether the CPU has int8 dot-product (VNNI / AMX) and native bf16 instructions (None: unknown)."""
+    from anoclip.runtime.cpu_features import read_cpu_features
+
+    f = read_cpu_features()
+    return {"int8_dot": f.int8_dot, "native_bf16": f.native_bf16}
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,31 @@ def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None =
     feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
     best = _best_of(lambda: sess.run(None, feeds), repeats)
     return GemmPeak("cpu (onnxruntime)", "float32", n, repeats, best, 2.0 * n**3 / best / 1e9)
+
+
+def measure_gemm_peak_ort_int8(n: int = 2048, repeats: int = 5, threads: int | None = None) -> GemmPeak:
+    """ONNX Runtime's int8 ``n x n`` matmul: one ``MatMulInteger`` node, uint8 activations times a
+    constant int8 weight (MLAS's u8s8 kernels, which the ``ort-cpu`` int8 contenders run; they have
+    an AVX2 path where torch and OpenVINO need VNNI / AMX), best of ``repeats``."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])
+    w = numpy_helper.from_array(rng.integers(-64, 64, (n, n)).astype(np.int8), "w")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "gemm_int8", [a], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {"a": rng.integers(0, 256, (n, n)).astype(np.uint8)}
+    best = _best_of(lambda: sess.run(None, feeds), repeats)
+    return GemmPeak("cpu (onnxruntime)", "int8", n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 
 def _openvino_matmul_onnx(n: int, dtype: str) -> bytes:

@@ -67,14 +67,21 @@ def _device_name(results: dict, device: str) -> str:
     return f"CPU: {m.get('cpu', '?')} ({cc.get('usable', '?')} usable cores)"
 
 
+def _speed(other_over_this: float, other: str, bold: bool = False) -> str:
+    """``'2.00x faster than X'``, or ``'1.25x slower than X'`` for a ratio below 1 (never '0.80x faster')."""
+    faster = other_over_this >= 1.0
+    text = f"{_x(other_over_this if faster else 1.0 / other_over_this)} {'faster' if faster else 'slower'}"
+    return f"**{text}** than {other}" if bold else f"{text} than {other}"
+
+
 def _runtime_ratios(r: dict) -> str:
     """One runtime contender's key ratios, naming only those measured in this run (a contender
     missing from --contenders leaves its ratio out, rather than printing a dash)."""
     latency = []
     if r.get("core_over_runtime_latency"):
-        latency.append(f"**{_x(r['core_over_runtime_latency'])} faster** than the core")
+        latency.append(_speed(r["core_over_runtime_latency"], "the core", bold=True))
     if r.get("ort_fp32_over_runtime_latency"):
-        latency.append(f"{_x(r['ort_fp32_over_runtime_latency'])} faster than `ort-cpu-fp32`")
+        latency.append(_speed(r["ort_fp32_over_runtime_latency"], "`ort-cpu-fp32`"))
     throughput = [f"{_x(r[k])} {what}" for k, what in (("runtime_over_core_throughput", "the core's"),
                                                        ("runtime_over_open_clip_throughput", "plain open_clip's"))
                   if r.get(k)]
@@ -90,6 +97,33 @@ def _runtime_ratios(r: dict) -> str:
                      f"({_pct(r.get('own_peak_fraction_b1'))} at batch 1)")
         parts.append(peak)
     return "; ".join(parts) or "no ratio measured (its reference contenders did not run)"
+
+
+PEAK_LIBRARY = {"": "torch on the CPU",
+                "openvino": "OpenVINO's own MatMul (what the openvino contenders' kernels reach)",
+                "onnxruntime": "ONNX Runtime's MatMulInteger, u8 x s8 (what the ort-cpu int8 contenders' kernels "
+                               "reach)"}
+
+
+def _isa(machine: dict) -> str:
+    """'; int8 dot-product (VNNI / AMX): no; native bf16: no' from the machine's CPU features."""
+    f = machine.get("cpu_features") or {}
+    if not f:
+        return ""
+    word = {True: "yes", False: "no", None: "unknown"}
+    return (f"; int8 dot-product (VNNI / AMX): {word[f.get('int8_dot')]}; "
+            f"native bf16 (AVX512_BF16 / AMX): {word[f.get('native_bf16')]}")
+
+
+def _reduced_peak_line(name: str, g: dict) -> str:
+    """One bf16 / int8 GEMM peak: its rate, or why it was not measured."""
+    precision, _, library = name.partition("_")
+    how = PEAK_LIBRARY.get(library, library)
+    if "gflops" not in g:
+        why = g.get("skipped") or g.get("error")
+        return f"- {precision} GEMM peak ({how}): not measured: {why}"
+    return (f"- {precision} GEMM peak ({g.get('n', '')}x{g.get('n', '')}, {how}, best of {g.get('calls', '')} "
+            f"calls at the end of the run): **{_f(g['gflops'])} GFLOP/s**")
 
 
 def _headline(results: dict) -> list[str]:
@@ -171,7 +205,7 @@ def _md_machine(results: dict) -> list[str]:
     cc = m.get("cpu_count") or {}
     th = results.get("threads") or {}
     lines += [f"- CPU: {m.get('cpu')}; {cc.get('logical')} logical / {cc.get('physical')} physical cores, "
-              f"{cc.get('usable')} usable by this process; memory {m.get('memory_gb')} GiB",
+              f"{cc.get('usable')} usable by this process; memory {m.get('memory_gb')} GiB{_isa(m)}",
               f"- GPU: {(m.get('gpu') or {}).get('name', 'none (torch sees no CUDA device)')}",
               f"- Platform: {m.get('platform')}",
               f"- Threads: torch {th.get('torch')}, ONNX Runtime intra-op {th.get('onnxruntime_intra_op')}",
@@ -179,13 +213,7 @@ def _md_machine(results: dict) -> list[str]:
               f"{_f(hl.get('torch_best_gflops'))}, ONNX Runtime best {_f(hl.get('onnxruntime_best_gflops'))})"]
     if results.get("gemm_fp16"):
         lines.append(f"- fp16 GEMM on the GPU: {_f(results['gemm_fp16']['gflops'])} GFLOP/s")
-    for name, g in (results.get("gemm_reduced") or {}).items():
-        precision, _, library = name.partition("_")
-        what = (f"**{_f(g['gflops'])} GFLOP/s**" if "gflops" in g else f"not measured ({g.get('error')})")
-        how = ("OpenVINO's own MatMul (what the openvino contenders' kernels reach)" if library == "openvino"
-               else "torch on the CPU")
-        lines.append(f"- {precision} GEMM peak ({g.get('n', '')}x{g.get('n', '')}, {how}, best of "
-                     f"{g.get('calls', '')} calls at the end of the run): {what}")
+    lines += [_reduced_peak_line(name, g) for name, g in (results.get("gemm_reduced") or {}).items()]
     if any("_" in k for k in results.get("gemm_reduced") or {}):
         lines.append("- A contender's 'of the bf16 / int8 GEMM peak' is relative to the best of these per precision.")
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from anoclip.runtime import contract as mf
+from anoclip.runtime.cpu_features import CpuFeatures, read_cpu_features
 from anoclip_core.compare import compare
 
 from . import flops as fl
@@ -36,6 +37,7 @@ from .hardware import (
     measure_gemm_peak_int8,
     measure_gemm_peak_openvino,
     measure_gemm_peak_ort,
+    measure_gemm_peak_ort_int8,
     versions,
 )
 from .stats import paired_ratio, percentile, plan_repeats, ratio, summarize, throughput, time_calls
@@ -900,25 +902,43 @@ def hardware_limit(run: BenchRun) -> None:
         results["gemm_reduced"] = reduced_precision_peaks(plan.gemm_size, plan.gemm_repeats, run.threads_ort)
 
 
-def reduced_precision_peaks(n: int, repeats: int, threads: int | None = None) -> dict[str, Any]:
-    """The CPU's bf16 and int8 GEMM peaks, measured like the fp32 one: torch (oneDNN) and, where it is
-    installed, OpenVINO's own kernels (``bf16_openvino`` / ``int8_openvino``); the best of each
-    precision is the ceiling of its contenders. A CPU without native bf16 or VNNI shows a low figure
-    or an error."""
+def reduced_precision_peaks(n: int, repeats: int, threads: int | None = None,
+                            features: CpuFeatures | None = None) -> dict[str, Any]:
+    """The CPU's bf16 and int8 GEMM peaks, measured like the fp32 one: torch (oneDNN), ONNX Runtime's
+    int8 kernels (``int8_onnxruntime``) and, where it is installed, OpenVINO's own (``bf16_openvino``
+    / ``int8_openvino``); the best of each precision is the ceiling of its contenders. What this CPU
+    has no native instructions for is not timed (it would time an emulation, not a ceiling): bf16
+    without AVX512_BF16 / AMX (OpenVINO would run f32 under a bf16 label), torch's int8 without
+    VNNI / AMX. Those entries say why instead (``skipped``)."""
+    features = features or read_cpu_features()
     out: dict[str, Any] = {}
     measures: dict[str, Callable[[], Any]] = {
         "bf16": lambda: measure_gemm_peak("cpu", "bfloat16", n, repeats),
         "int8": lambda: measure_gemm_peak_int8(n, repeats),
+        "int8_onnxruntime": lambda: measure_gemm_peak_ort_int8(n, repeats, threads),
     }
     if importlib.util.find_spec("openvino") is not None:
         measures["bf16_openvino"] = lambda: measure_gemm_peak_openvino("bfloat16", n, repeats, threads)
         measures["int8_openvino"] = lambda: measure_gemm_peak_openvino("int8", n, repeats, threads)
     for name, measure in measures.items():
+        skip = _not_native(name, features)
+        if skip:
+            out[name] = {"skipped": skip}
+            continue
         try:
             out[name] = measure().to_dict()
         except Exception as err:  # noqa: BLE001 - reported in place of the figure
             out[name] = {"error": f"{type(err).__name__}: {err}"}
     return out
+
+
+def _not_native(name: str, features: CpuFeatures) -> str | None:
+    """Why peak ``name`` would time an emulation on this CPU (None: measure it)."""
+    if name.startswith("bf16") and features.native_bf16 is False:
+        return "this CPU has no native bf16 (AVX512_BF16 / AMX), so no bf16 contender runs here"
+    if name == "int8" and features.int8_dot is False:
+        return "this CPU has no int8 dot-product instructions (VNNI / AMX), which torch's int8 matmul needs"
+    return None
 
 
 def best_reduced_peak(reduced: dict[str, Any], precision: str) -> float | None:

@@ -4,7 +4,9 @@
 first that starts, with the reasons the others were skipped (``BackendChoice.skipped``), so the
 caller can say which one it picked and why. On a CPU, OpenVINO (when installed) comes before ONNX
 Runtime: it is the CPU engine with bf16 and static-int8 kernels; ``ort-cpu`` is the fallback
-that always works (and the fp32 reference).
+that always works (and the fp32 reference). For int8, ``auto`` leaves OpenVINO out on a CPU
+without VNNI / AMX (``cpu_features``), where its int8 kernels are slower than ONNX Runtime's; asked
+for by name there, it runs with a warning.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
+from ..cpu_features import CpuFeatures, read_cpu_features
 from .base import ALL_OUTPUTS, DEFAULT_OUTPUTS, Backend, ParityReport, check_graph, parity_check
 
 log = logging.getLogger("anoclip.runtime")
@@ -120,12 +123,22 @@ def _start_openvino(artifact_dir: Path, manifest: Mapping[str, Any], precision: 
 
     ov = ov_backend.load_openvino(opts.get("openvino_module"))  # not installed: refused before reading anything
     key, hint = ov_backend.graph_plan(manifest, precision)
+    slow = ov_backend.slow_int8_reason(_cpu_features(opts)) if key == "int8" else None
+    if slow and opts.get("auto"):
+        raise BackendUnavailable(f"not picked for int8: {slow}")
+    if slow:
+        log.warning("backend openvino --precision int8: %s", slow)
     cache_root = opts.get("cache_dir")
     return ov_backend.OpenVinoBackend(
         artifact_dir / manifest["models"][key]["file"], hint, threads=opts.get("threads"),
         cache_dir=opts.get("openvino_cache_dir") or (os.path.join(cache_root, "openvino") if cache_root else None),
         openvino=ov, core_factory=opts.get("openvino_core_factory"), streams=opts.get("streams") or 1,
     )
+
+
+def _cpu_features(opts: Mapping[str, Any]) -> CpuFeatures:
+    """The CPU's features (``opts["cpu_features"]`` injects them in tests)."""
+    return opts.get("cpu_features") or read_cpu_features()
 
 
 def check_precision(name: str, manifest: Mapping[str, Any], precision: str | None) -> None:
@@ -173,7 +186,7 @@ def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping
     skipped: dict[str, str] = {}
     for cand in BACKENDS:
         try:
-            backend = _start(cand, root, manifest, precision, opts)
+            backend = _start(cand, root, manifest, precision, {**opts, "auto": True})
         except (BackendUnavailable, ArtifactError) as err:
             if cand == "ort-cpu":
                 raise

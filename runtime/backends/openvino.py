@@ -16,6 +16,9 @@ compilation. Precisions (``--precision``):
   took 45% of a ViT-B-16-plus-240 call on an AMX Xeon. The fidelity of the result is the
   benchmark's ``openvino-int8`` row. The dynamic int8 graph (``MatMulInteger``/
   ``DynamicQuantizeLinear``) is an ONNX Runtime graph and is refused with the re-export command.
+  On a CPU without int8 dot-product instructions (VNNI / AMX) OpenVINO's int8 kernels are slower
+  than its fp32 ones (``slow_int8_reason``): ``auto`` leaves OpenVINO out for int8 there, and asked
+  for by name it runs with a warning.
 
 Thread safety (OpenVINO docs, "Inference Request"): a ``CompiledModel`` may be shared by threads,
 an ``InferRequest`` may not. Each thread gets its own requests (``threading.local``), reused across
@@ -45,6 +48,7 @@ import numpy as np
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
 from ..contract import INPUT_NAMES
+from ..cpu_features import CpuFeatures
 from .base import BaseBackend
 from .ort import physical_cores
 
@@ -102,6 +106,16 @@ def require_hint(hint: str, capabilities: Sequence[str]) -> None:
         raise BackendUnavailable(
             "backend openvino --precision bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); this CPU offers "
             f"{', '.join(capabilities) or 'nothing'}: use --precision fp32, or int8 with a static int8 graph")
+
+
+def slow_int8_reason(features: CpuFeatures) -> str | None:
+    """Why OpenVINO's int8 is the wrong engine on this CPU, or None when it is not known to be:
+    without VNNI / AMX its int8 kernels run slower than its fp32 ones, and ONNX Runtime's int8
+    kernels (which have an AVX2 path) are faster on the same graph."""
+    if features.int8_dot is not False:
+        return None
+    return ("this CPU has no int8 dot-product instructions (AVX512_VNNI, AVX_VNNI or AMX_INT8), where OpenVINO's "
+            "int8 runs slower than its fp32 and than ONNX Runtime's int8 (--backend ort-cpu)")
 
 
 def remainder_hint(capabilities: Sequence[str]) -> str:

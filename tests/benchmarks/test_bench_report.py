@@ -206,9 +206,41 @@ def test_linescan_baseline_ratio_and_reduced_peaks_are_reported():
 
     peaks = reduced_precision_peaks(64, 1)
     with_ov = importlib.util.find_spec("openvino") is not None
-    expected = {"bf16", "int8"} | ({"bf16_openvino", "int8_openvino"} if with_ov else set())
+    expected = {"bf16", "int8", "int8_onnxruntime"} | ({"bf16_openvino", "int8_openvino"} if with_ov else set())
     assert set(peaks) == expected
-    assert all(("gflops" in v and v["gflops"] > 0) or "error" in v for v in peaks.values())
+    assert all(("gflops" in v and v["gflops"] > 0) or "error" in v or "skipped" in v for v in peaks.values())
+    assert peaks["int8_onnxruntime"]["gflops"] > 0  # MLAS has int8 kernels on every x86 CPU
+
+
+def test_peaks_of_what_the_cpu_lacks_are_not_timed_and_say_why():
+    """An AVX2-only CPU: torch's bf16 / int8 matmuls ran at 0.9 / 1.7 GFLOP/s there (emulations), and
+    OpenVINO's 'bf16' ran f32 under a bf16 label: none of them is a ceiling, so none is timed."""
+    from anoclip.benchmarks.report import _reduced_peak_line
+    from anoclip.benchmarks.runner import best_reduced_peak, reduced_precision_peaks
+    from anoclip.runtime.cpu_features import CpuFeatures
+
+    avx2 = reduced_precision_peaks(64, 1, features=CpuFeatures(frozenset({"avx2"}), "test"))
+    for name in ("bf16", "int8") + (("bf16_openvino",) if "bf16_openvino" in avx2 else ()):
+        assert set(avx2[name]) == {"skipped"}, name
+    assert "no native bf16" in avx2["bf16"]["skipped"] and "VNNI / AMX" in avx2["int8"]["skipped"]
+    assert avx2["int8_onnxruntime"]["gflops"] > 0
+    assert best_reduced_peak(avx2, "bf16") is None and best_reduced_peak(avx2, "int8") > 0
+    line = _reduced_peak_line("bf16", avx2["bf16"])
+    assert line.startswith("- bf16 GEMM peak (torch on the CPU): not measured: this CPU has no native bf16")
+    full = reduced_precision_peaks(64, 1, features=CpuFeatures(frozenset({"avx512_vnni", "avx512_bf16"}), "test"))
+    assert not [k for k, v in full.items() if "skipped" in v]
+    assert "ONNX Runtime's MatMulInteger" in _reduced_peak_line("int8_onnxruntime", full["int8_onnxruntime"])
+
+
+def test_a_ratio_below_one_reads_as_slower_not_as_a_fraction_faster():
+    from anoclip.benchmarks.report import _isa, _runtime_ratios
+
+    text = _runtime_ratios({"core_over_runtime_latency": 1.04, "ort_fp32_over_runtime_latency": 0.8})
+    assert text == "**1.04x faster** than the core, 1.25x slower than `ort-cpu-fp32` at batch 1"  # 1 / 0.8
+    assert _runtime_ratios({"core_over_runtime_latency": 0.5}) == "**2.00x slower** than the core at batch 1"
+    assert _isa({"cpu_features": {"int8_dot": False, "native_bf16": None}}) == (
+        "; int8 dot-product (VNNI / AMX): no; native bf16 (AVX512_BF16 / AMX): unknown")
+    assert _isa({}) == ""
 
 
 def test_a_precisions_peak_is_the_best_library_that_measured_it():

@@ -63,12 +63,25 @@ def test_batch_results_identical_with_and_without_prefetch(tiny_detector, mixed_
     assert "cannot decode" in off[3].error and "not found" in off[4].error
 
 
+ALONE_TOL = 1e-6  # ONNX Runtime's MLAS picks other GEMM blockings for other batch sizes on some CPUs
+# (an AVX2 EPYC: 3e-8 on a score); a neighbour leaking in moves a score by the spread between images
+
+
 def test_each_batch_result_equals_the_image_alone(tiny_detector, mixed_inputs):
-    """Batch neighbours (and the prefetched next batch) do not change an image's result."""
+    """Batch neighbours (and the prefetched next batch) do not change an image's result, beyond the
+    engine's batch-size rounding, which is far below the difference between two images."""
     batched = tiny_detector.predict_batch(mixed_inputs, "bottle", batch=4)
+    ok = [r for r in batched if r.ok]
+    scores = sorted(r.score for r in ok)
+    assert min(b - a for a, b in zip(scores, scores[1:])) > 10 * ALONE_TOL  # the tolerance is below the signal
     for image, res in zip(mixed_inputs, batched, strict=True):
-        if res.ok:
-            _same([res], [tiny_detector.predict(image, "bottle")])
+        if not res.ok:
+            continue
+        alone = tiny_detector.predict(image, "bottle")
+        assert (res.path, res.error, res.label, res.size, res.tiles) == \
+               (alone.path, alone.error, alone.label, alone.size, alone.tiles)
+        assert abs(res.score - alone.score) <= ALONE_TOL
+        assert np.abs(res.anomaly_map - alone.anomaly_map).max() <= ALONE_TOL
 
 
 def test_tiled_results_identical_with_and_without_prefetch(tiny_detector, mixed_inputs):

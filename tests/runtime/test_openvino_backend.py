@@ -10,6 +10,7 @@ import pytest
 
 from anoclip.runtime.backends import check_precision, create_backend
 from anoclip.runtime.backends.openvino import OpenVinoBackend, compile_config, graph_plan, require_hint
+from anoclip.runtime.cpu_features import CpuFeatures
 from anoclip_core.errors import ArtifactError, BackendUnavailable
 
 CAPS_AVX2 = ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]  # what OpenVINO 2026.4 reports on this AVX2-only EPYC
@@ -371,6 +372,60 @@ def test_auto_falls_back_to_ort_cpu_for_a_graph_openvino_refuses(graph):
     choice = create_backend("auto", graph, _manifest("dynamic"), "int8", openvino_module=FakeOpenVINO(FakeCore()),
                             available_providers=["CPUExecutionProvider"], session_factory=Session)
     assert choice.name == "ort-cpu" and "dynamic" in choice.skipped["openvino"]
+
+
+class _Session:
+    """The least of an ONNX Runtime session that ``OrtBackend`` touches at start (ort-cpu fallback)."""
+
+    def __init__(self, path, so, providers):
+        self.path = path
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+    def get_inputs(self):
+        return []
+
+    get_outputs = get_inputs
+
+
+NO_INT8_DOT = CpuFeatures(frozenset({"avx2", "fma"}), "test")
+VNNI = CpuFeatures(frozenset({"avx2", "avx512_vnni"}), "test")
+UNKNOWN = CpuFeatures(None, "test")
+
+
+@pytest.mark.parametrize("features,picked", [(NO_INT8_DOT, "ort-cpu"), (VNNI, "openvino"), (UNKNOWN, "openvino")])
+def test_auto_leaves_openvino_out_for_int8_only_on_a_cpu_known_to_lack_vnni(graph, features, picked):
+    core = FakeCore(CAPS_AVX2)  # OpenVINO reports INT8 on AVX2 too: its capabilities cannot tell
+    choice = create_backend("auto", graph, _manifest("static"), "int8", openvino_module=FakeOpenVINO(core),
+                            available_providers=["CPUExecutionProvider"], session_factory=_Session,
+                            cpu_features=features)
+    assert choice.name == picked
+    if picked == "ort-cpu":
+        assert core.compiled == []  # refused before compiling
+        assert "no int8 dot-product instructions (AVX512_VNNI, AVX_VNNI or AMX_INT8)" in choice.skipped["openvino"]
+        assert "openvino: not picked for int8" in choice.describe()
+
+
+def test_auto_keeps_openvino_for_fp32_on_a_cpu_without_vnni(graph):
+    choice = create_backend("auto", graph, _manifest("static"), "fp32", openvino_module=FakeOpenVINO(FakeCore()),
+                            available_providers=["CPUExecutionProvider"], cpu_features=NO_INT8_DOT)
+    assert choice.name == "openvino"
+
+
+def test_openvino_int8_asked_for_by_name_without_vnni_runs_and_warns(graph, caplog):
+    core = FakeCore(CAPS_AVX2)
+    with caplog.at_level("WARNING", logger="anoclip.runtime"):
+        choice = create_backend("openvino", graph, _manifest("static"), "int8", openvino_module=FakeOpenVINO(core),
+                                cpu_features=NO_INT8_DOT)
+    assert choice.name == "openvino" and core.compiled[0][0].endswith("encoder.int8.onnx")
+    assert any("no int8 dot-product instructions" in r.getMessage() and "--backend ort-cpu" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anoclip.runtime"):
+        create_backend("openvino", graph, _manifest("static"), "int8", openvino_module=FakeOpenVINO(FakeCore()),
+                       cpu_features=VNNI)
+    assert not [r for r in caplog.records if "dot-product" in r.getMessage()]
 
 
 # --- real OpenVINO ---------------------------------------------------------------------------------
