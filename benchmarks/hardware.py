@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -181,24 +182,31 @@ def measure_gemm_peak_int8(n: int = 2048, repeats: int = 5) -> GemmPeak:
     return GemmPeak("cpu", "int8", n, repeats, best, 2.0 * n**3 / best / 1e9)
 
 
-def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None = None) -> GemmPeak:
-    """The same fp32 ``n x n`` matmul as one ONNX ``MatMul`` node on ONNX Runtime's CPU provider
-    (its MLAS kernels, the ones the runtime contenders use), best of ``repeats``."""
-    import numpy as np
+def _ort_cpu_session(graph: Any, threads: int | None) -> Any:
+    """An ONNX Runtime CPU session of a one-node ONNX ``graph`` (opset 18), quiet, on ``threads``."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "gemm", [a, b], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None = None) -> GemmPeak:
+    """The same fp32 ``n x n`` matmul as one ONNX ``MatMul`` node on ONNX Runtime's CPU provider
+    (its MLAS kernels, the ones the runtime contenders use), best of ``repeats``."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    sess = _ort_cpu_session(helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "gemm", [a, b], [y]),
+                            threads)
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
     best = _best_of(lambda: sess.run(None, feeds), repeats)
@@ -207,24 +215,17 @@ def measure_gemm_peak_ort(n: int = 2048, repeats: int = 5, threads: int | None =
 
 def measure_gemm_peak_ort_int8(n: int = 2048, repeats: int = 5, threads: int | None = None) -> GemmPeak:
     """ONNX Runtime's int8 ``n x n`` matmul: one ``MatMulInteger`` node, uint8 activations times a
-    constant int8 weight (MLAS's u8s8 kernels, which the ``ort-cpu`` int8 contenders run; they have
-    an AVX2 path where torch and OpenVINO need VNNI / AMX), best of ``repeats``."""
+    constant int8 weight (MLAS's u8s8 kernels, which the ``ort-cpu`` int8 contenders run; they keep
+    an int8 speed-up on AVX2 CPUs without VNNI / AMX), best of ``repeats``."""
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     a = helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])
     y = helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])
     w = numpy_helper.from_array(rng.integers(-64, 64, (n, n)).astype(np.int8), "w")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "gemm_int8", [a], [y], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _ort_cpu_session(
+        helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "gemm_int8", [a], [y], [w]), threads)
     feeds = {"a": rng.integers(0, 256, (n, n)).astype(np.uint8)}
     best = _best_of(lambda: sess.run(None, feeds), repeats)
     return GemmPeak("cpu (onnxruntime)", "int8", n, repeats, best, 2.0 * n**3 / best / 1e9)

@@ -356,24 +356,6 @@ def test_without_openvino_auto_keeps_ort_cpu_and_explicit_is_refused(tiny_artifa
         det.close()
 
 
-def test_auto_falls_back_to_ort_cpu_for_a_graph_openvino_refuses(graph):
-    class Session:
-        def __init__(self, path, so, providers):
-            self.path = path
-
-        def get_providers(self):
-            return ["CPUExecutionProvider"]
-
-        def get_inputs(self):
-            return []
-
-        get_outputs = get_inputs
-
-    choice = create_backend("auto", graph, _manifest("dynamic"), "int8", openvino_module=FakeOpenVINO(FakeCore()),
-                            available_providers=["CPUExecutionProvider"], session_factory=Session)
-    assert choice.name == "ort-cpu" and "dynamic" in choice.skipped["openvino"]
-
-
 class _Session:
     """The least of an ONNX Runtime session that ``OrtBackend`` touches at start (ort-cpu fallback)."""
 
@@ -387,6 +369,12 @@ class _Session:
         return []
 
     get_outputs = get_inputs
+
+
+def test_auto_falls_back_to_ort_cpu_for_a_graph_openvino_refuses(graph):
+    choice = create_backend("auto", graph, _manifest("dynamic"), "int8", openvino_module=FakeOpenVINO(FakeCore()),
+                            available_providers=["CPUExecutionProvider"], session_factory=_Session)
+    assert choice.name == "ort-cpu" and "dynamic" in choice.skipped["openvino"]
 
 
 NO_INT8_DOT = CpuFeatures(frozenset({"avx2", "fma"}), "test")
