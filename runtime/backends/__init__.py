@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
@@ -141,6 +141,16 @@ def _cpu_features(opts: Mapping[str, Any]) -> CpuFeatures:
     return opts.get("cpu_features") or read_cpu_features()
 
 
+def _raise_last(err: Exception, precision: str | None, refusals: Mapping[str, Exception]) -> NoReturn:
+    """``auto`` found no backend: for an OpenVINO-only precision (bf16) OpenVINO's reason is the one
+    that matters (ONNX Runtime's "no 'bf16' model" would send the user looking for a graph that never exists)."""
+    from .openvino import HINT_ONLY
+
+    if precision in HINT_ONLY and "openvino" in refusals:
+        raise refusals["openvino"] from None
+    raise err
+
+
 def check_precision(name: str, manifest: Mapping[str, Any], precision: str | None) -> None:
     """Refuse early a precision the artifact has no graph for (bf16 is OpenVINO's hint on the fp32 graph)."""
     from ..contract import model_entry
@@ -184,13 +194,14 @@ def create_backend(name: str, artifact_dir: str | os.PathLike, manifest: Mapping
         backend = _start(name, root, manifest, precision, opts)
         return BackendChoice(backend, name, name, precision=running_precision(backend, name, manifest, precision))
     skipped: dict[str, str] = {}
+    refusals: dict[str, Exception] = {}
     for cand in BACKENDS:
         try:
             backend = _start(cand, root, manifest, precision, {**opts, "auto": True})
         except (BackendUnavailable, ArtifactError) as err:
             if cand == "ort-cpu":
-                raise
-            skipped[cand] = str(err).split(";")[0]
+                _raise_last(err, precision, refusals)
+            skipped[cand], refusals[cand] = str(err).split(";")[0], err
             continue
         choice = BackendChoice(backend, cand, "auto", skipped, running_precision(backend, cand, manifest, precision))
         log.info(choice.describe())

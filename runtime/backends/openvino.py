@@ -87,7 +87,8 @@ def graph_plan(manifest: Mapping[str, Any], precision: str | None) -> tuple[str,
         if mode != "static":
             raise BackendUnavailable(
                 f"backend openvino needs the static QDQ int8 graph, this artifact's int8 graph is {mode} (an ONNX "
-                "Runtime graph); re-export with --precision int8 --int8-mode static --calibration-images DIR")
+                "Runtime graph); run it with --backend ort-cpu, or re-export with --precision int8 --int8-mode static "
+                "--calibration-images DIR (worth it for OpenVINO on CPUs with VNNI / AMX)")
     return key, HINTS[wanted]
 
 
@@ -105,7 +106,8 @@ def require_hint(hint: str, capabilities: Sequence[str]) -> None:
     if hint == "bf16" and "BF16" not in capabilities:
         raise BackendUnavailable(
             "backend openvino --precision bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); this CPU offers "
-            f"{', '.join(capabilities) or 'nothing'}: use --precision fp32, or int8 with a static int8 graph")
+            f"{', '.join(capabilities) or 'nothing'}: use --precision fp32, or --precision int8 with --backend auto "
+            "(it picks the faster int8 engine for this CPU)")
 
 
 def slow_int8_reason(features: CpuFeatures) -> str | None:

@@ -36,6 +36,8 @@ def test_graph_plan_maps_precision_to_graph_and_hint(precision, expected):
 def test_graph_plan_refusals_name_the_problem():
     with pytest.raises(BackendUnavailable, match="int8 graph is dynamic.*--int8-mode static"):
         graph_plan(_manifest("dynamic"), "int8")
+    with pytest.raises(BackendUnavailable, match="run it with --backend ort-cpu"):  # no re-export needed for int8
+        graph_plan(_manifest("dynamic"), "int8")
     with pytest.raises(BackendUnavailable, match="fp32, bf16 or int8, not 'fp16'"):
         graph_plan(_manifest(), "fp16")
     with pytest.raises(ArtifactError, match="no 'int8' model"):
@@ -51,8 +53,10 @@ def test_check_precision_lets_bf16_through_only_for_openvino():
 
 
 def test_bf16_hint_refused_without_native_bf16_and_accepted_with_it():
-    with pytest.raises(BackendUnavailable, match="native bf16.*FP32, INT8, BIN, EXPORT_IMPORT"):
+    with pytest.raises(BackendUnavailable, match="native bf16.*FP32, INT8, BIN, EXPORT_IMPORT") as err:
         require_hint("bf16", CAPS_AVX2)
+    # the advice must not steer to OpenVINO's int8, the slower engine on such (AVX2) CPUs: auto picks per CPU
+    assert "int8 with a static" not in str(err.value) and "--precision int8 with --backend auto" in str(err.value)
     require_hint("bf16", CAPS_BF16)
     require_hint("f32", CAPS_AVX2)
 
@@ -393,6 +397,21 @@ def test_auto_leaves_openvino_out_for_int8_only_on_a_cpu_known_to_lack_vnni(grap
         assert core.compiled == []  # refused before compiling
         assert "no int8 dot-product instructions (AVX512_VNNI, AVX_VNNI or AMX_INT8)" in choice.skipped["openvino"]
         assert "openvino: not picked for int8" in choice.describe()
+
+
+def test_auto_bf16_without_a_bf16_engine_gives_openvino_reason_not_a_missing_graph(graph, monkeypatch):
+    # bf16 is OpenVINO's hint on the fp32 graph: "artifact has no 'bf16' model" (ort-cpu's refusal) is misleading
+    with pytest.raises(BackendUnavailable, match="needs a CPU with native bf16.*use --precision fp32"):
+        create_backend("auto", graph, _manifest(), "bf16", openvino_module=FakeOpenVINO(FakeCore(CAPS_AVX2)),
+                       available_providers=["CPUExecutionProvider"], session_factory=_Session)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed: that is the reason, with the install line
+    with pytest.raises(BackendUnavailable, match="openvino package, which is not installed"):
+        create_backend("auto", graph, _manifest(), "bf16", available_providers=["CPUExecutionProvider"],
+                       session_factory=_Session)
+    with pytest.raises(ArtifactError, match="no 'fp16' model"):  # other precisions: ort-cpu's own refusal
+        create_backend("auto", graph, _manifest(None) | {"models": {"fp32": {"file": "encoder.onnx"}}}, "fp16",
+                       openvino_module=FakeOpenVINO(FakeCore(CAPS_AVX2)),
+                       available_providers=["CPUExecutionProvider"], session_factory=_Session)
 
 
 def test_auto_keeps_openvino_for_fp32_on_a_cpu_without_vnni(graph):
