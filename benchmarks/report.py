@@ -122,8 +122,9 @@ def _reduced_peak_line(name: str, g: dict) -> str:
     if "gflops" not in g:
         why = g.get("skipped") or g.get("error")
         return f"- {precision} GEMM peak ({how}): not measured: {why}"
+    unit = "GOP/s" if precision == "int8" else "GFLOP/s"  # integer operations, not floating-point ones
     return (f"- {precision} GEMM peak ({g.get('n', '')}x{g.get('n', '')}, {how}, best of {g.get('calls', '')} "
-            f"calls at the end of the run): **{_f(g['gflops'])} GFLOP/s**")
+            f"calls at the end of the run): **{_f(g['gflops'])} {unit}**")
 
 
 def _headline(results: dict) -> list[str]:
@@ -400,10 +401,11 @@ def _md_linescan(results: dict) -> list[str]:
                   f"**{_x(streams['speedup_vs_one_stream_paired'])}**.", ""]
     if base and "error" not in base:
         paired = ls.get("speedup_vs_baseline_paired")
-        speed = _x(paired) if paired else _x(ls["strips_per_s"] / base["strips_per_s"])
+        ratio = paired or ls["strips_per_s"] / base["strips_per_s"]
         how = "median of the per-round ratios" if paired else "ratio of the medians"
-        lines += [f"The fastest, `{ls.get('label', ls['backend'])}`, is **{speed}** the speed of "
-                  f"`{base['backend']}` in this run ({how}).", ""]
+        than = _speed(ratio, f"`{base['backend']}`", bold=True)
+        lines += [f"The fastest runtime contender by batch throughput, `{ls.get('label', ls['backend'])}`, runs the "
+                  f"strip {than} in this run ({how}).", ""]
     return lines
 
 
@@ -472,8 +474,9 @@ def _md_method(results: dict) -> list[str]:
         "- Hardware limit: the best fp32 GEMM rate seen on the same device and threads in this run (torch, "
         "and ONNX Runtime's MatMul on a CPU); GFLOPs per image are analytical (checked against "
         "`FlopCounterMode` above). Reduced precisions have other ceilings: 'of the fp32 GEMM peak' is "
-        "relative to fp32, and bf16 / int8 contenders also get 'of the bf16 / int8 GEMM peak' (torch.mm in "
-        "bf16 and torch._int_mm measured the same way).",
+        "relative to fp32, and bf16 / int8 contenders also get 'of the bf16 / int8 GEMM peak': the best of "
+        "torch (torch.mm in bf16, torch._int_mm), ONNX Runtime's MatMulInteger (int8) and OpenVINO's own MatMul, "
+        "timed at the end of the run (one the CPU has no native instructions for is not timed: see above).",
         "",
     ]
     for note in results.get("notes", []):
