@@ -152,6 +152,16 @@ def _load_time(binding: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in binding.items() if k != BINDING_WEIGHT}
 
 
+def _stale_message(class_name: str, made: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """Why a class's calibration is ignored, and the command that makes one for this run."""
+    if made.get("model") != now.get("model"):  # another precision: `calibrate` must be told which
+        return (f"calibration for {class_name!r} was made with the {made.get('model')} graph, this run uses "
+                f"{now.get('model')}; ignoring it (default thresholds), re-run anoclip calibrate --precision "
+                f"{now.get('model')}")
+    return (f"calibration for {class_name!r} was made with another graph, other text embeddings or another "
+            "reference bank; ignoring it (default thresholds), re-run anoclip calibrate")
+
+
 def bind_calibration(data: Mapping[str, Any], binding: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """The calibration file's content, keeping only the classes whose ``binding`` still matches
     ``binding(class)`` (this graph, these prototypes); the others are dropped with a warning."""
@@ -160,9 +170,9 @@ def bind_calibration(data: Mapping[str, Any], binding: Callable[[str], dict[str,
     validate_calibration(data, CALIBRATION_NAME)
     kept = {}
     for cls_name, entry in data.get("classes", {}).items():
-        if "binding" in entry and _load_time(entry["binding"]) != _load_time(binding(cls_name)):
-            log.warning("calibration for %r was made with another graph, other text embeddings or another "
-                        "reference bank; ignoring it (default thresholds), re-run anoclip calibrate", cls_name)
+        now = binding(cls_name)
+        if "binding" in entry and _load_time(entry["binding"]) != _load_time(now):
+            log.warning("%s", _stale_message(cls_name, entry["binding"], now))
         else:
             kept[cls_name] = entry
     return {**data, "classes": kept}

@@ -277,6 +277,9 @@ main.add_command(infer_main, "infer")
 @click.option("--class", "class_name", required=True)
 @click.option("--quantile", type=float, default=0.99, show_default=True)
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True)
+@click.option("--precision", default=None,
+              help="graph precision the thresholds are for: the one you infer with (default: the manifest's "
+                   "default_model); thresholds of another graph are ignored at inference")
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--tile/--no-tile", default=False)
 @click.option("--threads", type=int, default=None)
@@ -286,9 +289,9 @@ main.add_command(infer_main, "infer")
               help="few-shot weight the thresholds are for (recorded; infer with another weight ignores them)")
 @max_pixels_option
 @click.option("--quiet", is_flag=True, default=False, help="no progress bar")
-def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantile: float, backend: str, batch: int,
-                  tile: bool, threads: int | None, no_refs: bool, visual_weight: float, max_pixels: int | None,
-                  quiet: bool) -> None:
+def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantile: float, backend: str,
+                  precision: str | None, batch: int, tile: bool, threads: int | None, no_refs: bool,
+                  visual_weight: float, max_pixels: int | None, quiet: bool) -> None:
     """Per-class thresholds from good images -> ARTIFACT/calibration.json (not part of the graph)."""
     from anoclip_core.progress import progress as progress_bar
 
@@ -301,7 +304,8 @@ def calibrate_cmd(artifact: str, good: tuple[str, ...], class_name: str, quantil
         cfg = InferConfig(class_name=class_name, batch=batch, tile=tile, threads=threads, use_refs=not no_refs,
                           visual_weight=visual_weight)  # checked before loading
         files = collect_inputs(good)
-        det = Detector.load(artifact, backend=backend, threads=threads, calibration=False)  # rewritten below
+        det = Detector.load(artifact, backend=backend, precision=precision, threads=threads,
+                            calibration=False)  # rewritten below
         _warn_random(det)
         bar = progress_bar(total=len(files), desc="anoclip calibrate", unit="img", enabled=not quiet)
         entry = calibrate(det, files, class_name, quantile, cfg, progress=lambda _res: bar.update(1))

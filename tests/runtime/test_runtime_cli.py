@@ -112,6 +112,28 @@ def test_calibrate_then_infer_uses_calibration(artifact_copy, tmp_path):
     assert sum(ln["label"] == "anomaly" for ln in lines) == 2  # median threshold: 2 of 4 above
 
 
+def test_calibrate_precision_makes_thresholds_the_int8_run_uses(static_int8_artifact, tmp_path, caplog):
+    """`anoclip calibrate` had no --precision: it always calibrated the fp32 graph, and an int8 run ignored
+    those thresholds with "re-run anoclip calibrate", which could only make fp32 ones again."""
+    art = tmp_path / "art"
+    shutil.copytree(static_int8_artifact, art)
+    good = _write_images(tmp_path / "good", 4)
+    calibrate = ["calibrate", str(art), "--good", str(good), "--class", "bottle", "--quantile", "0.5",
+                 "--backend", "ort-cpu", "--quiet"]
+    infer = [str(art), str(good), "--class", "bottle", "--backend", "ort-cpu", "--precision", "int8", "--quiet"]
+    assert CliRunner().invoke(main, calibrate).exit_code == 0
+    with caplog.at_level("WARNING", logger="anoclip.runtime"):
+        res = CliRunner().invoke(infer_main, infer)
+    assert all(ln["threshold_source"] == "default" for ln in _lines(res.stdout))
+    assert any("made with the fp32 graph, this run uses int8" in r.getMessage()
+               and r.getMessage().endswith("re-run anoclip calibrate --precision int8") for r in caplog.records)
+    res = CliRunner().invoke(main, calibrate + ["--precision", "int8"])
+    assert res.exit_code == 0, res.output
+    assert _lines(res.stdout)[0]["binding"]["model"] == "int8"
+    res = CliRunner().invoke(infer_main, infer)
+    assert [ln["threshold_source"] for ln in _lines(res.stdout)] == ["calibration"] * 4
+
+
 class _Shifted:
     """A backend proxy whose ``patch_probs`` are shifted by ``delta`` (everything else as is)."""
 
