@@ -182,6 +182,7 @@ def run_infer(artifact: str, inputs: Sequence[str], cfg: InferConfig, progress: 
         "summary": True, "count": n, "ok": n - errors, "errors": errors, "anomalies": anomalies,
         "mean_latency_ms": round(float(np.mean(latencies)), 3) if latencies else None,
         "wall_s": round(time.perf_counter() - t0, 3), "backend": det.backend_name,
+        "backend_requested": cfg.backend, "backend_note": det.backend_note,  # auto: what it picked and why
         "precision": det.running_precision, "class": cfg.class_name,
         "random_weights": det.random_weights, "references": few is not None, "shots": few.shots if few else 0,
         "visual_weight": few.weight if few else None,

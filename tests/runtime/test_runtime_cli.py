@@ -134,6 +134,19 @@ def test_calibrate_precision_makes_thresholds_the_int8_run_uses(static_int8_arti
     assert [ln["threshold_source"] for ln in _lines(res.stdout)] == ["calibration"] * 4
 
 
+def test_summary_json_says_auto_was_asked_for_and_why_it_picked_the_backend(tiny_artifact, tmp_path):
+    """The stderr line said 'backend auto -> ort-cpu ... (skipped openvino: ...)'; summary.json only 'ort-cpu'."""
+    imgs = _write_images(tmp_path / "imgs", 1)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(infer_main, [str(tiny_artifact), str(imgs), "--class", "bottle", "--out", str(out),
+                                          "--quiet", "--no-overlays", "--no-masks"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend_requested"] == "auto"
+    assert summary["backend_note"].startswith(f"backend auto -> {summary['backend']}, precision ")
+    assert summary["backend_note"] in res.stderr  # the same words as the first stderr line
+
+
 class _Shifted:
     """A backend proxy whose ``patch_probs`` are shifted by ``delta`` (everything else as is)."""
 
