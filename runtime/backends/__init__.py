@@ -126,14 +126,15 @@ def _start_openvino(artifact_dir: Path, manifest: Mapping[str, Any], precision: 
     slow = ov_backend.slow_int8_reason(_cpu_features(opts)) if key == "int8" else None
     if slow and opts.get("auto"):
         raise BackendUnavailable(f"not picked for int8: {slow}")
-    if slow:
-        log.warning("backend openvino --precision int8: %s", slow)
     cache_root = opts.get("cache_dir")
-    return ov_backend.OpenVinoBackend(
+    backend = ov_backend.OpenVinoBackend(
         artifact_dir / manifest["models"][key]["file"], hint, threads=opts.get("threads"),
         cache_dir=opts.get("openvino_cache_dir") or (os.path.join(cache_root, "openvino") if cache_root else None),
         openvino=ov, core_factory=opts.get("openvino_core_factory"), streams=opts.get("streams") or 1,
     )
+    if slow:  # once it runs: a warning before a refusal (e.g. --streams over --threads) would only be noise
+        log.warning("backend openvino --precision int8: %s", slow)
+    return backend
 
 
 def _cpu_features(opts: Mapping[str, Any]) -> CpuFeatures:
@@ -154,9 +155,12 @@ def _raise_last(err: Exception, precision: str | None, refusals: Mapping[str, Ex
 def check_precision(name: str, manifest: Mapping[str, Any], precision: str | None) -> None:
     """Refuse early a precision the artifact has no graph for (bf16 is OpenVINO's hint on the fp32 graph)."""
     from ..contract import model_entry
-    from .openvino import HINT_ONLY
+    from .openvino import HINT_ONLY, graph_plan
 
-    if name in ("auto", "openvino") and precision in HINT_ONLY:
+    if name == "openvino":  # a precision OpenVINO does not run is refused as such, before "no such graph"
+        graph_plan(manifest, precision)
+        return
+    if name == "auto" and precision in HINT_ONLY:
         model_entry(manifest, "fp32")
         return
     model_entry(manifest, precision)

@@ -11,7 +11,7 @@ import pytest
 from anoclip.runtime.backends import check_precision, create_backend
 from anoclip.runtime.backends.openvino import OpenVinoBackend, compile_config, graph_plan, require_hint
 from anoclip.runtime.cpu_features import CpuFeatures
-from anoclip_core.errors import ArtifactError, BackendUnavailable
+from anoclip_core.errors import ArtifactError, BackendUnavailable, InputError
 
 CAPS_AVX2 = ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]  # what OpenVINO 2026.4 reports on this AVX2-only EPYC
 CAPS_BF16 = ["FP32", "BF16", "INT8", "BIN", "EXPORT_IMPORT"]  # + "BF16" on AVX512_BF16 / AMX CPUs
@@ -50,6 +50,15 @@ def test_check_precision_lets_bf16_through_only_for_openvino():
     check_precision("auto", m, "bf16")
     with pytest.raises(ArtifactError, match="no 'bf16' model"):
         check_precision("ort-cpu", m, "bf16")
+
+
+def test_check_precision_refuses_what_openvino_never_runs_before_a_missing_graph():
+    """'artifact has no fp16 model' sent the user to re-export fp16, which OpenVINO then refuses anyway."""
+    fp32_only = {"models": {"fp32": {"file": "encoder.onnx"}}, "default_model": "fp32"}
+    with pytest.raises(BackendUnavailable, match="fp32, bf16 or int8, not 'fp16'; use --backend ort-cpu"):
+        check_precision("openvino", fp32_only, "fp16")
+    with pytest.raises(ArtifactError, match="no 'int8' model"):
+        check_precision("openvino", fp32_only, "int8")
 
 
 def test_bf16_hint_refused_without_native_bf16_and_accepted_with_it():
@@ -433,6 +442,11 @@ def test_openvino_int8_asked_for_by_name_without_vnni_runs_and_warns(graph, capl
         create_backend("openvino", graph, _manifest("static"), "int8", openvino_module=FakeOpenVINO(FakeCore()),
                        cpu_features=VNNI)
     assert not [r for r in caplog.records if "dot-product" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anoclip.runtime"), pytest.raises(InputError, match="--streams 2"):
+        create_backend("openvino", graph, _manifest("static"), "int8", openvino_module=FakeOpenVINO(FakeCore()),
+                       cpu_features=NO_INT8_DOT, streams=2, threads=1)
+    assert not [r for r in caplog.records if "dot-product" in r.getMessage()]  # refused: no "runs slower" first
 
 
 # --- real OpenVINO ---------------------------------------------------------------------------------
