@@ -22,7 +22,8 @@ CONFIGS = ROOT / "tests" / "configs"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    # PYTHONFAULTHANDLER: a native abort (seen once as returncode -6, never reproduced since) prints its stacks
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1")
     env.update(extra)
     return env
 
@@ -64,7 +65,7 @@ def test_sigterm_mid_export_removes_the_temp_folder_and_exits_143(tmp_path):
     assert temps and temps[0].name.startswith(f".art.tmp-{proc.pid}-"), "export never got to writing"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    assert proc.returncode == 143, err.decode(errors="replace")[-3000:]
     assert err.decode().strip().splitlines()[-1].startswith("error: terminated (SIGTERM)")
     assert _hidden(tmp_path, "art") == [] and not out.exists()
 
