@@ -8,6 +8,12 @@ Interruptions: Ctrl-C prints ``error: aborted`` (exit 130); SIGTERM (``timeout``
 managers, ``kill``) unwinds the same way, so ``finally`` blocks and context managers run (temp
 folders deleted, worker threads joined, the lines already written stay whole), then prints
 ``error: terminated (SIGTERM)`` (exit 143, as a shell reports a process killed by it).
+
+Both raise a Python exception wherever the main thread is, which native libraries do not all
+survive: inside ``torch.onnx.export`` (C++ tracing calling back into Python, and the imports of
+onnx / onnxscript it makes) a SIGTERM once aborted the process (SIGABRT, exit -6, temp folder
+left). ``signals_held`` wraps such steps: a signal arriving inside takes effect when the step
+ends, a second one of the same kind at once.
 """
 from __future__ import annotations
 
@@ -67,6 +73,45 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_held(step: str) -> Iterator[None]:
+    """Inside the block SIGINT / SIGTERM are held: the first takes effect (its previous handler
+    runs) when the block ends, a repeat of it at once. ``step`` names the step in the notice."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous: dict[int, Any] = {int(s): signal.getsignal(s) for s in kinds}
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if signum in held:
+            _deliver(signum, previous[signum])
+            return
+        held.append(signum)
+        sys.stderr.write(f"anoclip: {signal.Signals(signum).name} received; stopping when {step} ends "
+                         "(send it again to stop now)\n")
+
+    for s in kinds:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s in kinds:
+            signal.signal(s, previous[s])
+        if held:
+            _deliver(held[0], previous[held[0]])
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    """What ``signum`` would have done under ``handler`` (a callable, SIG_DFL or SIG_IGN)."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 class _OneLineMixin:

@@ -59,6 +59,7 @@ import torch
 
 from anoclip.runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from anoclip_core.choices import DEFAULT_OPSET, Exporter, values
+from anoclip_core.cli_errors import signals_held
 from anoclip_core.errors import AnoCLIPError
 
 from .wrapper import AnoCLIPExportWrapper
@@ -147,7 +148,8 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=path.parent) as scratch:
         raw = Path(scratch) / path.name
         try:
-            with warnings.catch_warnings():
+            # torch's exporter calls back into Python from C++: a signal's exception raised there can abort
+            with warnings.catch_warnings(), signals_held("the ONNX export"):
                 warnings.simplefilter("ignore")
                 if exporter == "dynamo":
                     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)

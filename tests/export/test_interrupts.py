@@ -22,7 +22,8 @@ CONFIGS = ROOT / "tests" / "configs"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    # PYTHONFAULTHANDLER: a native abort (seen once as returncode -6, never reproduced since) prints its stacks
+    # PYTHONFAULTHANDLER: a native abort prints its stacks (seen once as returncode -6 with the SIGTERM landing in
+    # torch.onnx.export's imports; the exporter now runs under cli_errors.signals_held)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1")
     env.update(extra)
     return env

@@ -18,11 +18,15 @@ import pytest
 @pytest.mark.parametrize("sig,code,line", [(signal.SIGINT, 130, "error: aborted"),
                                            (signal.SIGTERM, 143, "error: terminated (SIGTERM)")])
 def test_killed_infer_unwinds_and_keeps_whole_lines(tiny_artifact, tmp_path, sig, code, line):
-    rng = np.random.default_rng(0)
+    # 400 links to one 2048 x 2048 PNG (tens of ms to decode each): the run outlasts any scheduling delay of
+    # this process under a loaded suite, so the signal always lands mid-run (48 x 64 images once finished first)
+    y, x = np.mgrid[0:2048, 0:2048]
+    picture = np.dstack([(x // 8) % 256, (y // 8) % 256, ((x + y) // 16) % 256]).astype(np.uint8)
     images = tmp_path / "imgs"
     images.mkdir()
-    for i in range(400):
-        cv2.imwrite(str(images / f"im{i:03d}.png"), (rng.random((48, 64, 3)) * 255).astype(np.uint8))
+    cv2.imwrite(str(images / "im000.png"), picture)
+    for i in range(1, 400):
+        os.link(images / "im000.png", images / f"im{i:03d}.png")
     out = tmp_path / "out"
     code_to_run = "from anoclip.runtime.cli import infer_main; infer_main()"
     proc = subprocess.Popen([sys.executable, "-c", code_to_run, str(tiny_artifact), str(images), "--class", "bottle",
