@@ -95,6 +95,11 @@ def _runtime_ratios(r: dict) -> str:
         if r.get("own_peak") and r.get("own_peak_fraction_best") is not None:
             peak += (f", {_pct(r['own_peak_fraction_best'])} of the {r['own_peak']} GEMM peak at its best batch "
                      f"({_pct(r.get('own_peak_fraction_b1'))} at batch 1)")
+        if r.get("mixed_peak_fraction_best") is not None:
+            peak += (f", {_pct(r['mixed_peak_fraction_best'])} of its mixed-precision ceiling "
+                     f"({_f(r['mixed_peak_gflops'])} GOP/s: its int8 Linear layers, "
+                     f"{_pct(r.get('mixed_peak_int8_share'))} of the FLOPs, at the int8 peak, the rest at the "
+                     f"{r.get('mixed_peak_float_precision')} peak; {_pct(r.get('mixed_peak_fraction_b1'))} at batch 1)")
         parts.append(peak)
     return "; ".join(parts) or "no ratio measured (its reference contenders did not run)"
 

@@ -27,6 +27,7 @@ from anoclip.runtime.cpu_features import CpuFeatures, read_cpu_features
 from anoclip_core.compare import compare
 
 from . import flops as fl
+from .ceiling import contender_ceiling
 from .config import BASELINE, BenchConfig
 from .contenders import Contender, runtime_contender, static_int8_artifact, torch_contenders
 from .hardware import (
@@ -325,11 +326,15 @@ def headline(results: dict) -> dict:
         "runtime": {},
     }
     reduced = results.get("gemm_reduced") or {}
+    breakdown = fl.get("dual_breakdown") or {}
+    fp32_peak = (results.get("hardware_limit") or {}).get("gflops")
     for name, e in entries.items():
         if e["group"] != "runtime":
             continue
         r = e.get("ratios") or {}
         own = best_reduced_peak(reduced, PRECISION_PEAK.get(e.get("precision"), ""))
+        mixed = contender_ceiling(e, breakdown, best_reduced_peak(reduced, "int8"), best_reduced_peak(reduced, "bf16"),
+                                  fp32_peak)
         out["runtime"][name] = {
             "core_over_runtime_latency": lat("core", name),
             "ort_fp32_over_runtime_latency": lat("ort-cpu-fp32", name) if name != "ort-cpu-fp32" else None,
@@ -340,6 +345,13 @@ def headline(results: dict) -> dict:
             "own_peak_fraction_best": ratio(r.get("achieved_gflops_best"), own),
             "own_peak_fraction_b1": ratio(r.get("achieved_gflops_b1"), own),
         }
+        if mixed:
+            out["runtime"][name].update({
+                "mixed_peak_gflops": mixed["gflops"], "mixed_peak_float_precision": mixed["float_precision"],
+                "mixed_peak_int8_share": mixed["int8_share"],
+                "mixed_peak_fraction_best": ratio(r.get("achieved_gflops_best"), mixed["gflops"]),
+                "mixed_peak_fraction_b1": ratio(r.get("achieved_gflops_b1"), mixed["gflops"]),
+            })
     tta = results.get("tta")
     if tta:
         out["tta_over_plain_p50"] = tta.get("overhead_ratio_p50")

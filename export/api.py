@@ -493,6 +493,7 @@ def _model_entry(cfg: ExportConfig, name: str, precision: str, written: Sequence
         if cfg.int8_mode == "static":
             entry["quantization"]["format"] = "QDQ"
             entry["quantization"]["activations"] = "int8 symmetric (zero point 0)"
+            entry["quantization"]["kept_float"] = list(quantize.STATIC_KEPT_FLOAT)
             entry["quantization"]["calibration"] = calibration_record(cfg.calibration_images)
     return entry
 

@@ -360,7 +360,7 @@ def test_static_int8_qdq(make_config, register_tiny, tmp_path):
     entry = data["models"]["int8"]
     assert {k: v for k, v in entry["quantization"].items() if k != "calibration"} == {
         "mode": "static", "weights": "int8", "ops": ["MatMul (Linear layers)"], "format": "QDQ",
-        "activations": "int8 symmetric (zero point 0)"}
+        "activations": "int8 symmetric (zero point 0)", "kept_float": ["MatMul (output projections, global and local)"]}
     assert entry["quantization"]["calibration"]["images"] == 2
     assert entry["verification"]["passed"] and entry["verification"]["map_max_abs"] <= 5e-2
     graph = onnx.load(str(out / "encoder.int8.onnx")).graph

@@ -137,6 +137,54 @@ def test_graph_weights_are_symmetric_per_channel_int8(static_int8_artifact):
         assert np.abs(w).max() <= 64  # reduce_range: 7-bit weights (AVX2 without VNNI, see export/quantize.py)
 
 
+def test_output_projections_stay_float_and_block_linears_are_int8(static_int8_artifact, tiny_model):
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(static_int8_artifact / "encoder.int8.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    proj_shape = tuple(tiny_model.encoder.visual.proj.shape)  # [width, embed_dim] = [64, 32]: no block Linear has it
+    float_proj, int8_linear = [], []
+    for n in graph.node:
+        if n.op_type != "MatMul":
+            continue
+        b = producer.get(n.input[1])
+        if n.input[1] in inits and inits[n.input[1]].dtype == np.float32:
+            float_proj.append((n, inits[n.input[1]].shape))
+        elif b is not None and b.op_type == "DequantizeLinear" and b.input[0] in inits:
+            int8_linear.append(n)
+    assert [shape for _, shape in float_proj] == [proj_shape, proj_shape]  # global and local, in float
+    for n, _ in float_proj:  # nor is their input quantised
+        assert producer[n.input[0]].op_type != "DequantizeLinear", n.name
+    assert len(int8_linear) == 2 * 5  # 2 blocks x (qkv, out_proj of both paths, fc1, fc2)
+    q = json.loads((static_int8_artifact / "manifest.json").read_text())["models"]["int8"]["quantization"]
+    assert q["kept_float"] == ["MatMul (output projections, global and local)"]
+
+
+def test_output_projections_are_the_linears_nearest_every_output():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from anoclip.export.quantize import output_projections
+
+    def weight(name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.ones((4, 4), np.float32), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_block"], ["h"], name="block"),
+        helper.make_node("Relu", ["h"], ["r"], name="act"),
+        helper.make_node("MatMul", ["r", "w_a"], ["a"], name="proj_a"),
+        helper.make_node("MatMul", ["r", "w_b"], ["b"], name="proj_b"),
+        helper.make_node("MatMul", ["b", "p"], ["probs"], name="head"),  # activation x input: not a Linear
+        helper.make_node("Identity", ["a"], ["emb"], name="id"),
+    ]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [vi("x"), vi("p")], [vi("emb"), vi("probs")],
+                              [weight("w_block"), weight("w_a"), weight("w_b")])
+    assert output_projections(helper.make_model(graph)) == ["proj_a", "proj_b"]
+
+
 def test_activations_are_symmetric_for_tensorrt(static_int8_artifact):
     """TensorRT's explicit quantization takes only zero-point-0 (symmetric) Q/DQ pairs (TensorRT Developer
     Guide, "Working with Quantized Types": quantization is symmetric, zero points must be 0)."""

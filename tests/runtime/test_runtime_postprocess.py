@@ -71,6 +71,27 @@ def test_find_regions_components_bbox_stats():
     assert d["area"] == 50 and len(d["centroid"]) == 2
 
 
+def test_region_statistics_use_only_their_own_pixels_inside_a_shared_box():
+    """A ring around a blob: the blob lies inside the ring's bounding box, yet each region's max and
+    mean are over its own pixels only (brute force over the known pixel sets)."""
+    rng = np.random.default_rng(3)
+    a = np.zeros((40, 40), np.float32)
+    ring = np.zeros((40, 40), bool)
+    ring[5:35, 5:35] = True
+    ring[8:32, 8:32] = False
+    blob = np.zeros((40, 40), bool)
+    blob[15:25, 15:25] = True
+    a[ring] = 0.55 + 0.1 * rng.random(int(ring.sum()), dtype=np.float32)
+    a[blob] = 0.8 + 0.2 * rng.random(int(blob.sum()), dtype=np.float32)
+    regs = {(r.x, r.y): r for r in find_regions(a, 0.5)}
+    assert set(regs) == {(5, 5), (15, 15)}
+    for (x, y), pixels in (((5, 5), ring), ((15, 15), blob)):
+        vals = a[pixels].astype(np.float64)
+        assert regs[(x, y)].area == pixels.sum()
+        assert regs[(x, y)].max_score == float(vals.max())
+        assert regs[(x, y)].mean_score == pytest.approx(vals.mean(), rel=1e-12)
+
+
 @pytest.mark.parametrize("count", [5, 100])  # both statistics paths (per-bbox and sorted)
 def test_find_regions_stats_many_components(count):
     rng = np.random.default_rng(count)
