@@ -124,3 +124,22 @@ def measure_linescan(runners: list[StripRunner], strip: np.ndarray, class_name: 
     if "baseline" in entries:
         out["linescan_baseline"] = entries["baseline"]
     return out
+
+
+def speedup_bound(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The most any engine could gain on the baseline's strip on this machine: the strip's tiles at
+    the best int8 GEMM rate measured in the run (the fastest rate of any precision on a CPU), with
+    pre- and post-processing free. None without a baseline strip, a FLOP count or an int8 peak."""
+    base = results.get("linescan_baseline") or {}
+    gflops = (results.get("flops") or {}).get("dual_gflops")
+    rates = [g["gflops"] for k, g in (results.get("gemm_reduced") or {}).items()
+             if k.split("_")[0] == "int8" and g.get("gflops")]
+    if "error" in base or not base.get("tiles_per_strip") or not gflops or not rates:
+        return None
+    peak = max(rates)
+    floor_s = base["tiles_per_strip"] * gflops / peak
+    base_s = base["seconds_per_strip"]["p50_ms"] / 1000.0
+    return {"int8_peak_gops": peak, "gflops_per_tile": gflops, "tiles": base["tiles_per_strip"],
+            "min_seconds_per_strip": floor_s, "baseline_seconds_per_strip": base_s,
+            "max_speedup_vs_baseline": base_s / floor_s}
+

@@ -411,6 +411,14 @@ def _md_linescan(results: dict) -> list[str]:
         than = _speed(ratio, f"`{base['backend']}`", bold=True)
         lines += [f"The fastest runtime contender by batch throughput, `{ls.get('label', ls['backend'])}`, runs the "
                   f"strip {than} in this run ({how}).", ""]
+    bound = results.get("linescan_bound")
+    if bound:
+        lines += [f"Bound: at the best int8 GEMM rate of this run ({_f(bound['int8_peak_gops'])} GOP/s) the "
+                  f"{bound['tiles']} tiles of {_f(bound['gflops_per_tile'])} GFLOP take at least "
+                  f"{bound['min_seconds_per_strip']:.2f} s even with free pre- and post-processing, so no engine "
+                  f"can run this strip more than **{_x(bound['max_speedup_vs_baseline'])}** faster than "
+                  f"`{base['backend'] if base else 'the baseline'}` "
+                  f"({bound['baseline_seconds_per_strip']:.2f} s) on this machine.", ""]
     return lines
 
 

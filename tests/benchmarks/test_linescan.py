@@ -102,3 +102,43 @@ def test_no_baseline_reason_says_which_case():
     assert "is ort-cpu-int8 itself" in linescan.no_baseline_reason("ort-cpu-int8", [ort, ov])
     assert "did not run" in linescan.no_baseline_reason("openvino-int8", [ov])
     assert "unavailable" in linescan.no_baseline_reason("openvino-int8", [ov, ort])
+
+
+def _bound_results(**over):
+    results = {"flops": {"dual_gflops": 50.0},
+               "gemm_reduced": {"int8": {"gflops": 400.0}, "int8_onnxruntime": {"gflops": 500.0},
+                                "int8_openvino": {"error": "x"}, "bf16": {"gflops": 900.0}},
+               "linescan_baseline": {"backend": "ort-cpu-int8", "tiles_per_strip": 20,
+                                     "seconds_per_strip": {"p50_ms": 6000.0}}}
+    results.update(over)
+    return results
+
+
+def test_strip_bound_is_the_tiles_at_the_best_int8_rate():
+    # 20 tiles x 50 GFLOP / 500 GOP/s (the best int8 rate; bf16 is not an int8 rate) = 2 s; baseline 6 s -> 3x
+    bound = linescan.speedup_bound(_bound_results())
+    assert bound["int8_peak_gops"] == 500.0 and bound["min_seconds_per_strip"] == pytest.approx(2.0)
+    assert bound["baseline_seconds_per_strip"] == pytest.approx(6.0)
+    assert bound["max_speedup_vs_baseline"] == pytest.approx(3.0)
+    assert linescan.speedup_bound(_bound_results(linescan_baseline={"error": "not run"})) is None
+    assert linescan.speedup_bound(_bound_results(gemm_reduced={"int8": {"skipped": "no VNNI"}})) is None
+    assert linescan.speedup_bound(_bound_results(flops={})) is None
+
+
+def _strip(backend: str, seconds: float) -> dict:
+    return {"backend": backend, "label": backend, "streams": 1, "strip": {"width": 16384, "height": 1024},
+            "call": "Detector.predict(strip, tile=True)", "tiles_per_strip": 20, "tile": 1024, "overlap": 256,
+            "tile_batch": 4, "repeats": 3, "seconds_per_strip": {"p50_ms": seconds * 1000}, "strips_per_s": 1 / seconds,
+            "megapixels_per_s": 16.8 / seconds, "tiles_per_s": 20 / seconds}
+
+
+def test_report_states_the_strip_bound():
+    from anoclip.benchmarks.report import _md_linescan
+
+    results = _bound_results(linescan=dict(_strip("openvino-int8", 4.0), speedup_vs_baseline_paired=1.5),
+                             linescan_baseline=_strip("ort-cpu-int8", 6.0))
+    results["linescan_bound"] = linescan.speedup_bound(results)
+    text = "\n".join(_md_linescan(results))
+    assert ("Bound: at the best int8 GEMM rate of this run (500 GOP/s) the 20 tiles of 50.00 GFLOP take at least 2.00 s"
+            in text)
+    assert "no engine can run this strip more than **3.00x** faster than `ort-cpu-int8` (6.00 s)" in text
