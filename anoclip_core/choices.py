@@ -38,7 +38,8 @@ class Exporter(str, Enum):
     LEGACY = "legacy"
 
 
-TRT_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.FP16.value, Precision.BF16.value)
+TRT_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.FP16.value, Precision.BF16.value,
+                                   Precision.INT8.value)  # int8: from the static QDQ graph only
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 23  # LayerNormalization needs 17
 DEFAULT_TRT_PROFILE: tuple[int, int, int] = (1, 8, 32)  # TensorRT / ORT-TRT batch profile min, opt, max

@@ -2,7 +2,9 @@
 
 Steps, each printed as one ``[gpu-check]`` line, all recorded in ``OUT/gpu_check.json``:
 
-1. export a (random-weight by default) artifact with ``--precision fp32,fp16 --trt``;
+1. export a (random-weight by default) artifact with ``--precision fp32,fp16 --trt``; with
+   ``--trt-precision int8``: ``--precision fp32,int8 --int8-mode static --trt --trt-precision int8``
+   (seeded random calibration: the check is about the engine path, not about real data);
 2. parity of every GPU backend against ``ort-cpu`` on the fp32 graph, same random inputs:
    native ``trt`` (the engine's precision) and ``ort-cuda`` / ``ort-trt`` on every exported graph,
    on ``patch_probs`` and ``image_scores`` with the tolerance of the backend's precision
@@ -31,8 +33,10 @@ TOLERANCE = {  # max-abs on probabilities; fp32 = runtime.backends.base.DEFAULT_
     "fp32": {"patch_probs": 1e-4, "image_scores": 1e-5},
     "fp16": {"patch_probs": 1e-2, "image_scores": 1e-2},
     "bf16": {"patch_probs": 3e-2, "image_scores": 3e-2},
+    "int8": {"patch_probs": 5e-2, "image_scores": 5e-2},  # = export.verify.TOLERANCES["int8"] map / score
 }
 GRAPH_BACKENDS = ("ort-cuda", "ort-trt")
+GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")  # int8 graphs are CPU graphs; only the int8 engine is checked
 
 
 @dataclass
@@ -46,6 +50,7 @@ class CheckConfig:
     quick_bench: bool = True
     seed: int = 0
     model_config: str | None = None  # extra open_clip config folder (tests' tiny backbone)
+    trt_precision: str | None = None  # engine precision; "int8" exports the static QDQ graph for it
 
 
 @dataclass
@@ -59,11 +64,13 @@ class Step:
 def default_export(cfg: CheckConfig) -> Path:
     from anoclip.export.api import ExportConfig, export_artifact
 
+    int8 = cfg.trt_precision == "int8"
+    precisions = ["fp32", "int8"] if int8 else list(cfg.precisions)
     return export_artifact(ExportConfig(
         backbone=cfg.backbone, classes=list(cfg.classes),
         pretrained=None if cfg.pretrained.lower() in ("none", "random") else cfg.pretrained,
-        precisions=list(cfg.precisions), trt=True, out=cfg.out / "artifact", force=True, progress=False,
-        model_config=cfg.model_config))
+        precisions=precisions, int8_mode="static" if int8 else "dynamic", trt=True, trt_precision=cfg.trt_precision,
+        out=cfg.out / "artifact", force=True, progress=False, model_config=cfg.model_config))
 
 
 def default_bench(cfg: CheckConfig, artifact: Path) -> tuple[int, Path]:
@@ -87,7 +94,7 @@ def parity_plan(manifest: dict[str, Any]) -> list[tuple[str, str | None, str]]:
     if manifest.get("tensorrt"):
         plan.append(("trt", None, manifest["tensorrt"]["precision"]))
     for precision in manifest.get("models", {}):
-        if precision in TOLERANCE:
+        if precision in GRAPH_PRECISIONS:
             plan += [(name, precision, precision) for name in GRAPH_BACKENDS]
     return plan
 
@@ -164,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--model-config", default=None, help="extra open_clip model-config folder")
     p.add_argument("--full-bench", action="store_true", help="full benchmark instead of --quick")
+    p.add_argument("--trt-precision", choices=sorted(TOLERANCE), default=None,
+                   help="engine precision (default: fp16 from the fp16 graph); int8: the static QDQ graph's engine")
     args = p.parse_args(argv)
     why = cuda_available()
     if why:
@@ -171,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfg = CheckConfig(out=args.out, backbone=args.backbone, pretrained=args.pretrained,
                       classes=[c for c in args.classes.split(",") if c], batch=args.batch,
-                      quick_bench=not args.full_bench, model_config=args.model_config)
+                      quick_bench=not args.full_bench, model_config=args.model_config,
+                      trt_precision=args.trt_precision)
     steps = run_check(cfg)
     return 0 if all(st.passed for st in steps) else 1
 

@@ -396,7 +396,7 @@ def _prepare(cfg: ExportConfig) -> _Stage:
     triton_batch = (triton_mod.max_batch_size(cfg.trt_profile if cfg.trt else None, cfg.triton_max_batch)
                     if cfg.triton is not None else None)
     if cfg.trt:
-        trt_precision = trt_mod.choose_trt_precision(precisions, cfg.trt_precision)
+        trt_precision = trt_mod.choose_trt_precision(precisions, cfg.trt_precision, cfg.int8_mode)
         trt_api, gpu = trt_mod.require_tensorrt()
     out = Path(cfg.out if cfg.out is not None else default_out(cfg.backbone)).expanduser().absolute()
     _check_out(out, cfg.force)

@@ -109,7 +109,8 @@ def cli() -> None:
     type=click.Choice(TRT_PRECISIONS),
     default=None,
     help="TensorRT engine precision [default: the most reduced of --precision]; "
-    "bf16 needs no ONNX Runtime bf16 support.",
+    "bf16 needs no ONNX Runtime bf16 support; int8 builds from the static QDQ graph "
+    "(--precision int8 --int8-mode static --calibration-images DIR).",
 )
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT timing cache file (default ~/.cache/anoclip/trt/timing-<trt>-<gpu>.cache).")

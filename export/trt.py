@@ -22,8 +22,16 @@
   - ``BuilderFlag.TF32`` is ON by default in both (NvInfer.h 10.x/11.1: "Enabled by default"):
     an fp32 engine would round its matmul inputs to 10-bit mantissas. It is cleared for fp32
     engines so they meet the fp32 parity tolerance; the manifest records ``tf32``.
-  - int8 (dynamic ``MatMulInteger``) graphs are ONNX Runtime graphs; TensorRT would need static
-    QDQ, so ``--trt`` with int8 only is refused.
+  - int8 (``--trt-precision int8``): explicit quantization from the export's static, calibrated
+    QDQ graph (``encoder.int8.onnx`` with ``--int8-mode static``; every zero point 0, per-channel
+    weight scales on the MatMul output axis), on every TensorRT version. The network is strongly
+    typed (10.x: creation flag ``STRONGLY_TYPED``; 11.x: always), so the Q/DQ pairs decide what
+    runs in int8 and no precision flag is set (TensorRT docs, "Explicit Quantization": "Use
+    explicit quantization with Strong Typing. Precision-control build flags are not required and
+    should not be specified"). The float remainder (attention, LayerNorm, GELU, the two output
+    projections) runs in fp32 with TF32 matmuls (``BuilderFlag.TF32``, on by default: its error
+    is far below int8's). ``check_qdq_graph`` refuses a dynamic int8 graph (``MatMulInteger``,
+    which TensorRT cannot build) or a non-zero zero point before the parser sees it.
 
 * Manifest entry: file, precision, trt_version, gpu, profile, strongly_typed, timing cache path.
 """
@@ -82,23 +90,65 @@ def trt_major(trt) -> int:
     return int(match.group(1)) if match else 0
 
 
-def choose_trt_precision(precisions: list[str], requested: str | None = None) -> str:
+def choose_trt_precision(precisions: list[str], requested: str | None = None, int8_mode: str = "dynamic") -> str:
     """The engine's precision: ``requested`` (``--trt-precision``) when given, else the most reduced
-    float precision among the ONNX graphs (fp16 > bf16 > fp32). Independent of which ONNX graphs
-    ONNX Runtime can verify: a bf16 engine needs no ORT-verified bf16 graph."""
+    float precision among the ONNX graphs (fp16 > bf16), then a static int8 graph, then fp32.
+    Independent of which ONNX graphs ONNX Runtime can verify: a bf16 engine needs no ORT-verified
+    bf16 graph. int8 needs the export's own static QDQ graph (calibrated, verified)."""
+    static_int8 = "int8" in precisions and int8_mode == "static"
     if requested is not None:
         if requested not in TRT_PRECISIONS:
             raise AnoCLIPError(f"--trt-precision must be one of {', '.join(TRT_PRECISIONS)}, got {requested!r}")
+        if requested == "int8" and not static_int8:
+            have = f"--int8-mode {int8_mode}" if "int8" in precisions else "no --precision int8"
+            raise AnoCLIPError(
+                f"--trt-precision int8 builds the engine from the static, calibrated int8 graph ({have}): "
+                "add --precision int8 --int8-mode static --calibration-images DIR (good images of the product)"
+            )
         return requested
     for p in ("fp16", "bf16"):
         if p in precisions:
             return p
+    if static_int8:
+        return "int8"
     if "int8" in precisions and len(precisions) == 2:
         raise AnoCLIPError(
-            "--trt with --precision int8: the int8 graph is ONNX Runtime dynamic quantisation (MatMulInteger), which "
-            "TensorRT cannot build; add --precision fp16 (or export fp32 only) for the engine"
+            "--trt with --precision int8: the dynamic int8 graph (MatMulInteger) is an ONNX Runtime graph that "
+            "TensorRT cannot build; use --int8-mode static --calibration-images DIR for an int8 engine, or add "
+            "--precision fp16 for a float one"
         )
     return "fp32"
+
+
+#: Operators of ONNX Runtime's dynamic int8 graph, which TensorRT's explicit quantization cannot build.
+DYNAMIC_INT8_OPS = ("DynamicQuantizeLinear", "MatMulInteger")
+
+
+def check_qdq_graph(onnx_path: str | os.PathLike) -> int:
+    """An int8 engine's source must be explicit quantization: Q/DQ pairs, every zero point 0 (TensorRT
+    quantizes symmetrically), no dynamic-quantization ops. Returns the number of DequantizeLinear nodes;
+    ``ExportError`` naming the file and the first offending node otherwise."""
+    import onnx
+    from onnx import numpy_helper
+
+    name = Path(onnx_path).name
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    dequant = 0
+    for node in model.graph.node:
+        if node.op_type in DYNAMIC_INT8_OPS:
+            raise ExportError(f"{name}: node {node.name!r} is {node.op_type} (dynamic int8, ONNX Runtime only); "
+                              "TensorRT needs the static QDQ graph (--int8-mode static)")
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        dequant += node.op_type == "DequantizeLinear"
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is not None and zp.data_location != onnx.TensorProto.EXTERNAL and numpy_helper.to_array(zp).any():
+            raise ExportError(f"{name}: {node.op_type} {node.name!r} has a non-zero zero point; "
+                              "TensorRT's explicit quantization is symmetric (zero point 0)")
+    if not dequant:
+        raise ExportError(f"{name} has no QuantizeLinear/DequantizeLinear nodes: not an int8 QDQ graph")
+    return dequant
 
 
 def default_timing_cache(trt, gpu: str) -> Path:
@@ -142,11 +192,13 @@ def build_engine(
     """
     if precision not in TRT_PRECISIONS:
         raise AnoCLIPError(f"TensorRT engine precision must be one of {TRT_PRECISIONS}, got {precision!r}")
+    if precision == "int8":
+        check_qdq_graph(onnx_path)
     major = trt_major(trt)
-    strongly_typed = major >= 11
+    strongly_typed = major >= 11 or precision == "int8"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # 10: weakly typed + builder flags; 11: always strongly typed
+    network = builder.create_network(network_flags(trt, precision))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "unknown error"
@@ -190,11 +242,25 @@ def build_engine(
         "gpu": gpu,
         "strongly_typed": strongly_typed,
         "tf32": tf32,
+        **({"float_ops": INT8_FLOAT_OPS} if precision == "int8" else {}),
         "profile": {"min": batch_profile[0], "opt": batch_profile[1], "max": batch_profile[2]},
         "classes_profile": ({"min": shapes[protos][0][0], "opt": shapes[protos][1][0], "max": shapes[protos][2][0]}
                             if protos in inputs else None),
         "timing_cache": str(cache_path),
     }
+
+
+#: What an int8 engine's non-quantized layers compute in (the manifest's ``tensorrt.float_ops``).
+INT8_FLOAT_OPS = "fp32 (TF32 matmuls)"
+
+
+def network_flags(trt, precision: str) -> int:
+    """``create_network`` flags: none on TensorRT >= 11 (always strongly typed) and for 10.x float
+    engines (weakly typed + builder flag); ``STRONGLY_TYPED`` for a 10.x int8 engine (explicit
+    quantization: the Q/DQ graph's types decide)."""
+    if precision == "int8" and trt_major(trt) < 11:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
 
 
 def attach_timing_cache(config, cache_path: Path) -> None:
@@ -232,9 +298,14 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def engine_source(trt, precision: str, graph_files: dict[str, str]) -> str:
-    """Which ONNX file the engine is built from: the precision's own graph on TRT >= 11, fp32 on TRT 10.
+    """Which ONNX file the engine is built from: the precision's own graph on TRT >= 11, fp32 on TRT 10,
+    the static QDQ graph for int8 on both.
     On TRT >= 11 without an exported graph of ``precision``, ``engine_only_graph(precision)``:
     a graph converted for the engine alone (not verified by ONNX Runtime, not shipped)."""
+    if precision == "int8":  # the calibrated graph of the export; never converted for the engine alone
+        if "int8" not in graph_files:
+            raise AnoCLIPError("an int8 TensorRT engine needs the export's static int8 graph (--precision int8)")
+        return graph_files["int8"]
     if trt_major(trt) >= 11 and precision != "fp32":
         return graph_files.get(precision, engine_only_graph(precision))
     return graph_files["fp32"]

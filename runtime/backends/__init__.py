@@ -57,7 +57,9 @@ def running_precision(backend: Any, name: str, manifest: Mapping[str, Any], prec
     if isinstance(runs, str):
         return runs
     if name == "trt":
-        return f"{(manifest.get('tensorrt') or {}).get('precision', '?')} (TensorRT engine)"
+        engine = manifest.get("tensorrt") or {}
+        float_ops = f", float ops in {engine['float_ops']}" if engine.get("float_ops") else ""
+        return f"{engine.get('precision', '?')} (TensorRT engine{float_ops})"
     key = precision or manifest["default_model"]
     mode = ((manifest.get("models", {}).get(key) or {}).get("quantization") or {}).get("mode")
     return f"{key} ({mode})" if mode else str(key)
