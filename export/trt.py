@@ -100,9 +100,10 @@ def choose_trt_precision(precisions: list[str], requested: str | None = None, in
         if requested not in TRT_PRECISIONS:
             raise AnoCLIPError(f"--trt-precision must be one of {', '.join(TRT_PRECISIONS)}, got {requested!r}")
         if requested == "int8" and not static_int8:
-            have = f"--int8-mode {int8_mode}" if "int8" in precisions else "no --precision int8"
+            have = (f"this export's int8 graph is --int8-mode {int8_mode}" if "int8" in precisions
+                    else "this export has no --precision int8")
             raise AnoCLIPError(
-                f"--trt-precision int8 builds the engine from the static, calibrated int8 graph ({have}): "
+                f"--trt-precision int8 builds the engine from the static, calibrated int8 graph, but {have}: "
                 "add --precision int8 --int8-mode static --calibration-images DIR (good images of the product)"
             )
         return requested
