@@ -28,16 +28,24 @@
     typed (10.x: creation flag ``STRONGLY_TYPED``; 11.x: always), so the Q/DQ pairs decide what
     runs in int8 and no precision flag is set (TensorRT docs, "Explicit Quantization": "Use
     explicit quantization with Strong Typing. Precision-control build flags are not required and
-    should not be specified"). The float remainder (attention, LayerNorm, GELU, the two output
-    projections) runs in fp32 with TF32 matmuls (``BuilderFlag.TF32``, on by default: its error
-    is far below int8's). ``check_qdq_graph`` refuses a dynamic int8 graph (``MatMulInteger``,
-    which TensorRT cannot build) or a non-zero zero point before the parser sees it.
+    should not be specified"; TensorRT 10.6 fails ``buildSerializedNetwork`` on a strongly typed
+    network with ``kFP16`` set, NVIDIA/TensorRT#4253). The float remainder (attention, LayerNorm,
+    GELU, the two output projections) runs in fp32 with TF32 matmuls: ``kTF32`` is "Enabled by
+    default" and not deprecated, and trtexec ``--stronglyTyped`` (v10.9.0 sampleOptions.cpp) clears
+    only the precision flags, keeping TF32; its error is far below int8's. ``check_qdq_graph``
+    refuses, before the parser sees it, what TensorRT cannot take (NvInfer.h v10.9.0 / v11.0
+    ``IQuantizeLayer``): a non-zero zero point ("only symmetric quantization is supported"), a
+    per-channel activation scale ("Per-channel quantization is supported only for weight inputs"),
+    and the dynamic int8 graph (``MatMulInteger``). Weight scales are per output channel, DQ axis 1
+    of a MatMul weight [K, N] (the axis ONNX Runtime's TensorRT BERT example quantizes MatMul weights
+    on; not stated by NVIDIA, so the first GPU check is where it is confirmed).
 
 * Manifest entry: file, precision, trt_version, gpu, profile, strongly_typed, timing cache path.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -143,6 +151,10 @@ def check_qdq_graph(onnx_path: str | os.PathLike) -> int:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         dequant += node.op_type == "DequantizeLinear"
+        scale = inits.get(node.input[1])
+        if node.input[0] not in inits and scale is not None and math.prod(scale.dims) > 1:
+            raise ExportError(f"{name}: {node.op_type} {node.name!r} quantizes an activation per channel; "
+                              "TensorRT quantizes activations per tensor (per-channel is for weights only)")
         zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if zp is not None and zp.data_location != onnx.TensorProto.EXTERNAL and numpy_helper.to_array(zp).any():
             raise ExportError(f"{name}: {node.op_type} {node.name!r} has a non-zero zero point; "

@@ -23,18 +23,20 @@ def _save(tmp_path: Path, name: str, nodes: list, inits: list) -> Path:
     return path
 
 
-def _qdq_graph(tmp_path: Path, act_zero_point: int = 0, name: str = "qdq.onnx") -> Path:
-    """x -> Q/DQ (per-tensor) -> MatMul with a DQ'd int8 weight [4, 3] (per-channel on axis 1): 2 DequantizeLinear."""
+def _qdq_graph(tmp_path: Path, act_zero_point: int = 0, name: str = "qdq.onnx", act_channels: int = 0) -> Path:
+    """x -> Q/DQ (per-tensor; per-channel on axis 1 with ``act_channels``) -> MatMul with a DQ'd int8 weight [4, 3]
+    (per-channel on axis 1): 2 DequantizeLinear."""
+    shape = (act_channels,) if act_channels else ()
     inits = [
-        numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
-        numpy_helper.from_array(np.array(act_zero_point, np.int8), "xz"),
+        numpy_helper.from_array(np.full(shape, 0.02, np.float32), "xs"),
+        numpy_helper.from_array(np.full(shape, act_zero_point, np.int8), "xz"),
         numpy_helper.from_array(np.arange(12, dtype=np.int8).reshape(4, 3), "w"),
         numpy_helper.from_array(np.array([0.1, 0.2, 0.3], np.float32), "ws"),
         numpy_helper.from_array(np.zeros(3, np.int8), "wz"),
     ]
     nodes = [
-        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q_x"),
-        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq_x"),
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q_x", axis=1),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq_x", axis=1),
         helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dq_w", axis=1),
         helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
     ]
@@ -53,6 +55,15 @@ def test_non_zero_zero_point_is_refused_naming_file_and_node(tmp_path):
 
     with pytest.raises(ExportError, match=r"asym\.onnx: QuantizeLinear 'q_x' has a non-zero zero point"):
         check_qdq_graph(_qdq_graph(tmp_path, act_zero_point=3, name="asym.onnx"))
+
+
+def test_per_channel_activation_scale_is_refused(tmp_path):
+    """NvInfer.h v10.9.0 IQuantizeLayer: "Per-channel quantization is supported only for weight inputs"."""
+    from anoclip.export.onnx_export import ExportError
+    from anoclip.export.trt import check_qdq_graph
+
+    with pytest.raises(ExportError, match=r"'q_x' quantizes an activation per channel"):
+        check_qdq_graph(_qdq_graph(tmp_path, act_channels=4))
 
 
 def test_dynamic_int8_graph_is_refused(tmp_path):
@@ -178,3 +189,14 @@ def test_gpu_check_plans_the_int8_engine_not_the_cpu_int8_graph(tmp_path, monkey
     gc.default_export(gc.CheckConfig(out=tmp_path))
     got = [(c.precisions, c.int8_mode, c.trt, c.trt_precision) for c in seen]
     assert got == [(["fp32", "int8"], "static", True, "int8"), (["fp32", "fp16"], "dynamic", True, None)]
+
+
+
+def test_fake_refuses_fp16_flag_on_a_strongly_typed_network():
+    """The fake's strictness (NVIDIA/TensorRT#4253) is live, so the int8 test above would catch a precision flag."""
+    trt = fake_tensorrt("10.9.0")
+    builder = trt.Builder(None)
+    for network_flags, built in ((0, True), (1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED, False)):
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16)
+        assert (builder.build_serialized_network(builder.create_network(network_flags), config) is not None) is built

@@ -21,6 +21,11 @@ Every behaviour below is taken from NVIDIA/TensorRT at the tag named (read with 
   ``get_timing_cache()`` -- pyCoreDoc.h v11.1: "The timing cache used in current
   IBuilderConfig, or `None` if no timing cache is set." -> None until a set succeeded.
 * ``build_serialized_network`` returns None on failure (pyCoreDoc.h ``build_serialized_network``).
+* 10.x strongly typed network with ``kFP16`` set: the build fails -- TensorRT 10.6,
+  NVIDIA/TensorRT#4253: "IBuilder::buildSerializedNetwork: Error Code 3: API Usage Error (Parameter
+  check failed, condition: !config.getFlag(BuilderFlag::kFP16). )". Only kFP16 is observed there;
+  kINT8/kBF16 are deprecated "Superseded by strong typing" (NvInfer.h v10.16) but their build-time
+  check is not confirmed, so the fake does not refuse them.
 
 NOT confirmed from a source, so kept minimal here: how the real cache blob encodes the device
 (the fake uses a ``b"TC|<version>|<gpu>|"`` header of its own) and whether ``create_timing_cache``
@@ -161,7 +166,8 @@ def fake_tensorrt(version: str, gpu: str = "Fake GPU") -> types.ModuleType:
 
         def build_serialized_network(self, network: Network, config: Config):
             trt.calls.append(("build", frozenset(config.flags)))
-            if trt.fail_build:
+            strongly_typed = major < 11 and network.flags >> net_flags["STRONGLY_TYPED"] & 1
+            if trt.fail_build or (strongly_typed and builder_flags["FP16"] in config.flags):
                 return None
             if config._cache is not None:
                 config._cache.entries += b"+t"
