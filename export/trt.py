@@ -211,7 +211,7 @@ def build_engine(
     strongly_typed = major >= 11 or precision == "int8"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt, precision))
+    network = builder.create_network(network_flags(trt, strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "unknown error"
@@ -267,11 +267,11 @@ def build_engine(
 INT8_FLOAT_OPS = "fp32 (TF32 matmuls)"
 
 
-def network_flags(trt, precision: str) -> int:
+def network_flags(trt, strongly_typed: bool) -> int:
     """``create_network`` flags: none on TensorRT >= 11 (always strongly typed) and for 10.x float
-    engines (weakly typed + builder flag); ``STRONGLY_TYPED`` for a 10.x int8 engine (explicit
-    quantization: the Q/DQ graph's types decide)."""
-    if precision == "int8" and trt_major(trt) < 11:
+    engines (weakly typed + builder flag); ``STRONGLY_TYPED`` for a strongly typed 10.x network (the
+    int8 engine: explicit quantization, the Q/DQ graph's types decide)."""
+    if strongly_typed and trt_major(trt) < 11:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0
 
