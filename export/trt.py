@@ -141,7 +141,10 @@ def check_qdq_graph(onnx_path: str | os.PathLike) -> int:
     from onnx import numpy_helper
 
     name = Path(onnx_path).name
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf DecodeError, OSError: one line naming the file
+        raise ExportError(f"{name}: not a readable ONNX graph ({type(err).__name__}: {err})") from err
     inits = {t.name: t for t in model.graph.initializer}
     dequant = 0
     for node in model.graph.node:
@@ -156,7 +159,7 @@ def check_qdq_graph(onnx_path: str | os.PathLike) -> int:
             raise ExportError(f"{name}: {node.op_type} {node.name!r} quantizes an activation per channel; "
                               "TensorRT quantizes activations per tensor (per-channel is for weights only)")
         zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zp is not None and zp.data_location != onnx.TensorProto.EXTERNAL and numpy_helper.to_array(zp).any():
+        if zp is not None and numpy_helper.to_array(zp, base_dir=str(Path(onnx_path).parent)).any():
             raise ExportError(f"{name}: {node.op_type} {node.name!r} has a non-zero zero point; "
                               "TensorRT's explicit quantization is symmetric (zero point 0)")
     if not dequant:

@@ -15,15 +15,17 @@ from anoclip.runtime import contract as mf
 from anoclip_core.errors import AnoCLIPError
 
 
-def _save(tmp_path: Path, name: str, nodes: list, inits: list) -> Path:
+def _save(tmp_path: Path, name: str, nodes: list, inits: list, external: bool = False) -> Path:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], initializer=inits)
     path = tmp_path / name
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+              save_as_external_data=external, location=f"{name}.data", size_threshold=0)
     return path
 
 
-def _qdq_graph(tmp_path: Path, act_zero_point: int = 0, name: str = "qdq.onnx", act_channels: int = 0) -> Path:
+def _qdq_graph(tmp_path: Path, act_zero_point: int = 0, name: str = "qdq.onnx", act_channels: int = 0,
+               external: bool = False) -> Path:
     """x -> Q/DQ (per-tensor; per-channel on axis 1 with ``act_channels``) -> MatMul with a DQ'd int8 weight [4, 3]
     (per-channel on axis 1): 2 DequantizeLinear."""
     shape = (act_channels,) if act_channels else ()
@@ -40,7 +42,7 @@ def _qdq_graph(tmp_path: Path, act_zero_point: int = 0, name: str = "qdq.onnx", 
         helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dq_w", axis=1),
         helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
     ]
-    return _save(tmp_path, name, nodes, inits)
+    return _save(tmp_path, name, nodes, inits, external)
 
 
 def test_qdq_graph_is_accepted_and_counted(tmp_path):
@@ -55,6 +57,8 @@ def test_non_zero_zero_point_is_refused_naming_file_and_node(tmp_path):
 
     with pytest.raises(ExportError, match=r"asym\.onnx: QuantizeLinear 'q_x' has a non-zero zero point"):
         check_qdq_graph(_qdq_graph(tmp_path, act_zero_point=3, name="asym.onnx"))
+    with pytest.raises(ExportError, match="non-zero zero point"):  # also when the zero point is external data
+        check_qdq_graph(_qdq_graph(tmp_path, act_zero_point=3, name="asym-ext.onnx", external=True))
 
 
 def test_per_channel_activation_scale_is_refused(tmp_path):
@@ -64,6 +68,17 @@ def test_per_channel_activation_scale_is_refused(tmp_path):
 
     with pytest.raises(ExportError, match=r"'q_x' quantizes an activation per channel"):
         check_qdq_graph(_qdq_graph(tmp_path, act_channels=4))
+
+
+def test_unreadable_graph_is_one_error_naming_it(tmp_path):
+    from anoclip.export.onnx_export import ExportError
+    from anoclip.export.trt import check_qdq_graph
+
+    (tmp_path / "cut.onnx").write_bytes(_qdq_graph(tmp_path).read_bytes()[:40])  # truncated mid-message
+    with pytest.raises(ExportError, match=r"^cut\.onnx: not a readable ONNX graph"):
+        check_qdq_graph(tmp_path / "cut.onnx")
+    with pytest.raises(ExportError, match=r"^missing\.onnx: not a readable ONNX graph"):
+        check_qdq_graph(tmp_path / "missing.onnx")
 
 
 def test_dynamic_int8_graph_is_refused(tmp_path):
