@@ -38,7 +38,14 @@ import numpy as np
 
 from anoclip_core.errors import ArtifactError, BankError, InferenceError, InputError
 from anoclip_core.refbank import ReferenceBank
-from anoclip_core.transform import ImageLike, PreprocessConfig, normalize_rgb, read_image, to_rgb_float
+from anoclip_core.transform import (
+    ImageLike,
+    PreprocessConfig,
+    normalize_rgb,
+    preprocess_windows,
+    read_image,
+    to_rgb_float,
+)
 
 from . import contract as mf
 from .artifact import check_prototypes, read_artifact, read_prototypes, read_sentences  # noqa: F401 (re-exported)
@@ -57,7 +64,7 @@ from .postprocess import find_regions
 from .refs import FewShot
 from .refsearch import make_search
 from .result import RANDOM_WEIGHTS_WARNING, Result
-from .tiler import StripOutput, StripStream
+from .tiler import StripOutput, StripStream, TileBatch
 
 __all__ = ["RANDOM_WEIGHTS_WARNING", "Detector", "InferConfig", "Result", "read_artifact"]
 
@@ -214,6 +221,11 @@ class Detector(Pipeline):
     def pre_process(self, rgb: np.ndarray) -> np.ndarray:
         """H x W x 3 float RGB -> normalised pixels [3, S, S] (the core's exact transform)."""
         return normalize_rgb(rgb, self.preprocess_config)
+
+    def pre_process_windows(self, tiles: TileBatch, channel_order: str) -> np.ndarray:
+        """A batch of tiles -> [N, 3, S, S]: ``pre_process`` of each, bit for bit, with the rows pass
+        shared by the tiles on the same rows (``anoclip_core.transform.preprocess_windows``)."""
+        return preprocess_windows(tiles.raw, tiles.boxes, tiles.side, self.preprocess_config, channel_order)
 
     def fewshot(self, class_name: str, cfg: InferConfig) -> FewShot | None:
         """The class's reference bank with its weight and search, or None (zero-shot: no bank, or ``use_refs``

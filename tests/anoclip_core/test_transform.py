@@ -14,6 +14,7 @@ from anoclip_core.errors import InputError
 from anoclip_core.transform import (
     PreprocessConfig,
     load_rgb,
+    normalize_rgb,
     preprocess,
     preprocess_batch,
     read_image,
@@ -83,9 +84,10 @@ def _per_pixel_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape,size", [((64, 48, 3), (20, 30)), ((37, 53), (80, 9)), ((30, 31, 4), (30, 31)),
-                                        ((9, 200, 3), (24, 24))])
+                                        ((9, 200, 3), (24, 24)), ((256, 96, 3), (60, 24)), ((199, 101), (53, 41))])
 def test_resize_is_bit_identical_to_the_per_pixel_sum(shape, size):
-    """The vectorised passes add the same float32 products in the same order: equal, not close."""
+    """The vectorised passes add the same float32 products in the same order: equal, not close
+    (strided tap groups where the ratio repeats, the gather where it does not)."""
     img = np.random.default_rng(7).random(shape, dtype=np.float32)
     got = resize_bilinear_antialias(img, *size)
     assert got.flags.c_contiguous and got.dtype == np.float32
@@ -280,3 +282,60 @@ def test_bad_config(kwargs, match):
 def test_from_dict_requires_image_size():
     with pytest.raises(InputError, match="image_size"):
         PreprocessConfig.from_dict({"mean": [0.5, 0.5, 0.5]})
+
+
+def test_both_resample_paths_are_exercised_by_the_brute_force_cases():
+    """The brute-force cases above cover tap groups (ratio 64 / 15, the 1024 -> 240 tile case) and the
+    gather (199 -> 53: a ratio that does not repeat within ``MAX_TAP_GROUPS`` outputs)."""
+    from anoclip_core.transform import MAX_TAP_GROUPS, _tap_groups
+
+    groups = _tap_groups(256, 60)
+    assert groups is not None and sum(g.count for g in groups) == 60
+    assert _tap_groups(199, 53) is None and 53 > MAX_TAP_GROUPS
+
+
+def _windows_one_by_one(raw, boxes, side, cfg, order):
+    return np.stack([normalize_rgb(to_rgb_float(raw[y:y + side, x:x + side], order), cfg) for y, x in boxes])
+
+
+@pytest.mark.parametrize("kind", ["u8", "u8-gray", "u8-gray1", "u8-rgba", "u16", "f32"])
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_preprocess_windows_equals_each_window_alone(kind, order):
+    """Shared rows pass and uint8 tables: the same bits as pre-processing each window on its own,
+    for windows on two rows, overlapping, out of order."""
+    from anoclip_core.transform import preprocess_windows
+
+    rng = np.random.default_rng(3)
+    shapes = {"u8": (130, 300, 3), "u8-gray": (130, 300), "u8-gray1": (130, 300, 1), "u8-rgba": (130, 300, 4),
+              "u16": (130, 300, 3), "f32": (130, 300, 3)}
+    if kind == "f32":
+        raw = rng.random(shapes[kind], dtype=np.float32)
+    else:
+        hi = 65536 if kind == "u16" else 256
+        raw = rng.integers(0, hi, shapes[kind]).astype(np.uint16 if kind == "u16" else np.uint8)
+    cfg = PreprocessConfig(24)
+    boxes = [(0, 0), (0, 48), (0, 236), (66, 120), (66, 10), (0, 100)]
+    got = preprocess_windows(raw, boxes, 64, cfg, order)
+    assert got.shape == (6, 3, 24, 24) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, _windows_one_by_one(raw, boxes, 64, cfg, order))
+
+
+@pytest.mark.parametrize("side,size", [(24, 24), (37, 16)])
+def test_preprocess_windows_without_a_resize_or_tap_groups(side, size):
+    """A window already at the model size, and a ratio without tap groups, take the per-window path."""
+    from anoclip_core.transform import preprocess_windows
+
+    raw = np.random.default_rng(4).integers(0, 256, (60, 90, 3)).astype(np.uint8)
+    cfg = PreprocessConfig(size)
+    boxes = [(0, 0), (10, 40), (0, 53)]
+    np.testing.assert_array_equal(preprocess_windows(raw, boxes, side, cfg),
+                                  _windows_one_by_one(raw, boxes, side, cfg, "RGB"))
+
+
+def test_preprocess_windows_checks_like_to_rgb_float():
+    from anoclip_core.transform import preprocess_windows
+
+    with pytest.raises(InputError, match="channel_order"):
+        preprocess_windows(np.zeros((64, 64, 3), np.uint8), [(0, 0)], 64, PreprocessConfig(24), "RBG")
+    with pytest.raises(InputError, match="unsupported dtype"):
+        preprocess_windows(np.zeros((64, 64, 3), np.int32), [(0, 0)], 64, PreprocessConfig(24))

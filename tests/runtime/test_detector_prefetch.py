@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from rt_fakes import PatchMeanBackend, fake_detector
 
 from anoclip.runtime.cli import infer_main
-from anoclip.runtime.tiler import StagedInfer, predict_tiled
+from anoclip.runtime.pipeline import Pipeline
+from anoclip.runtime.tiler import StagedInfer, TileBatch, predict_tiled
 
 WAIT_S = 30.0  # only reached when the overlap is missing
 
@@ -152,6 +153,8 @@ def _recording_detector(first_of_next: int, overlaps: bool):
         return original(rgb)
 
     det.pre_process = pre_process
+    # tiles: one counted pre_process per tile (the generic step), not the shared rows pass
+    det.pre_process_windows = lambda tiles, order: Pipeline.pre_process_windows(det, tiles, order)
     return det
 
 
@@ -235,6 +238,20 @@ def test_staged_infer_in_the_tiler_equals_the_plain_function():
     b = predict_tiled(raw, lambda crops: staged.forward(staged.prepare(crops)), 48, 12, 2)
     assert a.anomaly_map.tobytes() == b.anomaly_map.tobytes() and a.score == b.score
     assert isinstance(staged, StagedInfer)
+
+
+def test_a_tile_batch_is_its_crops_and_prepares_like_them():
+    """``TileBatch`` reads as the list of its crops (views of the stored array), and the detector's
+    shared pre-processing of it equals pre-processing those crops one by one, bit for bit."""
+    det = fake_detector(PatchMeanBackend())
+    raw = (np.random.default_rng(5).random((120, 300, 3)) * 255).astype(np.uint8)
+    tiles = TileBatch(raw, ((0, 0), (0, 90), (60, 200)), 60)
+    crops = list(tiles)
+    assert len(tiles) == 3 and all(np.shares_memory(c, raw) for c in crops)
+    np.testing.assert_array_equal(crops[2], raw[60:120, 200:260])
+    assert [c.shape for c in tiles[1:]] == [(60, 60, 3)] * 2
+    staged = det.tile_infer("bottle", channel_order="BGR")
+    np.testing.assert_array_equal(staged.prepare(tiles), staged.prepare(crops))
 
 
 # no thread left behind ------------------------------------------------------------------------
