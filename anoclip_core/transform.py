@@ -147,9 +147,9 @@ def _tap_groups(in_size: int, out_size: int) -> tuple[TapGroup, ...] | None:
     groups: list[TapGroup] = []
     for key, members in patterns.items():
         run = [members[0]]
-        for m in members[1:]:  # split into arithmetic progressions (in both output and input)
+        for m in members[1:]:  # split into arithmetic progressions, rising in both output and input
             steps = (m[0] - run[-1][0], m[1] - run[-1][1])
-            if len(run) == 1 or steps == (run[1][0] - run[0][0], run[1][1] - run[0][1]):
+            if steps[1] > 0 and (len(run) == 1 or steps == (run[1][0] - run[0][0], run[1][1] - run[0][1])):
                 run.append(m)
             else:
                 groups.append(_group(run, key))
@@ -162,7 +162,7 @@ def _tap_groups(in_size: int, out_size: int) -> tuple[TapGroup, ...] | None:
 
 def _group(run: list[tuple[int, int]], taps: tuple) -> TapGroup:
     out_step, in_step = (run[1][0] - run[0][0], run[1][1] - run[0][1]) if len(run) > 1 else (1, 1)
-    return TapGroup(run[0][0], out_step, run[0][1], max(in_step, 1), len(run), taps)
+    return TapGroup(run[0][0], out_step, run[0][1], in_step, len(run), taps)
 
 
 def _resample(src: np.ndarray, out_size: int, axis: int) -> np.ndarray:

@@ -84,7 +84,8 @@ def _per_pixel_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape,size", [((64, 48, 3), (20, 30)), ((37, 53), (80, 9)), ((30, 31, 4), (30, 31)),
-                                        ((9, 200, 3), (24, 24)), ((256, 96, 3), (60, 24)), ((199, 101), (53, 41))])
+                                        ((9, 200, 3), (24, 24)), ((256, 96, 3), (60, 24)), ((199, 101), (53, 41)),
+                                        ((1, 6, 3), (5, 4)), ((2, 2, 3), (240, 24))])
 def test_resize_is_bit_identical_to_the_per_pixel_sum(shape, size):
     """The vectorised passes add the same float32 products in the same order: equal, not close
     (strided tap groups where the ratio repeats, the gather where it does not)."""
@@ -292,6 +293,8 @@ def test_both_resample_paths_are_exercised_by_the_brute_force_cases():
     groups = _tap_groups(256, 60)
     assert groups is not None and sum(g.count for g in groups) == 60
     assert _tap_groups(199, 53) is None and 53 > MAX_TAP_GROUPS
+    one = _tap_groups(1, 5)  # every output reads the one input row: no rising progression, one group each
+    assert one is not None and [g.count for g in one] == [1] * 5
 
 
 def _windows_one_by_one(raw, boxes, side, cfg, order):
@@ -339,3 +342,4 @@ def test_preprocess_windows_checks_like_to_rgb_float():
         preprocess_windows(np.zeros((64, 64, 3), np.uint8), [(0, 0)], 64, PreprocessConfig(24), "RBG")
     with pytest.raises(InputError, match="unsupported dtype"):
         preprocess_windows(np.zeros((64, 64, 3), np.int32), [(0, 0)], 64, PreprocessConfig(24))
+
