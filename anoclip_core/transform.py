@@ -298,12 +298,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def to_rgb_float(image: np.ndarray, channel_order: str = "RGB", name: str = "image") -> np.ndarray:
-    """Any supported array (uint8/uint16/float, gray/RGB/BGR/RGBA/BGRA) -> H x W x 3 float32 in [0, 1].
-
-    Gray is replicated to three channels and alpha dropped, as PIL's ``convert("RGB")`` does.
-    Float input must already lie in [0, 1].
-    """
+def check_image_array(image: Any, channel_order: str = "RGB", name: str = "image") -> np.ndarray:
+    """The layout checks of ``to_rgb_float`` without reading a pixel: a numpy array, H x W[ x 1, 3
+    or 4], at least 2 x 2, a supported dtype, RGB or BGR. Returns it, a single channel squeezed."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"{name}: expected a numpy array or a file path, got {type(image).__name__}")
     if channel_order not in ("RGB", "BGR"):
@@ -315,13 +312,25 @@ def to_rgb_float(image: np.ndarray, channel_order: str = "RGB", name: str = "ima
         raise InputError(f"{name}: expected H x W, H x W x 3 or H x W x 4, got shape {tuple(arr.shape)}")
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise InputError(f"{name}: image of size {arr.shape[1]} x {arr.shape[0]} is too small (need at least 2 x 2)")
+    if arr.dtype not in (np.uint8, np.uint16, np.float32, np.float64, np.float16):
+        raise InputError(f"{name}: unsupported dtype {arr.dtype} (expected uint8, uint16 or float in [0, 1])")
+    return arr
+
+
+def to_rgb_float(image: np.ndarray, channel_order: str = "RGB", name: str = "image") -> np.ndarray:
+    """Any supported array (uint8/uint16/float, gray/RGB/BGR/RGBA/BGRA) -> H x W x 3 float32 in [0, 1].
+
+    Gray is replicated to three channels and alpha dropped, as PIL's ``convert("RGB")`` does.
+    Float input must already lie in [0, 1].
+    """
+    arr = check_image_array(image, channel_order, name)
     if arr.dtype == np.uint8:
         out = arr.astype(np.float32)
         out /= np.float32(255.0)  # in place: the same float32 division, one full-size array fewer
     elif arr.dtype == np.uint16:
         out = arr.astype(np.float32)
         out /= np.float32(65535.0)
-    elif arr.dtype in (np.float32, np.float64, np.float16):
+    else:  # float16/32/64 (check_image_array refused the rest)
         out = arr.astype(np.float32)
         if not np.isfinite(out).all():
             raise InputError(f"{name}: array contains NaN or infinite values")
@@ -329,8 +338,6 @@ def to_rgb_float(image: np.ndarray, channel_order: str = "RGB", name: str = "ima
             raise InputError(
                 f"{name}: float images must lie in [0, 1], got range [{out.min():.4g}, {out.max():.4g}]"
             )
-    else:
-        raise InputError(f"{name}: unsupported dtype {arr.dtype} (expected uint8, uint16 or float in [0, 1])")
     if out.ndim == 2:
         out = np.repeat(out[:, :, None], 3, axis=2)
     elif out.shape[2] == 4:
@@ -397,10 +404,9 @@ def preprocess_windows(raw: np.ndarray, boxes: Sequence[tuple[int, int]], side: 
 def _rows_pass(block: np.ndarray, out_size: int, groups: tuple[TapGroup, ...], channel_order: str,
                name: str) -> np.ndarray:
     """The rows pass of ``to_rgb_float(block)`` -> [out_size, W, 3] float32 RGB (uint8: by tables)."""
-    to_rgb_float(block[:2, :2], channel_order, name=name)  # the dtype, shape and order checks, on a corner
     if block.dtype != np.uint8:
         return _resample_rows(to_rgb_float(block, channel_order, name=name), out_size, groups)
-    src = block[:, :, 0] if block.ndim == 3 and block.shape[2] == 1 else block
+    src = check_image_array(block, channel_order, name)
     if src.ndim == 3 and src.shape[2] == 4:
         src = np.ascontiguousarray(src[:, :, :3])  # alpha dropped, as to_rgb_float does
     import cv2

@@ -41,6 +41,7 @@ from anoclip_core.refbank import ReferenceBank
 from anoclip_core.transform import (
     ImageLike,
     PreprocessConfig,
+    check_image_array,
     normalize_rgb,
     preprocess_windows,
     read_image,
@@ -203,7 +204,7 @@ class Detector(Pipeline):
     # the four steps ----------------------------------------------------------------------------
     def read(self, image: ImageLike, cfg: InferConfig) -> Item:
         """Decode a file or check an array: float RGB (untiled), or the array as stored (tiled:
-        crops are converted tile by tile; a decoded file's dtype/shape is checked on a 2 x 2 corner)."""
+        crops are converted tile by tile; a decoded file's dtype/shape is checked without reading pixels)."""
         if isinstance(image, (str, os.PathLike)):
             path: str | None = os.fspath(image)
             raw, order = read_image(image), "RGB"
@@ -213,7 +214,7 @@ class Detector(Pipeline):
             raise InputError(f"expected an image path or a numpy array, got {type(image).__name__}")
         if cfg.tile:
             if path is not None:
-                to_rgb_float(raw[:2, :2], order, name=path)
+                check_image_array(raw, order, name=path)
             return Item(image, path, raw=raw, channel_order=order)
         rgb = to_rgb_float(raw, order, name=path) if path is not None else to_rgb_float(raw, order)
         return Item(image, path, rgb=rgb, size=(int(rgb.shape[0]), int(rgb.shape[1])), channel_order=order)
@@ -222,9 +223,11 @@ class Detector(Pipeline):
         """H x W x 3 float RGB -> normalised pixels [3, S, S] (the core's exact transform)."""
         return normalize_rgb(rgb, self.preprocess_config)
 
-    def pre_process_windows(self, tiles: TileBatch, channel_order: str) -> np.ndarray:
-        """A batch of tiles -> [N, 3, S, S]: ``pre_process`` of each, bit for bit, with the rows pass
-        shared by the tiles on the same rows (``anoclip_core.transform.preprocess_windows``)."""
+    def pre_process_windows(self, tiles: Sequence[np.ndarray], channel_order: str) -> np.ndarray:
+        """Crops -> [N, 3, S, S]: ``pre_process`` of each, bit for bit; a ``TileBatch``'s tiles on the
+        same rows share the rows pass (``anoclip_core.transform.preprocess_windows``)."""
+        if not isinstance(tiles, TileBatch):
+            return super().pre_process_windows(tiles, channel_order)
         return preprocess_windows(tiles.raw, tiles.boxes, tiles.side, self.preprocess_config, channel_order)
 
     def fewshot(self, class_name: str, cfg: InferConfig) -> FewShot | None:

@@ -27,7 +27,7 @@ from .config import InferConfig
 from .postprocess import anomaly_map
 from .prefetch import Prefetch
 from .result import Result
-from .tiler import StagedInfer, TileBatch, predict_tiled
+from .tiler import StagedInfer, predict_tiled
 
 
 @dataclass
@@ -89,9 +89,9 @@ class Pipeline:
     def pre_process(self, rgb: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def pre_process_windows(self, tiles: TileBatch, channel_order: str) -> np.ndarray:
-        """A batch of tiles as stored -> normalised pixels [N, 3, S, S]; the same values as
-        ``pre_process`` of each tile (a subclass may share work between tiles)."""
+    def pre_process_windows(self, tiles: Sequence[np.ndarray], channel_order: str) -> np.ndarray:
+        """Crops as stored (a ``TileBatch`` or a plain list) -> normalised pixels [N, 3, S, S]; the same
+        values as ``pre_process`` of each crop (a subclass may share work between a ``TileBatch``'s tiles)."""
         return np.stack([self.pre_process(to_rgb_float(c, channel_order)) for c in tiles])
 
     def forward(self, pixels: np.ndarray, class_name: str, tta: bool = False, fewshot: Any = None
@@ -192,9 +192,7 @@ class Pipeline:
         steps (``pre_process``, ``forward``) so the tiler can prepare the next crops while one runs."""
 
         def prepare(crops: Sequence[np.ndarray]) -> np.ndarray:
-            if isinstance(crops, TileBatch):
-                return self.pre_process_windows(crops, channel_order)
-            return np.stack([self.pre_process(to_rgb_float(c, channel_order)) for c in crops])
+            return self.pre_process_windows(crops, channel_order)
 
         return StagedInfer(prepare, lambda pixels: self.forward(pixels, class_name, tta, fewshot), prefetch)
 

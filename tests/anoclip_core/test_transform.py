@@ -343,3 +343,10 @@ def test_preprocess_windows_checks_like_to_rgb_float():
     with pytest.raises(InputError, match="unsupported dtype"):
         preprocess_windows(np.zeros((64, 64, 3), np.int32), [(0, 0)], 64, PreprocessConfig(24))
 
+
+def test_preprocess_windows_names_the_whole_array_in_a_layout_error():
+    """The layout is checked on the pixels it reads, not on a 2 x 2 corner: the message gives their shape."""
+    from anoclip_core.transform import preprocess_windows
+
+    with pytest.raises(InputError, match=r"got shape \(64, 64, 5\)"):
+        preprocess_windows(np.zeros((64, 300, 5), np.uint8), [(0, 0)], 64, PreprocessConfig(24))
