@@ -176,9 +176,7 @@ def _resample(src: np.ndarray, out_size: int, axis: int) -> np.ndarray:
         return _resample_gather(src, out_size, axis)
     if axis == 0:
         return _resample_rows(src, out_size, groups)
-    order = (1, 0) + tuple(range(2, src.ndim))
-    rows = _resample_rows(np.ascontiguousarray(src.transpose(order)), out_size, groups)
-    return np.ascontiguousarray(rows.transpose(order))
+    return _swap_rows_cols(_resample_rows(_swap_rows_cols(src), out_size, groups))
 
 
 def _resample_rows(src: np.ndarray, out_size: int, groups: tuple[TapGroup, ...]) -> np.ndarray:
@@ -190,6 +188,28 @@ def _resample_rows(src: np.ndarray, out_size: int, groups: tuple[TapGroup, ...])
         for offset, w in g.taps:
             np.multiply(src[g.inputs(offset)], w, out=t)
             o += t
+    return out
+
+
+def _swap_rows_cols(a: np.ndarray) -> np.ndarray:
+    """A contiguous copy of ``a`` [H, W, ...] as [W, H, ...]. ``cv2.transpose`` for a float32 image
+    of 1 to 4 channels (several times numpy's strided copy for interleaved pixels), else numpy."""
+    if a.dtype == np.float32 and (a.ndim == 2 or (a.ndim == 3 and 1 <= a.shape[2] <= 4)) and min(a.shape[:2]) > 0:
+        import cv2
+
+        swapped = cv2.transpose(np.ascontiguousarray(a))
+        return swapped.reshape((a.shape[1], a.shape[0]) + a.shape[2:])  # cv2 drops a single channel axis
+    return np.ascontiguousarray(a.transpose((1, 0) + tuple(range(2, a.ndim))))
+
+
+def _normalized_planes(hwc: np.ndarray, mean: np.ndarray, std: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` [3, H, W] = ``((hwc - mean) / std)`` moved channels first: per channel plane, the same
+    float32 subtraction and division as on the interleaved array."""
+    import cv2
+
+    for c, plane in enumerate(cv2.split(np.ascontiguousarray(hwc))):
+        np.subtract(plane, mean[c], out=out[c])
+        out[c] /= std[c]
     return out
 
 
@@ -360,7 +380,7 @@ def normalize_rgb(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     resized = resize_bilinear_antialias(rgb, s, s)
     mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
-    return np.ascontiguousarray(((resized - mean) / std).transpose(2, 0, 1), dtype=np.float32)
+    return _normalized_planes(resized, mean, std, np.empty((3, s, s), dtype=np.float32))
 
 
 def preprocess_windows(raw: np.ndarray, boxes: Sequence[tuple[int, int]], side: int, cfg: PreprocessConfig,
@@ -391,12 +411,10 @@ def preprocess_windows(raw: np.ndarray, boxes: Sequence[tuple[int, int]], side: 
         else:
             lo = min(x for _, x in row)
             span = _rows_pass(raw[y:y + side, lo:max(x for _, x in row) + side], s, groups, channel_order, name)
-            cols = np.ascontiguousarray(span.transpose(1, 0, 2))  # [span width, S, 3]
+            cols = _swap_rows_cols(span)  # [span width, S, 3]
             for k, (_, x) in enumerate(row):
                 window = _resample_rows(cols[x - lo:x - lo + side], s, groups)  # [S (x), S (y), 3]
-                window -= mean
-                window /= std
-                out[i + k] = window.transpose(2, 1, 0)
+                _normalized_planes(_swap_rows_cols(window), mean, std, out[i + k])
         i = j
     return out
 

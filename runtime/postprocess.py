@@ -5,6 +5,8 @@ with ``align_corners=True`` straight to H x W (source coordinate ``y * (h - 1) /
 out in numpy: columns first with the dense [w, W] interpolation matrix on the small grid, then each
 output row as the 2-tap blend of two of those rows. At H = W = S this is the core's
 ``F.interpolate(..., align_corners=True)`` (tested against torch to ~2e-7 for many sizes).
+``add_weighted_map`` is the tiler's blend step: a tile's map times its weight added into the
+accumulator, over blocks of rows that stay in cache (the same values bit for bit as whole arrays).
 
 Defect regions are the 8-connected components of ``map > pixel_threshold``
 (``cv2.connectedComponentsWithStats``) with bounding box, area, max and mean score.
@@ -59,22 +61,56 @@ def interp_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def upsample_align_corners(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear ``align_corners=True`` resize of [..., h, w] to [..., height, width] (float32)."""
-    import cv2
-
     g = np.ascontiguousarray(grid, dtype=np.float32)
     h, w = g.shape[-2:]
-    wxt = interp_matrix_t(w, int(width))
     y0, y1, ly = _row_taps(h, int(height))
     flat = g.reshape(-1, h, w)
     out = np.empty((flat.shape[0], int(height), int(width)), dtype=np.float32)
     for i, gi in enumerate(flat):
-        # columns first on the small grid (OpenCV GEMM, [h, W]), then each output row is a 2-tap blend
-        # of two of those rows: ~5 passes over H x W instead of an H x h x W product
-        cols = cv2.gemm(gi, wxt, 1.0, None, 0.0)  # type: ignore[call-overload]  # (opencv stubs: src3 may be None)
-        o = out[i]
-        np.multiply(cols[y0], 1.0 - ly, out=o)
-        o += cols[y1] * ly
+        # columns first on the small grid ([h, W]), then each output row is a 2-tap blend of two of
+        # those rows: ~5 passes over H x W instead of an H x h x W product
+        _blend_rows(_columns_pass(gi, int(width)), y0, y1, ly, out[i])
     return out.reshape(*g.shape[:-2], int(height), int(width))
+
+
+def _columns_pass(grid: np.ndarray, width: int) -> np.ndarray:
+    """[h, w] float32 -> [h, width]: the align_corners interpolation along columns (OpenCV GEMM)."""
+    import cv2
+
+    wxt = interp_matrix_t(grid.shape[1], width)
+    return cv2.gemm(grid, wxt, 1.0, None, 0.0)  # type: ignore[call-overload]  # (opencv stubs: src3 may be None)
+
+
+def _blend_rows(cols: np.ndarray, y0: np.ndarray, y1: np.ndarray, ly: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[r] = cols[y0[r]] * (1 - ly[r]) + cols[y1[r]] * ly[r]``: output rows from the columns pass."""
+    np.multiply(cols[y0], 1.0 - ly, out=out)
+    out += cols[y1] * ly
+    return out
+
+
+#: Output rows per block of ``add_weighted_map``: a block's temporaries (rows x tile width) stay in cache.
+BLEND_ROWS = 32
+
+
+def add_weighted_map(acc: np.ndarray, patch_probs: np.ndarray, wy: np.ndarray | None, wx: np.ndarray) -> None:
+    """``acc += (wy ⊗ wx) * anomaly_map(patch_probs, acc.shape)`` (``wy`` None: ``wx`` alone), the
+    same float32 operations as the map, the weight and their product computed whole, but over blocks
+    of ``BLEND_ROWS`` rows, so that no H x W temporary is written and read back (the tiler's blend)."""
+    height, width = acc.shape
+    grid = smooth_patch_probs(patch_probs)
+    if grid.ndim != 2:
+        raise InputError(f"one tile's patch probabilities must be [h, w], got shape {list(grid.shape)}")
+    if wx.shape != (width,) or (wy is not None and wy.shape != (height,)):
+        wy_shape = None if wy is None else wy.shape
+        raise InputError(f"tile weights {wy_shape} x {wx.shape} do not fit a map of {acc.shape}")
+    cols = _columns_pass(grid, width)
+    y0, y1, ly = _row_taps(grid.shape[0], height)
+    block = np.empty((min(BLEND_ROWS, height), width), dtype=np.float32)
+    for r in range(0, height, BLEND_ROWS):
+        rows = slice(r, min(r + BLEND_ROWS, height))
+        m = _blend_rows(cols, y0[rows], y1[rows], ly[rows], block[:rows.stop - r])
+        m *= wx[None, :] if wy is None else wy[rows, None] * wx[None, :]
+        acc[rows] += m
 
 
 @lru_cache(maxsize=256)

@@ -57,7 +57,7 @@ import numpy as np
 
 from anoclip_core.errors import InputError
 
-from .postprocess import anomaly_map
+from .postprocess import add_weighted_map
 from .prefetch import Prefetch
 
 # infer(crops) -> (patch_probs [N, h, w] float32, image_scores [N] float32)
@@ -203,27 +203,38 @@ def predict_tiled(raw: np.ndarray, infer: InferFn, tile: int | None = None, over
     tiles = [(ay, ax) for ay in ly for ax in lx]
     acc = np.zeros((height, width), dtype=np.float32)
     scores: list[float] = []
-    weights: dict[tuple[bytes, bytes], np.ndarray] = {}  # wy ⊗ wx, shared by the tiles with the same profiles
     with _infer_batches(infer, _batched(tiles, batch),
                         lambda chunk: TileBatch(raw, tuple((ay.start, ax.start) for ay, ax in chunk), t)) as run:
         for chunk, (probs, sc) in run:
-            maps = anomaly_map(probs, (t, t))
-            for (ay, ax), m in zip(chunk, maps, strict=True):
-                key = (ay.weight.tobytes(), ax.weight.tobytes())
-                w = weights.get(key)
-                if w is None:
-                    w = weights[key] = ay.weight[:, None] * ax.weight[None, :]
-                acc[ay.start:ay.start + t, ax.start:ax.start + t] += np.multiply(w, m, out=m)
+            for (ay, ax), p in zip(chunk, _tile_probs(probs, len(chunk)), strict=True):
+                add_weighted_map(acc[ay.start:ay.start + t, ax.start:ax.start + t], p, ay.weight, ax.weight)
             scores.extend(float(s) for s in np.asarray(sc).reshape(-1))
-    wsum_y = np.zeros(height, dtype=np.float32)
-    for ay in ly:
-        wsum_y[ay.start:ay.start + t] += ay.weight
-    wsum_x = np.zeros(width, dtype=np.float32)
-    for ax in lx:
-        wsum_x[ax.start:ax.start + t] += ax.weight
-    acc /= wsum_y[:, None] * wsum_x[None, :]
+    _divide_by_weights(acc, _weight_sum(ly, height, t), _weight_sum(lx, width, t))
     ts = np.asarray(scores, dtype=np.float32)
     return TiledOutput(acc, float(ts.max()), ts, [(ay.start, ax.start, t) for ay, ax in tiles])
+
+
+def _tile_probs(probs: Any, n: int) -> np.ndarray:
+    """A batch's patch probabilities as [n, h, w] float32 (one grid per tile of the batch)."""
+    p = np.asarray(probs, dtype=np.float32)
+    if p.ndim != 3 or p.shape[0] != n:
+        raise InputError(f"the backend returned patch probabilities of shape {list(p.shape)} for {n} tiles "
+                         "(expected [tiles, h, w])")
+    return p
+
+
+def _weight_sum(layout: list[AxisTile], length: int, t: int) -> np.ndarray:
+    """Sum of the tiles' weight profiles along one axis."""
+    total = np.zeros(length, dtype=np.float32)
+    for a in layout:
+        total[a.start:a.start + t] += a.weight
+    return total
+
+
+def _divide_by_weights(acc: np.ndarray, wsum_y: np.ndarray, wsum_x: np.ndarray, rows: int = 64) -> None:
+    """``acc /= wsum_y ⊗ wsum_x`` in place, over row blocks (no H x W temporary for the product)."""
+    for r in range(0, acc.shape[0], rows):
+        acc[r:r + rows] /= wsum_y[r:r + rows, None] * wsum_x[None, :]
 
 
 def _row_maps(rows: Sequence[np.ndarray], infer: InferFn, t: int, lx: list[AxisTile], batch: int,
@@ -235,9 +246,8 @@ def _row_maps(rows: Sequence[np.ndarray], infer: InferFn, t: int, lx: list[AxisT
     acc, wsum, best = np.zeros((t, width), np.float32), np.zeros(width, np.float32), -np.inf
     with _infer_batches(infer, batches, lambda b: TileBatch(rows[b[0]], tuple((0, ax.start) for ax in b[1]), t)) as run:
         for (k, chunk), (probs, sc) in run:
-            maps = anomaly_map(probs, (t, t))
-            for ax, m in zip(chunk, maps, strict=True):
-                acc[:, ax.start:ax.start + t] += ax.weight[None, :] * m
+            for ax, p in zip(chunk, _tile_probs(probs, len(chunk)), strict=True):
+                add_weighted_map(acc[:, ax.start:ax.start + t], p, None, ax.weight)
                 wsum[ax.start:ax.start + t] += ax.weight
             best = max(best, float(np.max(sc)))
             if chunk[-1] is lx[-1]:

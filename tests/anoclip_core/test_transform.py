@@ -350,3 +350,26 @@ def test_preprocess_windows_names_the_whole_array_in_a_layout_error():
 
     with pytest.raises(InputError, match=r"got shape \(64, 64, 5\)"):
         preprocess_windows(np.zeros((64, 300, 5), np.uint8), [(0, 0)], 64, PreprocessConfig(24))
+
+
+@pytest.mark.parametrize("shape,dtype", [((7, 5), np.float32), ((7, 5, 1), np.float32), ((7, 5, 3), np.float32),
+                                         ((7, 5, 4), np.float32), ((7, 5, 5), np.float32), ((7, 5, 3), np.float64),
+                                         ((0, 5, 3), np.float32)])
+def test_swap_rows_cols_is_the_transposed_copy(shape, dtype):
+    from anoclip_core.transform import _swap_rows_cols
+
+    a = np.random.default_rng(0).random(shape).astype(dtype)
+    for src in (a, a[:, ::-1]):  # contiguous and a reversed view
+        got = _swap_rows_cols(src)
+        assert got.shape == (shape[1], shape[0]) + shape[2:] and got.dtype == dtype and got.flags.c_contiguous
+        assert np.array_equal(got, np.swapaxes(src, 0, 1))
+
+
+def test_normalized_planes_equals_the_interleaved_formula():
+    from anoclip_core.transform import _normalized_planes
+
+    rng = np.random.default_rng(1)
+    hwc = rng.random((9, 6, 3), dtype=np.float32)[:, :, ::-1]
+    mean, std = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32) + 0.1
+    out = _normalized_planes(hwc, mean, std, np.empty((3, 9, 6), np.float32))
+    assert out.tobytes() == np.ascontiguousarray(((hwc - mean) / std).transpose(2, 0, 1)).tobytes()

@@ -185,21 +185,21 @@ def test_strip_stream_prepares_the_next_tiles_while_the_backend_runs(prefetch):
     assert len(res) == 1 and res[0].ok and det.backend.saw == [bool(prefetch)]
 
 
-def _meeting_backend(monkeypatch, module, prefetch: int):
+def _meeting_backend(monkeypatch, module, prefetch: int, maps: str = "anomaly_map"):
     """A fake detector whose second backend call waits for the caller to be making the first
-    batch's maps (``module.anomaly_map``, patched), and that map-making waits for the call to start:
+    batch's maps (``module.<maps>``, patched), and that map-making waits for the call to start:
     both happen only when the two run at the same time (events, no timings)."""
     backend = WaitingBackend(WAIT_S if prefetch else 0.2, call=1)
-    original, first = module.anomaly_map, [True]
+    original, first = getattr(module, maps), [True]
 
-    def anomaly_map(probs, size):
+    def making_maps(*args):
         if first[0]:
             first[0] = False
             if backend.started.wait(backend.wait_s):
                 backend.go.set()
-        return original(probs, size)
+        return original(*args)
 
-    monkeypatch.setattr(module, "anomaly_map", anomaly_map)
+    monkeypatch.setattr(module, maps, making_maps)
     return fake_detector(backend), backend
 
 
@@ -208,7 +208,7 @@ def _meeting_backend(monkeypatch, module, prefetch: int):
 def test_tiler_forwards_the_next_batch_while_the_caller_blends_this_one(monkeypatch, prefetch, stream):
     from anoclip.runtime import tiler
 
-    det, backend = _meeting_backend(monkeypatch, tiler, prefetch)
+    det, backend = _meeting_backend(monkeypatch, tiler, prefetch, maps="add_weighted_map")
     strip = (np.random.default_rng(1).random((32, 200, 3)) * 255).astype(np.uint8)
     if stream:
         s = det.stream("bottle", batch=2, prefetch=prefetch)

@@ -109,3 +109,33 @@ def test_find_regions_stats_many_components(count):
         assert (r.width, r.height, r.area) == (4, 3, 12)
         assert r.max_score == pytest.approx(mx, abs=1e-7) and r.mean_score == pytest.approx(mean, abs=1e-6)
     assert [r.max_score for r in regs] == sorted((r.max_score for r in regs), reverse=True)
+
+
+@pytest.mark.parametrize("height,width", [(70, 37), (32, 32), (1, 5), (97, 200)])
+@pytest.mark.parametrize("row_weight", [True, False])
+def test_add_weighted_map_equals_the_whole_map_times_the_weight(height, width, row_weight):
+    """The blocked blend is the map, the outer-product weight and their product computed whole,
+    bit for bit, for heights on and off the block size, added to what the accumulator held."""
+    from anoclip.runtime.postprocess import add_weighted_map
+
+    rng = np.random.default_rng(height * width)
+    probs = rng.random((7, 5), dtype=np.float32)
+    wy = rng.random(height, dtype=np.float32) if row_weight else None
+    wx = rng.random(width, dtype=np.float32)
+    start = rng.random((height, width), dtype=np.float32)
+    weight = (wy[:, None] * wx[None, :]) if row_weight else np.broadcast_to(wx[None, :], (height, width))
+    expected = start + weight * anomaly_map(probs, (height, width))
+    acc = start.copy()
+    add_weighted_map(acc, probs, wy, wx)
+    assert acc.tobytes() == expected.tobytes()
+
+
+def test_add_weighted_map_names_a_bad_shape():
+    from anoclip.runtime.postprocess import add_weighted_map
+    from anoclip_core.errors import InputError
+
+    acc = np.zeros((10, 12), np.float32)
+    with pytest.raises(InputError, match=r"\[h, w\]"):
+        add_weighted_map(acc, np.zeros((2, 3, 3), np.float32), None, np.ones(12, np.float32))
+    with pytest.raises(InputError, match="do not fit a map of"):
+        add_weighted_map(acc, np.zeros((3, 3), np.float32), np.ones(9, np.float32), np.ones(12, np.float32))
