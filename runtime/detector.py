@@ -315,7 +315,8 @@ class Detector(Pipeline):
 
     def iter_predict(self, images: Iterable[ImageLike], class_name: str, config: InferConfig | None = None,
                      **options: Any) -> Iterator[Result]:
-        """Generator form of ``predict_batch`` (bounded memory for long lists)."""
+        """Generator form of ``predict_batch`` (bounded memory for long lists). Arrays from an
+        iterator are copied as they are taken, so a camera loop may yield one reused frame buffer."""
         cfg = InferConfig.merged(class_name, config, options)
         self.prototypes(class_name)
         for item in self._items(images, cfg):
@@ -323,7 +324,8 @@ class Detector(Pipeline):
 
     def stream(self, class_name: str, config: InferConfig | None = None, stitch: bool = True,
                **options: Any) -> StripStream:
-        """A ``StripStream`` for line-scan strips of one class (see ``runtime.tiler``)."""
+        """A ``StripStream`` for line-scan strips of one class (see ``runtime.tiler``); the rows a
+        push carries over are copied, so every strip may come in the same reused buffer."""
         cfg = InferConfig.merged(class_name, config, options)
         self.prototypes(class_name)
 

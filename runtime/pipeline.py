@@ -63,10 +63,19 @@ class Item:
     error: AnoCLIPError | None = None
 
 
+def _taken(images: Iterable[ImageLike]) -> Iterable[ImageLike]:
+    """``images`` as the steps may hold them while later ones are taken: a sequence as it is, an
+    iterator's arrays copied as they come, since a camera loop may hand every frame in one reused
+    buffer (which the next frame would overwrite while this one still waits in a batch)."""
+    if isinstance(images, Sequence):
+        return images
+    return (im.copy() if isinstance(im, np.ndarray) else im for im in images)
+
+
 def _batches(images: Iterable[ImageLike], size: int) -> Iterator[list[ImageLike]]:
     """``images`` in lists of ``size`` (the last one shorter), read lazily."""
     chunk: list[ImageLike] = []
-    for im in images:
+    for im in _taken(images):
         chunk.append(im)
         if len(chunk) == size:
             yield chunk

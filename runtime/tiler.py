@@ -29,7 +29,8 @@ touch them, and each strip's result (map of exactly its rows, score, regions) is
 as all its rows are final, i.e. about one tile row of latency; ``flush()`` ends the scan (the last
 tile row is aligned to the end) and emits the rest. Memory is bounded by about two tile rows: the
 stream carries only the raw rows still needed by the next tile row (the overlap context, < t +
-the newest strip), the un-finalised accumulator (< t rows) and the finished rows of the strips
+the newest strip; copied before ``push`` returns, so the caller may hand every strip in one
+reused buffer), the un-finalised accumulator (< t rows) and the finished rows of the strips
 not yet emitted. With ``stitch=False`` every strip is tiled on its own (no carry, no latency).
 Regions are found per strip, in strip coordinates (``StripResult.y0`` places them in the scan);
 a defect crossing a strip boundary is reported in both strips.
@@ -237,6 +238,10 @@ def _divide_by_weights(acc: np.ndarray, wsum_y: np.ndarray, wsum_x: np.ndarray, 
         acc[r:r + rows] /= wsum_y[r:r + rows, None] * wsum_x[None, :]
 
 
+#: Rows per block where the stream adds a weighted tile row into its accumulator.
+BLOCK_ROWS = 64
+
+
 def _row_maps(rows: Sequence[np.ndarray], infer: InferFn, t: int, lx: list[AxisTile], batch: int,
               sink: Callable[[int, np.ndarray, float], None]) -> None:
     """Tile rows (each t x W raw rows) -> ``sink(k, x-blended map [t, W], max tile score)`` for each
@@ -251,7 +256,8 @@ def _row_maps(rows: Sequence[np.ndarray], infer: InferFn, t: int, lx: list[AxisT
                 wsum[ax.start:ax.start + t] += ax.weight
             best = max(best, float(np.max(sc)))
             if chunk[-1] is lx[-1]:
-                sink(k, acc / wsum[None, :], best)
+                acc /= wsum[None, :]  # in place: the next row starts from new zeros
+                sink(k, acc, best)
                 acc, wsum, best = np.zeros((t, width), np.float32), np.zeros(width, np.float32), -np.inf
 
 
@@ -294,7 +300,9 @@ class StripStream:
         self._raw_y0 = 0           # scan row of the first buffered raw row
         self._next_y = 0           # start of the next regular tile row
         self._row_end = 0          # end of the last processed tile row
-        self._acc = np.zeros((0, 0), np.float32)
+        self._raw_owned: list[bool] = []  # per buffered strip: a copy of ours (else the caller's array)
+        self._accbuf = np.zeros((0, 0), np.float32)  # the accumulator's room; _acc is its first rows
+        self._acc = self._accbuf
         self._wsum = np.zeros(0, np.float32)
         self._acc_y0 = 0           # first non-final row
         self._done: list[np.ndarray] = []
@@ -332,9 +340,15 @@ class StripStream:
 
     # processing ----------------------------------------------------------------------------
     def _raw_rows(self, y: int, n: int) -> np.ndarray:
-        buf = np.concatenate(self._raw) if len(self._raw) > 1 else self._raw[0]
-        self._raw = [buf]
-        return buf[y - self._raw_y0: y - self._raw_y0 + n]
+        """Scan rows [y, y + n) of the buffered strips: a view inside one strip, else one copy of
+        those rows only."""
+        pieces, start = [], self._raw_y0
+        for r in self._raw:
+            a, b = max(y - start, 0), min(y + n - start, r.shape[0])
+            if a < b:
+                pieces.append(r[a:b])
+            start += r.shape[0]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _run_rows(self, rows: Sequence[tuple[int, int, bool]]) -> None:
         """Run tile rows ``(y, eff, down)`` (their raw rows all received) and blend each into the
@@ -349,20 +363,31 @@ class StripStream:
 
         _row_maps(raws, self._infer, self.t, self._lx, self.batch, add)
 
+    def _grow_acc(self, rows: int) -> None:
+        """Make the accumulator ``rows`` rows long, the new rows zero (reusing its buffer's room)."""
+        held = self._acc.shape[0]
+        if rows <= held:
+            return
+        assert self.width is not None  # set by the first push
+        if rows > self._accbuf.shape[0]:
+            buf = np.empty((rows, self.width), np.float32)
+            if held:
+                buf[:held] = self._acc
+            self._accbuf = buf
+        self._accbuf[held:rows] = 0.0
+        self._acc = self._accbuf[:rows]
+        self._wsum = np.concatenate([self._wsum, np.zeros(rows - held, np.float32)])
+
     def _accumulate(self, y: int, eff: int, down: bool, rmap: np.ndarray, score: float) -> None:
         t, o = self.t, self.o
         wy = axis_weight(t, o, (eff - y) if eff > 0 else None, down)
-        need = y + t - self._acc_y0
-        if need > self._acc.shape[0]:
-            extra = need - self._acc.shape[0]
-            assert self.width is not None  # set by the first push
-            width = self.width
-            self._acc = np.concatenate([self._acc.reshape(-1, width), np.zeros((extra, width), np.float32)])
-            self._wsum = np.concatenate([self._wsum, np.zeros(extra, np.float32)])
+        self._grow_acc(y + t - self._acc_y0)
         lo = y - self._acc_y0
         if lo < 0:  # rows already final: they get weight 0 from this tile by construction
             wy, rmap, lo = wy[-lo:], rmap[-lo:], 0
-        self._acc[lo:lo + wy.shape[0]] += wy[:, None] * rmap
+        for r in range(0, wy.shape[0], BLOCK_ROWS):  # row blocks: no tile-row-sized temporary
+            rows = slice(r, r + BLOCK_ROWS)
+            self._acc[lo + r:lo + r + BLOCK_ROWS] += wy[rows, None] * rmap[rows]
         self._wsum[lo:lo + wy.shape[0]] += wy
         self._row_scores.append((eff, y + t, score))
         self._row_end = y + t
@@ -375,29 +400,47 @@ class StripStream:
         if not self._done:
             self._done_y0 = self._acc_y0
         self._done.append(done)
-        self._acc, self._wsum = self._acc[n:].copy(), self._wsum[n:].copy()
+        rest = self._acc.shape[0] - n
+        self._accbuf[:rest] = self._acc[n:]  # numpy copies through a buffer if the two overlap
+        self._acc, self._wsum = self._accbuf[:rest], self._wsum[n:].copy()
         self._acc_y0 = upto
 
     def _trim_raw(self) -> None:
+        """Drop the raw rows no later tile row needs; copy the rest out of the caller's arrays,
+        which the caller may reuse for its next strip (a camera's frame buffer)."""
         keep_from = max(self._next_y - (self.t - self.o), 0) if self._row_end else 0
-        if self._raw and keep_from > self._raw_y0:
-            buf = np.concatenate(self._raw) if len(self._raw) > 1 else self._raw[0]
-            self._raw = [buf[keep_from - self._raw_y0:].copy()]
-            self._raw_y0 = keep_from
+        kept, start = [], self._raw_y0
+        for r, owned in zip(self._raw, self._raw_owned, strict=True):
+            cut = max(keep_from - start, 0)
+            start += r.shape[0]
+            if cut < r.shape[0]:
+                kept.append(r if owned and cut == 0 else r[cut:].copy())
+        self._raw, self._raw_owned = kept, [True] * len(kept)
+        self._raw_y0 = max(keep_from, self._raw_y0)
 
     def _emit(self) -> list[Any]:
         out = []
         while self._pending and self._pending[0][1] + self._pending[0][2] <= self._acc_y0:
             index, y0, h = self._pending.pop(0)
-            done = np.concatenate(self._done) if len(self._done) > 1 else self._done[0]
-            amap = done[y0 - self._done_y0: y0 - self._done_y0 + h]
-            rest = done[y0 - self._done_y0 + h:]
-            self._done = [rest] if rest.shape[0] else []
-            self._done_y0 = y0 + h
+            amap = self._take_done(y0, h)
             score = max(s for a, b, s in self._row_scores if a < y0 + h and b > y0)
             self._row_scores = [r for r in self._row_scores if r[1] > y0 + h]
-            out.append(self._finish(StripOutput(index, y0, np.ascontiguousarray(amap), score)))
+            out.append(self._finish(StripOutput(index, y0, amap, score)))
         return out
+
+    def _take_done(self, y0: int, h: int) -> np.ndarray:
+        """The finished rows [y0, y0 + h) (the oldest held) as one array (a view when they lie in one
+        finished block, which the stream never writes again); the rest stay held."""
+        pieces, start, rest = [], self._done_y0, []
+        for d in self._done:
+            a, b = max(y0 - start, 0), min(y0 + h - start, d.shape[0])
+            if a < b:
+                pieces.append(d[a:b])
+            if b < d.shape[0]:
+                rest.append(d[max(b, 0):])
+            start += d.shape[0]
+        self._done, self._done_y0 = rest, y0 + h
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     # public --------------------------------------------------------------------------------
     def push(self, strip: Any) -> list[Any]:
@@ -421,6 +464,7 @@ class StripStream:
             res = predict_tiled(raw, self._infer, self._tile_req, self._overlap_req, self.batch)
             return [self._finish(StripOutput(index, y0, res.anomaly_map, res.score))]
         self._raw.append(raw)
+        self._raw_owned.append(False)
         self._pending.append((index, y0, raw.shape[0]))
         stride = self.t - self.o
         rows = []

@@ -313,3 +313,24 @@ def test_prefetch_setting_out_of_range_is_a_clear_error(value):
 
     with pytest.raises(InputError, match=f"prefetch must be between 0 \\(off\\) and 4 batches, got {value}"):
         InferConfig(class_name="bottle", prefetch=value)
+
+
+@pytest.mark.parametrize("tile,prefetch", [(False, 1), (False, 0), (True, 1), (True, 0)])
+def test_an_iterator_may_hand_every_image_in_one_reused_buffer(tile, prefetch):
+    """A camera loop yields the same frame buffer each time: batches and read-ahead must not see
+    the next frame in place of this one (expected: the same images as separate arrays)."""
+    det = fake_detector(PatchMeanBackend())
+    rng = np.random.default_rng(3)
+    images = [(rng.random((48, 120, 3)) * 255).astype(np.uint8) for _ in range(7)]
+
+    def camera():
+        frame = np.empty_like(images[0])
+        for im in images:
+            frame[:] = im
+            yield frame
+
+    expected = det.predict_batch(images, "bottle", batch=3, tile=tile, prefetch=prefetch)
+    got = det.predict_batch(camera(), "bottle", batch=3, tile=tile, prefetch=prefetch)
+    assert len(got) == len(expected) == 7 and len({r.score for r in expected}) > 1
+    for a, b in zip(expected, got, strict=True):
+        assert a.anomaly_map.tobytes() == b.anomaly_map.tobytes() and a.score == b.score

@@ -128,6 +128,23 @@ def test_stream_equals_one_shot_tiling_of_the_whole_scan(strip_h, tile, overlap)
     assert max(r.score for r in results) == pytest.approx(ref.score)
 
 
+@pytest.mark.parametrize("strip_h,tile", [(30, 64), (64, None), (100, 64)])
+def test_stream_keeps_its_own_copy_of_a_reused_frame_buffer(strip_h, tile):
+    """A camera hands every strip in the same buffer: the stream must not read the rows it carries
+    from the caller's array after push returns (expected: the same strips as separate arrays)."""
+    scan = smooth_strip(6 * strip_h, 300, seed=5)
+    strips = [scan[i:i + strip_h] for i in range(0, scan.shape[0], strip_h)]
+    separate = list(StripStream(infer_fn(), tile=tile, overlap=16, batch=2).run(strips))
+    stream, frame, reused = StripStream(infer_fn(), tile=tile, overlap=16, batch=2), np.empty_like(strips[0]), []
+    for strip in strips:
+        frame[:] = strip
+        reused += stream.push(frame)
+    reused += stream.flush()
+    assert len(reused) == len(separate) == len(strips)
+    for a, b in zip(separate, reused, strict=True):
+        assert a.anomaly_map.tobytes() == b.anomaly_map.tobytes() and a.score == b.score
+
+
 def test_stream_emits_with_bounded_memory_and_latency():
     h, w = 64, 512
     stream = StripStream(infer_fn(), overlap=16)
