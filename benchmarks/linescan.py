@@ -143,3 +143,25 @@ def speedup_bound(results: dict[str, Any]) -> dict[str, Any] | None:
             "min_seconds_per_strip": floor_s, "baseline_seconds_per_strip": base_s,
             "max_speedup_vs_baseline": base_s / floor_s}
 
+
+
+def network_split(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Each one-stream strip runner's seconds split into its network time (the strip's tiles at the
+    contender's own throughput at the tile batch, measured in this run's batch rounds) and the rest
+    (pre- and post-processing, and the cores they share with the network), plus the strip ratio the
+    two would have with that rest free. None without a baseline strip or the throughputs."""
+    rates = {c.get("name"): c.get("throughput") or {} for c in results.get("contenders") or []}
+    runners = [e for e in (results.get("linescan_variants") or []) if e.get("streams", 1) == 1]
+    base = results.get("linescan_baseline") or {}
+    if not runners or "error" in base:
+        return None
+    split = []
+    for e in runners + [base]:
+        img_s = (rates.get(e["backend"], {}).get(str(e["tile_batch"])) or {}).get("img_s")
+        if not img_s:
+            return None
+        strip_s = e["seconds_per_strip"]["p50_ms"] / 1000.0
+        network_s = e["tiles_per_strip"] / img_s
+        split.append({"label": e.get("label", e["backend"]), "tile_batch": e["tile_batch"], "img_per_s": img_s,
+                      "strip_s": strip_s, "network_s": network_s, "rest_s": strip_s - network_s})
+    return {"runners": split, "network_only_ratio": split[-1]["network_s"] / split[0]["network_s"]}

@@ -411,6 +411,14 @@ def _md_linescan(results: dict) -> list[str]:
         than = _speed(ratio, f"`{base['backend']}`", bold=True)
         lines += [f"The fastest runtime contender by batch throughput, `{ls.get('label', ls['backend'])}`, runs the "
                   f"strip {than} in this run ({how}).", ""]
+    split = results.get("linescan_network_split")
+    if split:
+        parts = [f"`{r['label']}` {r['network_s']:.2f} s of its {r['strip_s']:.2f} s ({_f(r['img_per_s'])} img/s at "
+                 f"batch {r['tile_batch']}; the rest {r['rest_s']:.2f} s)" for r in split["runners"]]
+        lines += [f"Network and the rest: at each engine's own throughput measured in the batch rounds above, the "
+                  f"strip's tiles take {'; '.join(parts)}. The rest is pre- and post-processing and the cores it "
+                  f"shares with the network; with it free for both, the strip ratio would be the network ratio, "
+                  f"**{_x(split['network_only_ratio'])}**.", ""]
     bound = results.get("linescan_bound")
     if bound:
         lines += [f"Bound: at the best int8 GEMM rate of this run ({_f(bound['int8_peak_gops'])} GOP/s) the "

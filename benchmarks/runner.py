@@ -965,12 +965,15 @@ PRECISION_PEAK = {"bf16": "bf16", "int8": "int8", "int8s": "int8"}
 def finish(run: BenchRun) -> dict:
     """Derived ratios, the headline and the run's end stamps."""
     results = run.results
-    from .linescan import speedup_bound
+    from .linescan import network_split, speedup_bound
 
     derive_ratios(results)
     bound = speedup_bound(results)
     if bound:
         results["linescan_bound"] = bound
+    split = network_split(results)
+    if split:
+        results["linescan_network_split"] = split
     results["headline"] = headline(results)
     results["machine"]["load_average_end"] = load_average()
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -142,3 +142,36 @@ def test_report_states_the_strip_bound():
     assert ("Bound: at the best int8 GEMM rate of this run (500 GOP/s) the 20 tiles of 50.00 GFLOP take at least 2.00 s"
             in text)
     assert "no engine can run this strip more than **3.00x** faster than `ort-cpu-int8` (6.00 s)" in text
+
+
+def _split_results(**over):
+    fast, base = _strip("openvino-int8", 4.0), _strip("ort-cpu-int8", 6.0)
+    streams = dict(_strip("openvino-int8", 3.9), streams=2, label="openvino-int8 (2 streams)")
+    results = {"linescan_variants": [fast, streams], "linescan_baseline": base,
+               "contenders": [{"name": "openvino-int8", "throughput": {"1": {"img_s": 4.0}, "4": {"img_s": 8.0}}},
+                              {"name": "ort-cpu-int8", "throughput": {"4": {"img_s": 4.0}}}]}
+    results.update(over)
+    return results
+
+
+def test_network_split_charges_the_tiles_at_each_engines_own_rate():
+    # 20 tiles at 8 img/s = 2.5 s of the fast strip's 4 s (rest 1.5 s); 20 at 4 img/s = 5 s of 6 s (rest 1 s);
+    # network-only ratio 5 / 2.5 = 2x; the 2-stream variant has no throughput of its own and is left out
+    split = linescan.network_split(_split_results())
+    assert [r["label"] for r in split["runners"]] == ["openvino-int8", "ort-cpu-int8"]
+    fast, base = split["runners"]
+    assert fast["network_s"] == pytest.approx(2.5) and fast["rest_s"] == pytest.approx(1.5)
+    assert base["network_s"] == pytest.approx(5.0) and base["rest_s"] == pytest.approx(1.0)
+    assert split["network_only_ratio"] == pytest.approx(2.0)
+    assert linescan.network_split(_split_results(linescan_baseline={"error": "not run"})) is None
+    assert linescan.network_split(_split_results(contenders=[])) is None
+
+
+def test_report_states_the_network_split():
+    from anoclip.benchmarks.report import _md_linescan
+
+    results = _split_results(linescan=dict(_strip("openvino-int8", 4.0), speedup_vs_baseline_paired=1.5))
+    results["linescan_network_split"] = linescan.network_split(results)
+    text = "\n".join(_md_linescan(results))
+    assert "`openvino-int8` 2.50 s of its 4.00 s (8.00 img/s at batch 4; the rest 1.50 s)" in text
+    assert "`ort-cpu-int8` 5.00 s of its 6.00 s" in text and "**2.00x**" in text
