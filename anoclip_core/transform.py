@@ -204,9 +204,12 @@ def _swap_rows_cols(a: np.ndarray) -> np.ndarray:
 
 def _normalized_planes(hwc: np.ndarray, mean: np.ndarray, std: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out`` [3, H, W] = ``((hwc - mean) / std)`` moved channels first: per channel plane, the same
-    float32 subtraction and division as on the interleaved array."""
+    float32 subtraction and division as on the interleaved array. ``hwc`` must be H x W x 3."""
     import cv2
 
+    if hwc.ndim != 3 or hwc.shape[2] != len(mean) or out.shape[0] != len(mean):
+        raise InputError(f"expected an H x W x {len(mean)} image for {out.shape[0]} output planes, "
+                         f"got shape {tuple(hwc.shape)}")
     for c, plane in enumerate(cv2.split(np.ascontiguousarray(hwc))):
         np.subtract(plane, mean[c], out=out[c])
         out[c] /= std[c]
@@ -380,6 +383,8 @@ def normalize_rgb(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     resized = resize_bilinear_antialias(rgb, s, s)
     mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
+    if resized.ndim != 3 or resized.shape[2] != 3:  # not RGB: the broadcasting formula (and its errors)
+        return np.ascontiguousarray(((resized - mean) / std).transpose(2, 0, 1), dtype=np.float32)
     return _normalized_planes(resized, mean, std, np.empty((3, s, s), dtype=np.float32))
 
 

@@ -310,7 +310,8 @@ class Detector(Pipeline):
     def predict_batch(self, images: Iterable[ImageLike], class_name: str, config: InferConfig | None = None,
                       **options: Any) -> list[Result]:
         """Several images, ``batch`` at a time through the backend. A bad image yields a ``Result``
-        with ``error`` set; the others still get results. (A class the artifact lacks raises.)"""
+        with ``error`` set; the others still get results. (A class the artifact lacks raises.) Arrays
+        from an iterator (not a list) are copied as they are taken (see ``iter_predict``)."""
         return list(self.iter_predict(images, class_name, config, **options))
 
     def iter_predict(self, images: Iterable[ImageLike], class_name: str, config: InferConfig | None = None,

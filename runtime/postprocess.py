@@ -101,8 +101,9 @@ def add_weighted_map(acc: np.ndarray, patch_probs: np.ndarray, wy: np.ndarray | 
     if grid.ndim != 2:
         raise InputError(f"one tile's patch probabilities must be [h, w], got shape {list(grid.shape)}")
     if wx.shape != (width,) or (wy is not None and wy.shape != (height,)):
-        wy_shape = None if wy is None else wy.shape
-        raise InputError(f"tile weights {wy_shape} x {wx.shape} do not fit a map of {acc.shape}")
+        row_weights = "none" if wy is None else f"{wy.size} values"
+        raise InputError(f"tile weights (rows: {row_weights}, columns: {wx.size} values) do not fit a map of "
+                         f"{acc.shape[0]} x {acc.shape[1]}")
     cols = _columns_pass(grid, width)
     y0, y1, ly = _row_taps(grid.shape[0], height)
     block = np.empty((min(BLEND_ROWS, height), width), dtype=np.float32)

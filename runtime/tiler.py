@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from anoclip_core.errors import InputError
+from anoclip_core.errors import InferenceError, InputError
 
 from .postprocess import add_weighted_map
 from .prefetch import Prefetch
@@ -219,8 +219,8 @@ def _tile_probs(probs: Any, n: int) -> np.ndarray:
     """A batch's patch probabilities as [n, h, w] float32 (one grid per tile of the batch)."""
     p = np.asarray(probs, dtype=np.float32)
     if p.ndim != 3 or p.shape[0] != n:
-        raise InputError(f"the backend returned patch probabilities of shape {list(p.shape)} for {n} tiles "
-                         "(expected [tiles, h, w])")
+        raise InferenceError(f"the backend returned patch probabilities of shape {list(p.shape)} for {n} tiles "
+                             "(expected [tiles, h, w])")
     return p
 
 
@@ -232,14 +232,15 @@ def _weight_sum(layout: list[AxisTile], length: int, t: int) -> np.ndarray:
     return total
 
 
-def _divide_by_weights(acc: np.ndarray, wsum_y: np.ndarray, wsum_x: np.ndarray, rows: int = 64) -> None:
-    """``acc /= wsum_y ⊗ wsum_x`` in place, over row blocks (no H x W temporary for the product)."""
-    for r in range(0, acc.shape[0], rows):
-        acc[r:r + rows] /= wsum_y[r:r + rows, None] * wsum_x[None, :]
-
-
-#: Rows per block where the stream adds a weighted tile row into its accumulator.
+#: Rows per block where the strip's weight sums divide it and the stream adds a weighted tile row
+#: into its accumulator (no strip-sized temporary; ``postprocess.BLEND_ROWS`` for a tile's map).
 BLOCK_ROWS = 64
+
+
+def _divide_by_weights(acc: np.ndarray, wsum_y: np.ndarray, wsum_x: np.ndarray) -> None:
+    """``acc /= wsum_y ⊗ wsum_x`` in place, over row blocks (no H x W temporary for the product)."""
+    for r in range(0, acc.shape[0], BLOCK_ROWS):
+        acc[r:r + BLOCK_ROWS] /= wsum_y[r:r + BLOCK_ROWS, None] * wsum_x[None, :]
 
 
 def _row_maps(rows: Sequence[np.ndarray], infer: InferFn, t: int, lx: list[AxisTile], batch: int,
@@ -312,7 +313,8 @@ class StripStream:
 
     @property
     def carried_rows(self) -> int:
-        """Raw + accumulator + finished rows currently held (the stream's memory, in rows)."""
+        """Raw + accumulator + finished rows currently held (the stream's memory, in rows; the
+        accumulator's buffer keeps room for at most its longest length, about one tile row)."""
         return sum(r.shape[0] for r in self._raw) + self._acc.shape[0] + sum(d.shape[0] for d in self._done)
 
     def _check(self, strip: Any) -> np.ndarray:

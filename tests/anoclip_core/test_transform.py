@@ -373,3 +373,20 @@ def test_normalized_planes_equals_the_interleaved_formula():
     mean, std = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32) + 0.1
     out = _normalized_planes(hwc, mean, std, np.empty((3, 9, 6), np.float32))
     assert out.tobytes() == np.ascontiguousarray(((hwc - mean) / std).transpose(2, 0, 1)).tobytes()
+
+
+def test_normalize_rgb_of_a_one_channel_array_broadcasts_as_before_and_refuses_two():
+    """Only an H x W x 3 image takes the per-plane path; one channel broadcasts over the three means
+    (never planes left unwritten), two channels are refused."""
+    from anoclip_core.transform import PreprocessConfig, _normalized_planes, normalize_rgb, resize_bilinear_antialias
+
+    cfg = PreprocessConfig(image_size=8)
+    x = np.random.default_rng(2).random((16, 16, 1), dtype=np.float32)
+    mean, std = np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
+    expected = ((resize_bilinear_antialias(x, 8, 8) - mean) / std).transpose(2, 0, 1)
+    for _ in range(3):
+        assert normalize_rgb(x, cfg).tobytes() == np.ascontiguousarray(expected).tobytes()
+    with pytest.raises(ValueError):
+        normalize_rgb(np.zeros((16, 16, 2), np.float32), cfg)
+    with pytest.raises(InputError, match=r"H x W x 3 .* got shape \(4, 4, 2\)"):
+        _normalized_planes(np.zeros((4, 4, 2), np.float32), mean, std, np.empty((3, 4, 4), np.float32))

@@ -137,5 +137,6 @@ def test_add_weighted_map_names_a_bad_shape():
     acc = np.zeros((10, 12), np.float32)
     with pytest.raises(InputError, match=r"\[h, w\]"):
         add_weighted_map(acc, np.zeros((2, 3, 3), np.float32), None, np.ones(12, np.float32))
-    with pytest.raises(InputError, match="do not fit a map of"):
+    bad = r"tile weights \(rows: 9 values, columns: 12 values\) do not fit a map of 10 x 12"
+    with pytest.raises(InputError, match=bad):
         add_weighted_map(acc, np.zeros((3, 3), np.float32), np.ones(9, np.float32), np.ones(12, np.float32))

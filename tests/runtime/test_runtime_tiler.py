@@ -193,3 +193,13 @@ def test_detector_stream_results_have_regions():
     assert len(res) == 2
     assert res[0].label == "anomaly" and len(res[0].regions) == 1
     assert res[1].regions == [] and res[1].y0 == 64
+
+
+def test_a_backend_returning_the_wrong_number_of_grids_is_an_inference_error():
+    from anoclip_core.errors import InferenceError
+
+    def short(crops):
+        return np.zeros((len(crops) - 1, 4, 4), np.float32), np.zeros(len(crops), np.float32)
+
+    with pytest.raises(InferenceError, match=r"shape \[1, 4, 4\] for 2 tiles"):
+        predict_tiled(np.zeros((32, 60, 3), np.uint8), short, 32, 8, batch=2)
