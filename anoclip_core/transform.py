@@ -204,13 +204,18 @@ def _swap_rows_cols(a: np.ndarray) -> np.ndarray:
 
 def _normalized_planes(hwc: np.ndarray, mean: np.ndarray, std: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out`` [3, H, W] = ``((hwc - mean) / std)`` moved channels first: per channel plane, the same
-    float32 subtraction and division as on the interleaved array. ``hwc`` must be H x W x 3."""
+    float32 subtraction and division as on the interleaved array. ``hwc`` is H x W x 3, or H x W
+    for gray (the one plane stands for three equal channels)."""
     import cv2
 
-    if hwc.ndim != 3 or hwc.shape[2] != len(mean) or out.shape[0] != len(mean):
-        raise InputError(f"expected an H x W x {len(mean)} image for {out.shape[0]} output planes, "
+    if hwc.ndim == 2 and out.shape[0] == len(mean):
+        planes: Sequence[Any] = [hwc] * len(mean)
+    elif hwc.ndim == 3 and hwc.shape[2] == len(mean) == out.shape[0]:
+        planes = cv2.split(np.ascontiguousarray(hwc))
+    else:
+        raise InputError(f"expected an H x W x {len(mean)} or H x W image for {out.shape[0]} output planes, "
                          f"got shape {tuple(hwc.shape)}")
-    for c, plane in enumerate(cv2.split(np.ascontiguousarray(hwc))):
+    for c, plane in enumerate(planes):
         np.subtract(plane, mean[c], out=out[c])
         out[c] /= std[c]
     return out
@@ -416,9 +421,9 @@ def preprocess_windows(raw: np.ndarray, boxes: Sequence[tuple[int, int]], side: 
         else:
             lo = min(x for _, x in row)
             span = _rows_pass(raw[y:y + side, lo:max(x for _, x in row) + side], s, groups, channel_order, name)
-            cols = _swap_rows_cols(span)  # [span width, S, 3]
+            cols = _swap_rows_cols(span)  # [span width, S(, 3)]
             for k, (_, x) in enumerate(row):
-                window = _resample_rows(cols[x - lo:x - lo + side], s, groups)  # [S (x), S (y), 3]
+                window = _resample_rows(cols[x - lo:x - lo + side], s, groups)  # [S (x), S (y)(, 3)]
                 _normalized_planes(_swap_rows_cols(window), mean, std, out[i + k])
         i = j
     return out
@@ -426,10 +431,12 @@ def preprocess_windows(raw: np.ndarray, boxes: Sequence[tuple[int, int]], side: 
 
 def _rows_pass(block: np.ndarray, out_size: int, groups: tuple[TapGroup, ...], channel_order: str,
                name: str) -> np.ndarray:
-    """The rows pass of ``to_rgb_float(block)`` -> [out_size, W, 3] float32 RGB (uint8: by tables)."""
-    if block.dtype != np.uint8:
-        return _resample_rows(to_rgb_float(block, channel_order, name=name), out_size, groups)
+    """The rows pass of ``to_rgb_float(block)`` -> [out_size, W, 3] float32 RGB, or [out_size, W]
+    for a gray block (its three channels are equal: one plane is resized once); uint8 by tables."""
     src = check_image_array(block, channel_order, name)
+    if src.dtype != np.uint8:
+        rgb = to_rgb_float(src, channel_order, name=name)
+        return _resample_rows(np.ascontiguousarray(rgb[:, :, 0]) if src.ndim == 2 else rgb, out_size, groups)
     if src.ndim == 3 and src.shape[2] == 4:
         src = np.ascontiguousarray(src[:, :, :3])  # alpha dropped, as to_rgb_float does
     import cv2
@@ -439,9 +446,7 @@ def _rows_pass(block: np.ndarray, out_size: int, groups: tuple[TapGroup, ...], c
         o = rows[g.outputs()]
         for offset, w in g.taps:
             o += cv2.LUT(src[g.inputs(offset)], _u8_tap_table(float(w)))
-    if rows.ndim == 2:
-        rows = np.repeat(rows[:, :, None], 3, axis=2)
-    return rows[:, :, ::-1] if channel_order == "BGR" else rows
+    return rows[:, :, ::-1] if channel_order == "BGR" and rows.ndim == 3 else rows
 
 
 @lru_cache(maxsize=512)

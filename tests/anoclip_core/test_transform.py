@@ -301,7 +301,7 @@ def _windows_one_by_one(raw, boxes, side, cfg, order):
     return np.stack([normalize_rgb(to_rgb_float(raw[y:y + side, x:x + side], order), cfg) for y, x in boxes])
 
 
-@pytest.mark.parametrize("kind", ["u8", "u8-gray", "u8-gray1", "u8-rgba", "u16", "f32"])
+@pytest.mark.parametrize("kind", ["u8", "u8-gray", "u8-gray1", "u8-rgba", "u16", "u16-gray", "f32", "f32-gray"])
 @pytest.mark.parametrize("order", ["RGB", "BGR"])
 def test_preprocess_windows_equals_each_window_alone(kind, order):
     """Shared rows pass and uint8 tables: the same bits as pre-processing each window on its own,
@@ -310,12 +310,12 @@ def test_preprocess_windows_equals_each_window_alone(kind, order):
 
     rng = np.random.default_rng(3)
     shapes = {"u8": (130, 300, 3), "u8-gray": (130, 300), "u8-gray1": (130, 300, 1), "u8-rgba": (130, 300, 4),
-              "u16": (130, 300, 3), "f32": (130, 300, 3)}
-    if kind == "f32":
+              "u16": (130, 300, 3), "u16-gray": (130, 300), "f32": (130, 300, 3), "f32-gray": (130, 300, 1)}
+    if kind.startswith("f32"):
         raw = rng.random(shapes[kind], dtype=np.float32)
     else:
-        hi = 65536 if kind == "u16" else 256
-        raw = rng.integers(0, hi, shapes[kind]).astype(np.uint16 if kind == "u16" else np.uint8)
+        hi = 65536 if kind.startswith("u16") else 256
+        raw = rng.integers(0, hi, shapes[kind]).astype(np.uint16 if kind.startswith("u16") else np.uint8)
     cfg = PreprocessConfig(24)
     boxes = [(0, 0), (0, 48), (0, 236), (66, 120), (66, 10), (0, 100)]
     got = preprocess_windows(raw, boxes, 64, cfg, order)
@@ -373,6 +373,9 @@ def test_normalized_planes_equals_the_interleaved_formula():
     mean, std = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32) + 0.1
     out = _normalized_planes(hwc, mean, std, np.empty((3, 9, 6), np.float32))
     assert out.tobytes() == np.ascontiguousarray(((hwc - mean) / std).transpose(2, 0, 1)).tobytes()
+    gray = np.ascontiguousarray(hwc[:, :, 0])  # one plane standing for three equal channels
+    out = _normalized_planes(gray, mean, std, np.empty((3, 9, 6), np.float32))
+    assert out.tobytes() == np.ascontiguousarray(((gray[:, :, None] - mean) / std).transpose(2, 0, 1)).tobytes()
 
 
 def test_normalize_rgb_of_a_one_channel_array_broadcasts_as_before_and_refuses_two():
